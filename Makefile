@@ -1,0 +1,42 @@
+# Two entry points: `make run` (serve the app) and `make test` (run every test).
+# Both build .venv from the pinned requirements on first use and again when they change.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+.PHONY: run test test-slow bench chromium clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+# Browser tests drive Debian's chromium; `playwright install` cannot download browsers here.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+run: $(VENV)/.installed
+	PRIMA_HOST=$(HOST) PRIMA_PORT=$(PORT) $(PY) app.py
+
+test: $(VENV)/.installed-test chromium
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed-test chromium
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Learnable parts of Prima, one architecture per file."""
