@@ -1,0 +1,153 @@
+"""Preprocessing: plane detection, reorientation, resampling geometry, intensity normalisation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from prima.io import Series, load_study
+from prima.preprocess import (
+    PreprocessConfig,
+    detect_plane,
+    normalize_intensity,
+    preprocess_series,
+    reorient_to_lps,
+    resample_series,
+)
+
+
+def _lps_affine(spacing, origin=(10.0, -20.0, 30.0)):
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+@pytest.mark.parametrize("spacing,shape,expected", [
+    ((1.0, 1.0, 5.0), (256, 256, 30), ("axial", 2)),
+    ((4.0, 0.9, 0.9), (40, 256, 256), ("sagittal", 0)),
+    ((0.5, 6.0, 0.5), (400, 20, 400), ("coronal", 1)),
+    ((1.0, 1.0, 1.05), (176, 256, 256), ("sagittal", 0)),  # tie within 10%: fewest voxels wins
+    ((1.0, 1.0, 1.0), (50, 50, 50), ("axial", 2)),  # complete tie: axial
+])
+def test_detect_plane(spacing, shape, expected):
+    assert detect_plane(_lps_affine(spacing), shape) == expected
+
+
+def test_reorient_to_lps_keeps_world_positions():
+    rng = np.random.default_rng(0)
+    array = rng.random((5, 6, 7)).astype(np.float32)
+    affine = np.array([[0, 0, 2.0, -5], [-1.5, 0, 0, 8], [0, -3.0, 0, 2], [0, 0, 0, 1]])  # a "PIR"-like layout
+    out, out_affine = reorient_to_lps(array, affine)
+    assert nib.aff2axcodes(out_affine) == ("L", "P", "S")
+    for index in [(0, 0, 0), (4, 5, 6), (2, 3, 1)]:
+        world = affine @ [*index, 1]
+        new_index = np.round(np.linalg.inv(out_affine) @ world).astype(int)[:3]
+        assert out[tuple(new_index)] == array[index]
+
+
+def test_resample_geometry_and_values():
+    shape, spacing = (100, 120, 40), (2.0, 1.5, 1.0)
+    affine = _lps_affine(spacing)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    ramp = (world[..., 0] * 0.3 + world[..., 1] * 0.2).astype(np.float32)  # linear in-plane, constant along S
+    out, out_affine = resample_series(ramp, affine, through_axis=2, in_plane_size=256, min_slice_spacing_mm=4.0)
+    assert out.shape == (256, 256, 10)
+    new_spacing = np.linalg.norm(out_affine[:3, :3], axis=0)
+    np.testing.assert_allclose(new_spacing, [200 / 256, 180 / 256, 4.0], rtol=1e-9)
+    # The field of view (outer voxel edges) is unchanged.
+    corner = lambda a, n: a @ [-0.5, -0.5, -0.5, 1]  # noqa: E731
+    far = lambda a, n: a @ [n[0] - 0.5, n[1] - 0.5, n[2] - 0.5, 1]  # noqa: E731
+    np.testing.assert_allclose(corner(out_affine, out.shape), corner(affine, shape), atol=1e-9)
+    np.testing.assert_allclose(far(out_affine, out.shape), far(affine, shape), atol=1e-9)
+    # Values agree with the ramp evaluated at the new voxel centres (interior; edges are clamped).
+    new_index = np.stack(np.meshgrid(*[np.arange(n) for n in out.shape], indexing="ij"), -1)
+    new_world = new_index @ out_affine[:3, :3].T + out_affine[:3, 3]
+    expected = new_world[..., 0] * 0.3 + new_world[..., 1] * 0.2
+    interior = (slice(4, -4), slice(4, -4), slice(None))
+    np.testing.assert_allclose(out[interior], expected[interior], atol=1e-3)
+
+
+def test_coarse_slices_are_kept():
+    out, out_affine = resample_series(np.zeros((64, 64, 12), np.float32), _lps_affine((1, 1, 6.5)), 2,
+                                      in_plane_size=32, min_slice_spacing_mm=4.0)
+    assert out.shape == (32, 32, 12)
+    assert np.linalg.norm(out_affine[:3, 2]) == pytest.approx(6.5)
+
+
+def test_resample_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        resample_series(np.zeros((4, 4)), np.eye(4), 2)
+    with pytest.raises(ValueError):
+        resample_series(np.zeros((4, 4, 4)), np.eye(4), 3)
+    with pytest.raises(ValueError):
+        resample_series(np.zeros((4, 4, 4)), np.eye(4), 2, min_slice_spacing_mm=0)
+
+
+def test_normalize_intensity_is_robust_to_outliers_and_nan():
+    rng = np.random.default_rng(0)
+    array = np.zeros((40, 40, 40), np.float32)
+    array[10:30, 10:30, 10:30] = rng.normal(500, 50, size=(20, 20, 20))
+    clean = normalize_intensity(array)
+    spiked = array.copy()
+    spiked[15, 15, 15] = 1e9  # one hot pixel must not squash the contrast
+    spiked[0, 0, 0] = np.nan
+    spiked[0, 0, 1] = -np.inf
+    out = normalize_intensity(spiked)
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1 and np.isfinite(out).all()
+    assert out[15, 15, 15] == 1.0 and out[0, 0, 0] == 0.0 and out[0, 0, 1] == 0.0
+    mask = np.ones(array.shape, bool)
+    mask[15, 15, 15] = mask[0, 0, 0] = mask[0, 0, 1] = False
+    assert np.abs(out[mask] - clean[mask]).max() < 0.01
+    brain = out[10:30, 10:30, 10:30]
+    assert 0.4 < np.median(brain) < 0.6  # median of the foreground sits mid-range
+    np.testing.assert_array_equal(normalize_intensity(np.full((3, 3, 3), 7.0)), np.zeros((3, 3, 3)))
+    with pytest.raises(ValueError):
+        normalize_intensity(array, lower_percentile=99, upper_percentile=1)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        PreprocessConfig(in_plane_size=0)
+    with pytest.raises(ValueError):
+        PreprocessConfig(min_slice_spacing_mm=-1)
+    with pytest.raises(ValueError):
+        PreprocessConfig(intensity_low_percentile=50, intensity_high_percentile=50)
+
+
+def test_preprocess_three_plane_study(three_plane_study):
+    config = PreprocessConfig(in_plane_size=128, min_slice_spacing_mm=5.0)
+    for series in load_study(three_plane_study.folder).series:
+        out = preprocess_series(series, config)
+        assert out.plane == series.plane and out.through_axis == series.through_axis
+        in_plane = [axis for axis in range(3) if axis != series.through_axis]
+        assert [out.shape[a] for a in in_plane] == [128, 128]
+        assert out.spacing[series.through_axis] >= 5.0 - 1e-9
+        assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+        assert 0.0 <= out.array.min() and out.array.max() <= 1.0
+        assert out.meta["preprocessing"]["original_shape"] == list(series.shape)
+
+
+def test_model_config_section_is_accepted(three_plane_study):
+    from prima.config import PreprocessConfig as ModelPreprocessConfig
+
+    series = load_study(three_plane_study.folder).series[0]
+    ours = preprocess_series(series, PreprocessConfig(in_plane_size=64))
+    theirs = preprocess_series(series, ModelPreprocessConfig(in_plane_size=64))
+    np.testing.assert_array_equal(ours.array, theirs.array)
+
+
+def test_preprocess_series_not_in_lps_is_reoriented_with_its_axis():
+    array = np.random.default_rng(1).random((30, 20, 8)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 5.0, 1.0])  # RAS
+    series = Series(name="x", array=array, affine=affine, plane="axial", through_axis=2,
+                    source_orientation="RAS", source="memory", meta={})
+    out = preprocess_series(series, PreprocessConfig(in_plane_size=16))
+    assert out.shape == (16, 16, 8) and out.through_axis == 2
+    assert nib.aff2axcodes(out.affine) == ("L", "P", "S")
+    sagittal = dataclasses.replace(series, array=array.transpose(2, 0, 1).copy(),
+                                   affine=np.diag([5.0, 1.0, 1.0, 1.0]), plane="sagittal", through_axis=0)
+    assert preprocess_series(sagittal, PreprocessConfig(in_plane_size=16)).shape == (8, 16, 16)
