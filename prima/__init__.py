@@ -1,3 +1,28 @@
-"""Prima: a brain-MRI vision-language model (load studies, tokenize, encode, predict, explain)."""
+"""Prima: a brain-MRI vision-language model (load studies, tokenize, encode, predict, explain).
+
+The model API is imported lazily so that ``import prima`` (and ``prima inspect``) stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": "prima.factory",
+    "list_models": "prima.factory",
+    "get_model_config": "prima.factory",
+    "load_release": "prima.release",
+    "save_release": "prima.release",
+    "load_study": "prima.io",
+    "preprocess_series": "prima.preprocess",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prima' has no attribute {name!r}")

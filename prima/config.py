@@ -4,17 +4,38 @@ the model; every section below maps to one key of that file, and checkpoints car
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import get_origin, get_type_hints
+
+from prima.errors import ConfigError
+from prima.labels import LabelSpace, label_space_from_dict
+
+TOKEN_DIM = 289  # 256 latent + 30 sinusoidal position + 3 plane one-hot (SPEC section 2)
 
 
 @dataclass
 class PreprocessConfig:
-    """How a loaded series is turned into the model's input grid (SPEC section 2)."""
+    """How a loaded series becomes the model's input grid (SPEC §2).
 
-    in_plane_size: int = 256  # in-plane matrix after resampling, both in-plane axes
-    min_slice_spacing_mm: float = 4.0  # through-plane spacing is raised to at least this
-    intensity_low_percentile: float = 0.5  # foreground percentile mapped to 0 (robust to dark outliers)
-    intensity_high_percentile: float = 99.5  # foreground percentile mapped to 1 (robust to bright spikes)
+    A model config carries this section so a checkpoint always gets the input it was trained on.
+    """
+
+    in_plane_size: int = 256  # voxels along each in-plane axis after resampling (SPEC §2, paper)
+    min_slice_spacing_mm: float = 4.0  # through-plane spacing is raised to at least this (SPEC §2, paper)
+    intensity_low_percentile: float = 0.5  # foreground percentile mapped to 0, below clipped (dark outliers)
+    intensity_high_percentile: float = 99.5  # foreground percentile mapped to 1, above clipped (bright spikes)
+    foreground_only: bool = True  # percentiles over voxels above the volume minimum, so air does not dominate
+
+    def __post_init__(self) -> None:
+        if self.in_plane_size < 1:
+            raise ValueError(f"in_plane_size must be >= 1, got {self.in_plane_size}")
+        if not self.min_slice_spacing_mm > 0:
+            raise ValueError(f"min_slice_spacing_mm must be > 0, got {self.min_slice_spacing_mm}")
+        if not 0 <= self.intensity_low_percentile < self.intensity_high_percentile <= 100:
+            raise ValueError("percentiles must satisfy 0 <= intensity_low_percentile < intensity_high_percentile "
+                             f"<= 100, got {self.intensity_low_percentile}, {self.intensity_high_percentile}")
 
 
 @dataclass
@@ -28,6 +49,164 @@ class TokenizerConfig:
     codebook_size: int = 8192  # number of codes in the quantiser
     commitment_beta: float = 0.25  # weight of the commitment loss pulling encodings to their code
     ema_decay: float = 0.99  # decay of the exponential moving average codebook updates
-    dead_code_threshold: float = 1.0  # a code used less than this (EMA count) is restarted from the batch
+    dead_code_threshold: float = 0.03  # restart a code whose EMA usage < this x the uniform share (batch latents / codes)
+    dead_code_window: int = 20  # steps over which code usage is averaged to find dead codes
     min_foreground_fraction: float = 0.05  # a patch is background below this Otsu-foreground fraction
     min_tokens: int = 25  # the filter lowers its threshold until at least this many patches survive
+
+
+@dataclass
+class NameEncoderConfig:
+    """A character-level (UTF-8 byte) transformer that turns a series name or a study description
+    into one vector (SPEC section 3: E_sn and E_stn share this architecture)."""
+
+    width: int = 256  # transformer width
+    depth: int = 3  # transformer blocks (paper: 3)
+    heads: int = 4  # attention heads
+    head_dim: int = 64  # width of one head
+    mlp_dim: int = 256  # hidden width of each block's MLP
+    max_length: int = 64  # bytes kept from a name (longer names are cut)
+    out_dim: int = 289  # width of the output vector, i.e. the token width of the ViT that reads it
+
+
+@dataclass
+class SequenceViTConfig:
+    """The sequence ViT shared by all series: registers + series name + volume tokens -> series vector."""
+
+    depth: int = 15  # transformer blocks (paper: 15)
+    heads: int = 16  # attention heads (paper: 16)
+    head_dim: int = 64  # width of one head (paper: 64)
+    mlp_dim: int = 1024  # hidden width of each block's MLP
+    registers: int = 20  # learned register tokens; their outputs are concatenated (paper: 20)
+    out_dim: int = 1024  # width of the series vector projected from the concatenated registers
+    series_name: NameEncoderConfig = field(default_factory=NameEncoderConfig)  # E_sn (out_dim = 289)
+
+
+@dataclass
+class StudyViTConfig:
+    """The study ViT: registers + study description + projected series vectors -> study embedding."""
+
+    width: int = 1024  # token width (paper: 1024)
+    depth: int = 4  # transformer blocks (paper: 4)
+    heads: int = 8  # attention heads (paper: 8)
+    head_dim: int = 64  # width of one head (paper: 64)
+    mlp_dim: int = 1024  # hidden width of each block's MLP
+    registers: int = 10  # register tokens; study embedding = their outputs concatenated (paper: 10)
+    description: NameEncoderConfig = field(
+        default_factory=lambda: NameEncoderConfig(max_length=128, out_dim=1024)
+    )  # E_stn, same architecture as E_sn, not pre-trained; out_dim must equal ``width``
+
+
+@dataclass
+class VisionConfig:
+    """The whole hViT as the paper counts it: name encoders, both ViTs, patient-discrimination MLP."""
+
+    sequence: SequenceViTConfig = field(default_factory=SequenceViTConfig)
+    study: StudyViTConfig = field(default_factory=StudyViTConfig)
+    patdis_hidden: int = 2560  # hidden width of the 2-layer patient-discrimination MLP
+    patdis_dim: int = 128  # output width of the patient-discrimination MLP
+
+
+@dataclass
+class TextConfig:
+    """The GPT-2 report encoder, built from this config (never downloaded)."""
+
+    vocab_size: int = 16384  # byte-level BPE vocabulary, special tokens included
+    context_length: int = 256  # maximum report length in BPE tokens
+    width: int = 768  # hidden width (GPT-2 small: 768)
+    depth: int = 12  # transformer blocks (GPT-2 small: 12)
+    heads: int = 12  # attention heads (GPT-2 small: 12)
+    dropout: float = 0.0  # residual, embedding and attention dropout
+
+
+@dataclass
+class HeadsConfig:
+    """The 3-layer MLP task heads trained on the frozen study embedding."""
+
+    hidden: int = 1024  # width of both hidden layers
+    dropout: float = 0.1  # dropout after each hidden layer (training only)
+
+
+def default_labels_dict() -> dict:
+    """The shipped ``labels.json`` as a dict (the form stored in a config)."""
+    doc = json.loads((Path(__file__).parent / "data" / "labels.json").read_text(encoding="utf-8"))
+    doc.pop("_comment", None)
+    return doc
+
+
+@dataclass
+class PrimaConfig:
+    """Everything needed to rebuild a Prima model and feed it the input it was trained on."""
+
+    name: str = "prima-paper"  # model name, matching its JSON file in model_configs/
+    embed_dim: int = 128  # width of the joint image-text space (paper: 128)
+    init_temperature: float = 0.07  # CLIP temperature at initialisation (paper: 0.07)
+    init_patdis_temperature: float = 0.1  # patient-discrimination temperature at init (paper: 0.1)
+    patdis_weight: float = 0.03  # lambda of L = L_clip + lambda * L_patdis (paper: 0.03)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    labels: dict = field(default_factory=default_labels_dict)  # labels.json form: tiers, referrals, diagnoses
+    diagnosis_thresholds: list[float] = field(default_factory=list)  # one logit threshold per diagnosis; [] = all 0
+    referral_thresholds: list[float] = field(default_factory=list)  # one logit threshold per referral; [] = all 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def label_space(self) -> LabelSpace:
+        return label_space_from_dict(self.labels)
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` when the pieces do not fit together."""
+        try:
+            space = self.label_space
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"config {self.name!r}: invalid labels: {exc}") from exc
+        seq, study = self.vision.sequence, self.vision.study
+        if seq.series_name.out_dim != TOKEN_DIM:
+            raise ConfigError(
+                f"config {self.name!r}: series-name encoder out_dim must be the token width {TOKEN_DIM}, "
+                f"got {seq.series_name.out_dim}"
+            )
+        if study.description.out_dim != study.width:
+            raise ConfigError(
+                f"config {self.name!r}: study-description encoder out_dim must equal the study ViT width "
+                f"{study.width}, got {study.description.out_dim}"
+            )
+        for field_name, thresholds, n in (
+            ("diagnosis_thresholds", self.diagnosis_thresholds, len(space.diagnoses)),
+            ("referral_thresholds", self.referral_thresholds, len(space.referral_keys)),
+        ):
+            if thresholds and len(thresholds) != n:
+                raise ConfigError(f"config {self.name!r}: {field_name} has {len(thresholds)} values, expected {n}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "PrimaConfig":
+        """Build from a dict such as a parsed ``config.json``; unknown keys raise ``ConfigError``."""
+        return _build(cls, doc, "config")
+
+
+def _build(cls: type, doc: dict, where: str):
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(doc).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(doc) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in doc.items():
+        hint = hints[key]
+        if is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        elif get_origin(hint) is tuple:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

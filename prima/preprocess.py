@@ -6,38 +6,14 @@ Pure functions on arrays and affines; ``preprocess_series`` chains them on a ``p
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
+from prima.config import PreprocessConfig
 from prima.io.orientation import PLANE_OF_THROUGH_AXIS, TARGET_AXCODES, reorient, through_axis_from_spacing, voxel_spacing
 from prima.io.study import Series
-
-
-@dataclass
-class PreprocessConfig:
-    """How a loaded series becomes the model's input grid (SPEC §2).
-
-    Field names match ``prima.config.PreprocessConfig`` (the model-config section), so either class
-    can be passed to ``preprocess_series``.
-    """
-
-    in_plane_size: int = 256  # voxels along each in-plane axis after resampling (SPEC §2, paper)
-    min_slice_spacing_mm: float = 4.0  # through-plane spacing is raised to at least this (SPEC §2, paper)
-    intensity_low_percentile: float = 0.5  # foreground percentile mapped to 0, below clipped (dark outliers)
-    intensity_high_percentile: float = 99.5  # foreground percentile mapped to 1, above clipped (bright spikes)
-    foreground_only: bool = True  # percentiles over voxels above the volume minimum, so air does not dominate
-
-    def __post_init__(self) -> None:
-        if self.in_plane_size < 1:
-            raise ValueError(f"in_plane_size must be >= 1, got {self.in_plane_size}")
-        if not self.min_slice_spacing_mm > 0:
-            raise ValueError(f"min_slice_spacing_mm must be > 0, got {self.min_slice_spacing_mm}")
-        if not 0 <= self.intensity_low_percentile < self.intensity_high_percentile <= 100:
-            raise ValueError("percentiles must satisfy 0 <= intensity_low_percentile < intensity_high_percentile "
-                             f"<= 100, got {self.intensity_low_percentile}, {self.intensity_high_percentile}")
 
 
 def reorient_to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +140,7 @@ def preprocess_series(series: Series, config: PreprocessConfig | None = None) ->
 
     Args:
         series: a loaded series (``prima.io.load_study``); any orientation is accepted.
-        config: this module's ``PreprocessConfig`` or ``prima.config.PreprocessConfig`` (same fields;
-            ``foreground_only`` defaults to True when absent). Default: ``PreprocessConfig()``.
+        config: the model config's preprocessing section. Default: ``PreprocessConfig()``.
 
     ``meta["preprocessing"]`` records the config and the shape/spacing before resampling.
     """
@@ -177,7 +152,7 @@ def preprocess_series(series: Series, config: PreprocessConfig | None = None) ->
     array, affine = resample_series(array, affine, through_axis, config.in_plane_size,
                                     config.min_slice_spacing_mm)
     array = normalize_intensity(array, config.intensity_low_percentile, config.intensity_high_percentile,
-                                getattr(config, "foreground_only", True))
+                                config.foreground_only)
     meta = {**series.meta, "preprocessing": {**dataclasses.asdict(config),
                                              "original_shape": list(series.shape),
                                              "original_spacing_mm": list(series.spacing)}}

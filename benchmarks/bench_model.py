@@ -1,0 +1,138 @@
+"""hViT study forward on this CPU: 4 series x 400 tokens at prima-paper and prima-lite, fp32 and bf16.
+
+For each model and thread count it prints the median forward time, the FLOPs of one forward, the
+achieved GFLOP/s and their ratio to the FLOP-bound ceiling (a 2048^3 matmul in the same dtype and
+thread count, timed in the same process around the model), and the peak resident memory
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) of a fresh process per case, so cases do not share a
+peak. SPEC section 8: the reference takes 1.45 s at paper size, fp32, 2 threads.
+
+    python benchmarks/bench_model.py [--series 4] [--tokens 400] [--runs 5] [--threads 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _median_seconds(fn, runs: int) -> float:
+    fn()  # warm-up: allocator, thread pool, kernel selection
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+
+
+def matmul_gflops(dtype: torch.dtype | None, runs: int = 5, n: int = 2048) -> float:
+    """GFLOP/s of an n^3 matmul (median of ``runs``) in ``dtype`` (None = fp32)."""
+    a = torch.randn(n, n, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, dtype=dtype or torch.float32)
+    return 2 * n**3 / _median_seconds(lambda: a @ b, runs) / 1e9
+
+
+def forward_flops(visual, batch) -> int:
+    """FLOPs of one forward: matmuls counted by FlopCounterMode plus the attention products
+    (4 * B * H * T^2 * head_dim per call), which the counter does not see for CPU SDPA."""
+    from prima.models.transformer import Attention
+
+    attention = []
+
+    def hook(module, args, output):
+        x = args[0]
+        head_dim = module.to_qkv.out_features // 3 // module.heads
+        attention.append(4 * x.shape[0] * module.heads * x.shape[1] ** 2 * head_dim)
+
+    handles = [m.register_forward_hook(hook) for m in visual.modules() if isinstance(m, Attention)]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        visual(batch)
+    for h in handles:
+        h.remove()
+    return counter.get_total_flops() + sum(attention)
+
+
+def bench_model(name: str, series: int, tokens: int, runs: int, threads: int) -> dict:
+    from prima.factory import get_model_config
+    from prima.models.clip import PrimaCLIP
+
+    torch.set_num_threads(threads)
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.manual_seed(0)
+    model = PrimaCLIP(get_model_config(name)).eval()
+    study = [(torch.randn(tokens, 289), f"AX T{i}") for i in range(series)]
+    batch = model.pack([study], ["MRI BRAIN WITH AND WITHOUT CONTRAST"])
+    flops = forward_flops(model.visual, batch)
+    result = {"model": name, "flops": flops, "rss_start_mb": rss_start / 1024, "times": {}, "ceiling": {}}
+    for dtype_name, dtype in DTYPES.items():
+
+        def forward():
+            with torch.no_grad(), _autocast(dtype):
+                model.visual(batch)
+
+        # the machine is shared: time the ceiling just before and after the model and average
+        before = matmul_gflops(dtype)
+        result["times"][dtype_name] = _median_seconds(forward, runs)
+        result["ceiling"][dtype_name] = (before + matmul_gflops(dtype)) / 2
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--series", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=400)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["prima-paper", "prima-lite"])
+    # a shared machine punishes multi-threaded small ops (OpenMP barriers wait for a busy core): show both
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, torch.get_num_threads()])
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: bench one model in this process
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(bench_model(args.child, args.series, args.tokens, args.runs, args.threads[0])))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    print(f"study: {args.series} series x {args.tokens} tokens, median of {args.runs} runs after a warm-up")
+    print("ceiling: 2048^3 matmul in the same dtype, timed right before and after the model, averaged\n")
+    header = (
+        f"{'model':<12} {'thr':>3} {'dtype':<5} {'GFLOP':>7} {'median s':>9} {'GFLOP/s':>8} {'ceiling':>8} "
+        f"{'of ceiling':>10} {'peak RSS MB':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, threads in [(name, threads) for name in args.models for threads in args.threads]:
+        child = [sys.executable, __file__, "--child", name, "--series", str(args.series), "--tokens", str(args.tokens),
+                 "--runs", str(args.runs), "--threads", str(threads)]
+        result = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        for dtype_name, seconds in result["times"].items():
+            achieved = result["flops"] / seconds / 1e9
+            ceiling = result["ceiling"][dtype_name]
+            print(
+                f"{name:<12} {threads:>3} {dtype_name:<5} {result['flops'] / 1e9:>7.1f} {seconds:>9.3f} "
+                f"{achieved:>8.1f} {ceiling:>8.1f} {achieved / ceiling:>10.1%} {result['peak_rss_mb']:>12.0f}"
+            )
+    print(
+        "\npeak RSS: ru_maxrss of a fresh process per model and thread count (Python + torch + model + "
+        f"activations, both dtypes); the process baseline before building the model is ~{result['rss_start_mb']:.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The Prima CLIP model: the hierarchical ViT (``.visual``), the GPT-2 report encoder (``.text``),
+their 128-d projections and the learnable temperatures. It returns embeddings, never losses.
+
+The encoders are public so that callers can cache pieces: LIME re-runs one series through
+``visual.encode_series`` and reuses the other series' vectors in ``visual.encode_study``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prima.config import PrimaConfig, VisionConfig
+from prima.models.batching import StudyBatch, pack_studies
+from prima.models.name_encoder import NameEncoder
+from prima.models.sequence_vit import SequenceViT
+from prima.models.study_vit import StudyViT
+from prima.models.text import TextTower
+
+
+class PrimaVisual(nn.Module):
+    """The hViT as the paper counts it: series-name encoder, sequence ViT, study-description encoder,
+    study ViT and the patient-discrimination MLP.
+
+    Args:
+        config: the vision section of a ``PrimaConfig``.
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.series_name_encoder = NameEncoder(config.sequence.series_name)
+        self.sequence_vit = SequenceViT(config.sequence)
+        self.description_encoder = NameEncoder(config.study.description)
+        self.study_vit = StudyViT(config.study, series_dim=config.sequence.out_dim)
+        self.patdis_proj = nn.Sequential(
+            nn.Linear(config.sequence.out_dim, config.patdis_hidden),
+            nn.GELU(),
+            nn.Linear(config.patdis_hidden, config.patdis_dim),
+        )
+
+    @property
+    def series_dim(self) -> int:
+        return self.config.sequence.out_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.study_vit.embed_dim
+
+    def encode_series(self, tokens: Tensor, token_mask: Tensor, name_ids: Tensor, name_mask: Tensor) -> Tensor:
+        """Series vectors (S, series_dim) from padded token features (S, T, 289), their mask (S, T)
+        and the series-name codes and mask (S, Ln)."""
+        return self.sequence_vit(tokens, token_mask, self.series_name_encoder(name_ids, name_mask))
+
+    def encode_study(
+        self, series_vectors: Tensor, series_mask: Tensor, description_ids: Tensor, description_mask: Tensor
+    ) -> Tensor:
+        """Study embeddings (B, registers * width) from series vectors (B, S_max, series_dim), their
+        mask (B, S_max) and the study-description codes and mask (B, Ld)."""
+        description = self.description_encoder(description_ids, description_mask)
+        return self.study_vit(series_vectors, series_mask, description)
+
+    def patient_embedding(self, series_vectors: Tensor) -> Tensor:
+        """Patient-discrimination embeddings (S, patdis_dim) of series vectors (S, series_dim)."""
+        return self.patdis_proj(series_vectors)
+
+    def forward(self, batch: StudyBatch) -> tuple[Tensor, Tensor]:
+        """Returns the study embeddings (B, embed_dim) and the series vectors (S, series_dim)."""
+        series = self.encode_series(batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask)
+        series_vectors, series_mask = batch.study_layout(series)
+        study = self.encode_study(series_vectors, series_mask, batch.description_ids, batch.description_mask)
+        return study, series
+
+
+@dataclass
+class ClipOutput:
+    image_features: Tensor  # (B, embed_dim) L2-normalised study embeddings in the joint space
+    text_features: Tensor  # (B, embed_dim) L2-normalised report embeddings in the joint space
+    logit_scale: Tensor  # () exp of the learnable CLIP log-scale (1 / temperature)
+    series_features: Tensor  # (S, patdis_dim) L2-normalised patient-discrimination embeddings
+    patdis_logit_scale: Tensor  # () exp of the patient-discrimination log-scale
+    series_study: Tensor  # (S,) study index of each series (the positives of eq. 8)
+    study_embedding: Tensor  # (B, visual.embed_dim) raw hViT study embeddings (for the heads)
+
+
+class PrimaCLIP(nn.Module):
+    """Args:
+        config: the full model config.
+    """
+
+    def __init__(self, config: PrimaConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.visual = PrimaVisual(config.vision)
+        self.text = TextTower(config.text)
+        self.image_proj = nn.Linear(self.visual.embed_dim, config.embed_dim)
+        self.text_proj = nn.Linear(config.text.width, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self.patdis_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_patdis_temperature)))
+
+    def pack(
+        self, studies: Sequence[Sequence[tuple[Tensor, str | None]]], descriptions: Sequence[str | None]
+    ) -> StudyBatch:
+        """``pack_studies`` with this model's name lengths, moved to the model's device."""
+        vision = self.config.vision
+        batch = pack_studies(
+            studies,
+            descriptions,
+            name_max_length=vision.sequence.series_name.max_length,
+            description_max_length=vision.study.description.max_length,
+        )
+        return batch.to(self.logit_scale.device)
+
+    def encode_image(self, batch: StudyBatch, normalize: bool = True) -> Tensor:
+        """Study embeddings in the joint space (B, embed_dim)."""
+        study, _ = self.visual(batch)
+        features = self.image_proj(study)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, ids: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
+        """Report embeddings in the joint space (N, embed_dim) from ``TextTokenizer`` ids and mask."""
+        features = self.text_proj(self.text(ids, mask))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, batch: StudyBatch, text_ids: Tensor, text_mask: Tensor) -> ClipOutput:
+        study, series = self.visual(batch)
+        return ClipOutput(
+            image_features=F.normalize(self.image_proj(study), dim=-1),
+            text_features=self.encode_text(text_ids, text_mask),
+            logit_scale=self.logit_scale.exp(),
+            series_features=F.normalize(self.visual.patient_embedding(series), dim=-1),
+            patdis_logit_scale=self.patdis_logit_scale.exp(),
+            series_study=batch.series_study,
+            study_embedding=study,
+        )
