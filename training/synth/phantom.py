@@ -52,6 +52,11 @@ class Phantom:
     enhancement: np.ndarray  # gadolinium uptake: fractional T1 shortening after contrast, 0 = none
     lesion_masks: dict[str, np.ndarray] = field(default_factory=dict)  # diagnosis key -> bool mask
     findings: list[Finding] = field(default_factory=list)  # positive diagnoses placed in this phantom
+    # Added by the engine core: named anatomical points in this subject's world mm (e.g. "sella",
+    # "pineal", "foramen_magnum", "iac_left"; see anatomy.TEMPLATE_LANDMARKS) for placing lesions.
+    landmarks: dict[str, np.ndarray] = field(default_factory=dict)
+    # Added by the engine core: the subject's random draws (age, sex, rotation, atrophy ...), JSON-able.
+    subject: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,102 @@
+"""VQ-VAE ``encode`` throughput on this CPU at the paper and lite widths, fp32 and bf16 autocast.
+
+For each case it prints the median patches/second over several runs, the FLOPs of encoding one patch
+(``torch.utils.flop_counter.FlopCounterMode``), the achieved GFLOP/s and its ratio to the FLOP-bound
+ceiling of this machine, measured in the same run as a 2048^3 matmul in the same dtype.
+SPEC section 8: the reference encodes 12.6 patches/s at paper size, fp32, on this machine.
+
+    python benchmarks/bench_tokenizer.py [--batch 32] [--runs 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from prima.config import TokenizerConfig
+from prima.models.vqvae import VQVAE
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# (name, channels, residual blocks per level): the paper's width and the lite tokenizer's (docs/tokenizer.md).
+WIDTHS = (("paper", 256, 2), ("lite", 32, 1))
+
+
+def _median_seconds(fn, runs: int) -> float:
+    fn()  # warm-up: allocator, thread pool, kernel selection
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+
+
+def matmul_ceiling_gflops(dtype, runs: int, size: int = 2048) -> float:
+    """GFLOP/s of a size^3 matmul in ``dtype`` (fp32 when None): the FLOP-bound ceiling."""
+    a = torch.randn(size, size, dtype=dtype or torch.float32)
+    b = torch.randn(size, size, dtype=dtype or torch.float32)
+    return 2 * size**3 / _median_seconds(lambda: a @ b, runs) / 1e9
+
+
+@torch.no_grad()
+def encode_case(channels: int, res_layers: int, dtype, batch: int, runs: int) -> dict:
+    torch.manual_seed(0)
+    model = VQVAE(TokenizerConfig(channels=channels, res_layers=res_layers)).eval()
+    patches = torch.rand(batch, 32, 32, 4)
+
+    def encode():
+        with _autocast(dtype):
+            return model.encode(patches)
+
+    with FlopCounterMode(display=False) as counter:
+        encode()
+    seconds = _median_seconds(encode, runs)
+    return {
+        "encoder_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6,
+        "total_params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflop_per_patch": counter.get_total_flops() / batch / 1e9,
+        "patches_per_s": batch / seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32, help="patches per encode call")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per case (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.runs}")
+    results = []
+    for dtype_name, dtype in DTYPES.items():
+        ceiling = matmul_ceiling_gflops(dtype, args.runs)
+        print(f"{dtype_name}: 2048^3 matmul ceiling {ceiling:.1f} GFLOP/s")
+        for name, channels, res_layers in WIDTHS:
+            case = encode_case(channels, res_layers, dtype, args.batch, args.runs)
+            achieved = case["gflop_per_patch"] * case["patches_per_s"]
+            case.update(width=name, channels=channels, dtype=dtype_name, ceiling_gflops=ceiling,
+                        achieved_gflops=achieved, ratio_to_ceiling=achieved / ceiling)
+            results.append(case)
+            print(
+                f"  {name:5s} C={channels:3d}: {case['patches_per_s']:8.1f} patches/s, "
+                f"{case['gflop_per_patch']:.3f} GFLOP/patch, {achieved:6.1f} GFLOP/s = "
+                f"{achieved / ceiling:.2f} x ceiling (encoder {case['encoder_params_m']:.2f} M params, "
+                f"total {case['total_params_m']:.2f} M)"
+            )
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Study assembly: determinism, normal studies, labels/priority/referrals, protocol choice and splits."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from prima.labels import default_label_space
+from training.synth.protocols import PROTOCOLS, SERIES_KINDS, choose_protocol, draw_series_kinds, wanted_sequences
+from training.synth.study import generate_study, study_streams, _split_of
+
+SPACING = 3.0
+
+
+def assert_same_study(a, b):
+    assert (a.study_id, a.study_description, a.report, a.labels, a.priority, a.referrals) == (
+        b.study_id, b.study_description, b.report, b.labels, b.priority, b.referrals)
+    assert [s.name for s in a.series] == [s.name for s in b.series]
+    for x, y in zip(a.series, b.series):
+        np.testing.assert_array_equal(x.volume, y.volume)
+        np.testing.assert_array_equal(x.affine, y.affine)
+        assert sorted(x.masks) == sorted(y.masks)
+        for key in x.masks:
+            np.testing.assert_array_equal(x.masks[key], y.masks[key])
+
+
+def test_same_seed_and_index_give_identical_studies():
+    a = generate_study(3, 5, spacing=SPACING)
+    b = generate_study(3, 5, spacing=SPACING)
+    assert_same_study(a, b)
+    c = generate_study(3, 6, spacing=SPACING)
+    assert (a.subject, a.series[0].volume.shape) != (c.subject, c.series[0].volume.shape)
+
+
+def test_normal_study_has_no_labels_masks_or_referrals():
+    study = generate_study(0, 2, spacing=SPACING, keys=[])
+    assert sum(study.labels.values()) == 0 and len(study.labels) == 52
+    assert study.priority == "low" and study.referrals == [] and study.findings == []
+    assert all(s.masks == {} for s in study.series)
+    assert 2 <= len(study.series) <= 8
+    assert study.report.strip()
+
+
+@pytest.mark.parametrize("key", ["tumor_adult_meningioma", "vascular_ischemic_large_vessel_stroke"])
+def test_forced_diagnosis_is_labelled_masked_and_triaged(key):
+    space = default_label_space()
+    study = generate_study(0, 4, spacing=SPACING, keys=[key])
+    positives = [k for k, v in study.labels.items() if v]
+    assert key in positives
+    assert {f.key for f in study.findings} == set(positives)
+    assert study.priority == space.priority_of(positives)
+    assert study.referrals == space.referrals_of(positives)
+    # The lesion shows up on at least one series' grid.
+    assert any(s.masks.get(key) is not None and s.masks[key].any() for s in study.series)
+
+
+def test_unknown_keys_and_bad_arguments_raise():
+    with pytest.raises(ValueError):
+        generate_study(0, 0, spacing=SPACING, keys=["not_a_diagnosis"])
+    with pytest.raises(ValueError):
+        generate_study(0, 0, spacing=SPACING, max_series=9)
+    with pytest.raises(ValueError):
+        study_streams(-1, 0)
+
+
+def test_splits_are_drawn_80_10_10():
+    counts = Counter(_split_of(study_streams(0, i)["split"]) for i in range(3000))
+    assert abs(counts["train"] / 3000 - 0.8) < 0.03
+    assert abs(counts["val"] / 3000 - 0.1) < 0.02 and abs(counts["test"] / 3000 - 0.1) < 0.02
+
+
+def test_protocol_choice_follows_the_findings():
+    rng = np.random.default_rng(0)
+    sellar = Counter(choose_protocol(rng, ["sellar_pituitary_adenoma"]).key for _ in range(400))
+    normal = Counter(choose_protocol(rng, []).key for _ in range(400))
+    assert sellar["pituitary"] > 3 * normal["pituitary"]
+    assert sellar["pituitary"] < 400  # not always: some are imaged with a routine brain protocol
+    stroke = Counter(choose_protocol(rng, ["vascular_ischemic_lacunar_stroke"]).key for _ in range(400))
+    assert stroke["stroke"] > 3 * normal["stroke"]
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_series_lists_are_realistic(protocol):
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        kinds = draw_series_kinds(rng, PROTOCOLS[protocol], wanted_sequences([("dwi", "adc"), ("swi", "t2")]))
+        assert 2 <= len(kinds) <= 8 and len(set(kinds)) == len(kinds)
+        if "ax_dwi" in kinds and kinds.index("ax_dwi") < len(kinds) - 1:
+            assert kinds[kinds.index("ax_dwi") + 1] == "ax_adc"
+        post = [SERIES_KINDS[k][0] in ("t1_post", "mprage_post") for k in kinds]
+        assert post == sorted(post)  # contrast series come last
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_contrast_series_only_in_contrast_protocols(protocol):
+    rng = np.random.default_rng(2)
+    wanted = wanted_sequences([("t1_post", "flair"), ("mprage_post",)])
+    for _ in range(30):
+        kinds = draw_series_kinds(rng, PROTOCOLS[protocol], wanted)
+        has_post = any(SERIES_KINDS[k][0] in ("t1_post", "mprage_post") for k in kinds)
+        # Contrast protocols always acquire a post-contrast series; the others never do.
+        assert has_post == PROTOCOLS[protocol].contrast

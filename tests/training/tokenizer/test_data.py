@@ -1,0 +1,64 @@
+"""training.tokenizer.data and augment: sequence families, patch sets, orientation and filter augmentations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prima.config import TokenizerConfig
+from training.manifest import read_manifest
+from training.tokenizer.augment import orient_patches, random_orientation, random_token_selection
+from training.tokenizer.data import PatchSet, cached_patch_set, sequence_type
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("AX T1", "T1"), ("Sag_T1_MPRAGE", "T1"), ("AX T1 POST GAD", "T1_POST"), ("AX T2", "T2"),
+        ("AX T2 FLAIR", "FLAIR"), ("COR FLAIR", "FLAIR"), ("AX DWI", "DWI"), ("AX SWI", "SWI"), ("LOCALIZER", "OTHER"),
+    ],
+)
+def test_sequence_type(name: str, family: str) -> None:
+    assert sequence_type(name) == family
+
+
+def test_orient_patches_permutes_and_flips() -> None:
+    patches = torch.arange(2 * 32 * 32 * 4, dtype=torch.float32).reshape(2, 32, 32, 4)
+    moved = orient_patches(patches, (2, 0, 1), (False, False, False))
+    assert moved.shape == (2, 4, 32, 32)
+    assert moved[1, 3, 5, 7] == patches[1, 5, 7, 3]
+    flipped = orient_patches(patches, (0, 1, 2), (True, False, True))
+    assert flipped[0, 0, 2, 0] == patches[0, 31, 2, 3]
+    permutation, flips = random_orientation(torch.Generator().manual_seed(0))
+    assert sorted(permutation) == [0, 1, 2] and len(flips) == 3
+    with pytest.raises(ValueError):
+        orient_patches(patches, (0, 0, 1), (False, False, False))
+
+
+def test_random_token_selection_draws_a_threshold_in_range() -> None:
+    fractions = np.linspace(0, 1, 101)
+    rng = np.random.default_rng(0)
+    kept = [random_token_selection(fractions, rng, 0.2, 0.6, min_tokens=1) for _ in range(20)]
+    assert all(fractions[k].min() >= 0.2 - 1e-9 and 41 <= len(k) <= 81 for k in kept)
+    assert len({len(k) for k in kept}) > 1  # the threshold varies
+    with pytest.raises(ValueError):
+        random_token_selection(fractions, rng, 0.6, 0.2)
+
+
+def test_cached_patch_set_round_trip(mni_manifest: Path, tmp_path: Path) -> None:
+    config = TokenizerConfig()
+    cache = tmp_path / "patches.npz"
+    built = cached_patch_set(mni_manifest, ["train"], cache, config, fraction_range=(0.05, 0.05))
+    assert cache.exists()
+    loaded = cached_patch_set(mni_manifest, ["train"], cache, config)
+    assert np.array_equal(built.patches, loaded.patches) and np.array_equal(built.coords, loaded.coords)
+    assert loaded.series_names == [s.name for s in read_manifest(mni_manifest)[0].series]
+    assert loaded.patches.dtype == np.float16 and loaded.patches.shape[1:] == (32, 32, 4)
+    assert 0.0 <= float(loaded.patches.min()) and float(loaded.patches.max()) <= 1.0
+    assert set(np.unique(loaded.series_index)) == {0, 1}
+    assert isinstance(loaded, PatchSet) and len(loaded) > 100
+    with pytest.raises(ValueError):
+        cached_patch_set(mni_manifest, ["test"], tmp_path / "none.npz", config)

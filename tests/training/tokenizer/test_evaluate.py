@@ -1,0 +1,45 @@
+"""training.tokenizer.evaluate: metrics, orientation consistency and the figure on a held-out series."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prima.config import TokenizerConfig
+from prima.models.vqvae import VQVAE
+from training.manifest import read_manifest
+from training.tokenizer.data import extract_patch_set
+from training.tokenizer.evaluate import evaluate, psnr, reconstruction_metrics, summary_line
+
+
+def test_psnr_and_l1_of_a_known_error() -> None:
+    originals = np.zeros((4, 32, 32, 4), dtype=np.float16)
+    metrics = reconstruction_metrics(originals, np.full((4, 32, 32, 4), 0.1, dtype=np.float32))
+    assert metrics["patches"] == 4
+    assert metrics["l1"] == pytest.approx(0.1, rel=1e-6)
+    assert metrics["psnr_db"] == pytest.approx(20.0, abs=1e-4)  # MSE 0.01, peak 1
+    assert metrics["mean_patch_psnr_db"] == pytest.approx(20.0, abs=1e-4)
+    assert psnr(1e-3) == pytest.approx(30.0)
+
+
+def test_evaluate_writes_metrics_and_figure(mni_manifest: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = VQVAE(TokenizerConfig(channels=8, res_layers=1, codebook_size=128))
+    patch_set = extract_patch_set(read_manifest(mni_manifest), model.config)
+    model.train()
+    model(torch.from_numpy(patch_set.patches[:64].astype(np.float32)))  # initialise the codebook on data
+    model.eval()
+    result = evaluate(model, patch_set, tmp_path, consistency_patches=32)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["overall"] == result["overall"] and result["overall"]["patches"] == len(patch_set)
+    assert set(result["by_sequence"]) == {"T1", "T2"}  # "AX T1"/"COR T2"-style names of the two series
+    assert sum(m["patches"] for m in result["by_plane"].values()) == len(patch_set)
+    assert 0 < result["codebook"]["used"] <= 128 and 1 <= result["codebook"]["perplexity"] <= 128
+    ratios = result["orientation_consistency"]["ratio_by_permutation"]
+    assert len(ratios) == 5 and all(np.isfinite(r) and r >= 0 for r in ratios.values())
+    assert (tmp_path / "reconstructions.png").stat().st_size > 10_000
+    assert summary_line(result).startswith("Tokenizer: foreground PSNR ") and summary_line(result).endswith("/128")

@@ -1,0 +1,284 @@
+"""Clinical MRI protocols: which series a study acquires, their geometry, timing and the names scanners
+give them.
+
+A study draws a scanner vendor (naming style), a protocol (study description + series list) and then
+each series' parameters. Protocol choice leans on the study's findings the way ordering does in a
+health system (sellar lesions get a pituitary protocol, acoustic schwannomas an IAC protocol, stroke a
+stroke protocol, tumours contrast) but not always, so a finding is sometimes imaged without its best
+sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from training.synth.sequences import POST_CONTRAST, SeriesSpec
+
+VENDORS = ("ge", "siemens", "philips")
+
+# Series kind -> vendor -> description variants. The kind fixes contrast and plane.
+SERIES_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
+    "ax_t1": {"ge": ("AX T1", "Ax T1 SE", "AX T1 FLAIR"), "siemens": ("t1_se_tra", "t1_tse_tra"),
+              "philips": ("T1W_SE_TRA", "sT1W_SE_TRA")},
+    "ax_t2": {"ge": ("AX T2 FSE", "Ax T2 FRFSE", "AX T2"), "siemens": ("t2_tse_tra", "t2_tse_tra_p2"),
+              "philips": ("T2W_TSE_TRA", "T2_TSE_AX")},
+    "ax_flair": {"ge": ("AX T2 FLAIR", "Ax FLAIR", "AX FLAIR"),
+                 "siemens": ("t2_tirm_tra_dark-fluid", "t2_flair_tra", "t2_tirm_tra_dark-fluid_p2"),
+                 "philips": ("T2W_FLAIR_TRA", "FLAIR_LongTR_TRA")},
+    "ax_dwi": {"ge": ("AX DWI B1000", "Ax DWI 1000b", "AX DIFFUSION"),
+               "siemens": ("ep2d_diff_3scan_trace_p2_TRACEW", "ep2d_diff_tra_TRACEW"),
+               "philips": ("DWI_TRA_b1000", "DWI_SSh_TRA")},
+    "ax_adc": {"ge": ("ADC", "Apparent Diffusion Coefficient (mm2/s)", "AX ADC"),
+               "siemens": ("ep2d_diff_3scan_trace_p2_ADC", "ep2d_diff_tra_ADC"), "philips": ("dADC_TRA", "ADC_TRA")},
+    "ax_swi": {"ge": ("AX SWAN", "Ax SWI"), "siemens": ("SWI_Images", "t2_swi_tra_p2_1.5mm"),
+               "philips": ("SWIp_TRA", "SWI_TRA")},
+    "ax_gre": {"ge": ("AX GRE T2*", "Ax T2* GRE"), "siemens": ("t2_fl2d_tra_hemo", "t2_de2d_tra"),
+               "philips": ("T2_FFE_TRA", "T2*_FFE_AX")},
+    "ax_t1_post": {"ge": ("AX T1 POST", "Ax T1 +C", "AX T1 SE POST"),
+                   "siemens": ("t1_se_tra_post", "t1_tse_tra_KM"), "philips": ("T1W_SE_TRA_GD", "T1W_SE_TRA+C")},
+    "sag_t1": {"ge": ("SAG T1", "Sag T1 FLAIR", "SAG T1 SE"), "siemens": ("t1_tse_sag", "t1_fl2d_sag"),
+               "philips": ("T1W_TSE_SAG", "sT1W_SE_SAG")},
+    "sag_mprage": {"ge": ("SAG 3D T1 BRAVO", "SAG T1 MPR", "Sag 3D T1"),
+                   "siemens": ("t1_mprage_sag_p2_iso", "T1_MPRAGE_SAG"), "philips": ("T1W_3D_TFE_SAG", "3D_T1_SAG")},
+    "sag_mprage_post": {"ge": ("SAG 3D T1 BRAVO +C", "SAG T1 MPR POST"),
+                        "siemens": ("t1_mprage_sag_p2_iso_post", "T1_MPRAGE_SAG_KM"),
+                        "philips": ("T1W_3D_TFE_SAG_GD", "3D_T1_SAG+C")},
+    "cor_t2": {"ge": ("COR T2 FS", "Cor T2 FSE FS", "COR T2"), "siemens": ("t2_tse_cor_fs", "t2_tse_cor"),
+               "philips": ("T2W_TSE_COR_SPAIR", "T2W_TSE_COR")},
+    "cor_flair": {"ge": ("COR T2 FLAIR", "Cor FLAIR"), "siemens": ("t2_tirm_cor_dark-fluid", "t2_flair_cor"),
+                  "philips": ("T2W_FLAIR_COR", "FLAIR_COR")},
+    "cor_t1": {"ge": ("COR T1", "Cor T1 SE"), "siemens": ("t1_tse_cor", "t1_se_cor"), "philips": ("T1W_SE_COR",)},
+    "cor_t1_post": {"ge": ("COR T1 POST", "Cor T1 +C FS", "COR T1 FS POST"),
+                    "siemens": ("t1_tse_cor_fs_post", "t1_se_cor_KM"), "philips": ("T1W_SE_COR_GD", "T1W_SPIR_COR+C")},
+    "sag_t1_post": {"ge": ("SAG T1 POST", "Sag T1 +C"), "siemens": ("t1_se_sag_post", "t1_tse_sag_KM"),
+                    "philips": ("T1W_SE_SAG_GD",)},
+    "ax_ssfp": {"ge": ("AX 3D FIESTA-C", "Ax FIESTA IAC"), "siemens": ("t2_ciss3d_tra", "t2_space_tra_iac"),
+                "philips": ("3D_DRIVE_TRA", "T2W_DRIVE_IAC")},
+}
+
+# (sequence, plane) of each series kind.
+SERIES_KINDS: dict[str, tuple[str, str]] = {
+    "ax_t1": ("t1", "axial"), "ax_t2": ("t2", "axial"), "ax_flair": ("flair", "axial"), "ax_dwi": ("dwi", "axial"),
+    "ax_adc": ("adc", "axial"), "ax_swi": ("swi", "axial"), "ax_gre": ("t2star", "axial"),
+    "ax_t1_post": ("t1_post", "axial"), "sag_t1": ("t1", "sagittal"), "sag_mprage": ("mprage", "sagittal"),
+    "sag_mprage_post": ("mprage_post", "sagittal"), "cor_t2": ("t2", "coronal"), "cor_flair": ("flair", "coronal"),
+    "cor_t1": ("t1", "coronal"), "cor_t1_post": ("t1_post", "coronal"), "sag_t1_post": ("t1_post", "sagittal"),
+    "ax_ssfp": ("ssfp", "axial"),
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A study type: its description variants and series (required first, then optional)."""
+
+    key: str  # short name, e.g. "brain_w_wo"
+    descriptions: tuple[str, ...]  # study description variants
+    required: tuple[tuple[str, ...], ...]  # groups of series kinds always acquired (one group drawn per slot)
+    optional: tuple[str, ...]  # series kinds added with probability ``optional_p``
+    optional_p: float = 0.5  # probability of each optional series
+    contrast: bool = False  # gadolinium is given (post-contrast series may be added for findings)
+
+
+# Alternatives inside a required slot are written as a tuple: ("sag_t1", "sag_mprage") = one of them.
+PROTOCOLS: dict[str, Protocol] = {
+    "brain_wo": Protocol(
+        "brain_wo",
+        ("MRI BRAIN WITHOUT CONTRAST", "MR BRAIN WO CONTRAST", "MRI HEAD WO", "MRI BRAIN WO"),
+        (("ax_flair",), ("ax_t2",), ("ax_dwi",)),
+        ("sag_t1", "ax_t1", "ax_swi", "cor_t2", "sag_mprage"),
+        0.4,
+    ),
+    "brain_w_wo": Protocol(
+        "brain_w_wo",
+        ("MRI BRAIN WITH AND WITHOUT CONTRAST", "MR BRAIN W WO CONTRAST", "MRI BRAIN W/WO", "MRI HEAD W WO CONTRAST"),
+        (("ax_flair",), ("ax_t1_post", "sag_mprage_post"), ("ax_t1", "sag_mprage")),
+        ("ax_t2", "ax_dwi", "ax_swi", "cor_t1_post", "sag_t1"),
+        0.5,
+        True,
+    ),
+    "stroke": Protocol(
+        "stroke",
+        ("MRI BRAIN STROKE PROTOCOL", "MR STROKE BRAIN WO", "MRI BRAIN ACUTE STROKE"),
+        (("ax_dwi",), ("ax_flair",), ("ax_swi", "ax_gre")),
+        ("ax_t2", "sag_t1", "ax_t1"),
+        0.4,
+    ),
+    "epilepsy": Protocol(
+        "epilepsy",
+        ("MRI BRAIN EPILEPSY PROTOCOL", "MR BRAIN SEIZURE PROTOCOL", "MRI BRAIN EPILEPSY WO"),
+        (("sag_mprage",), ("cor_flair",), ("cor_t2",)),
+        ("ax_flair", "ax_t2", "ax_dwi", "ax_swi"),
+        0.5,
+    ),
+    "pituitary": Protocol(
+        "pituitary",
+        ("MRI PITUITARY W WO", "MR SELLA W WO CONTRAST", "MRI PITUITARY WITH AND WITHOUT CONTRAST"),
+        (("cor_t1",), ("cor_t1_post",), ("sag_t1",)),
+        ("cor_t2", "sag_t1_post", "ax_flair"),
+        0.6,
+        True,
+    ),
+    "iac": Protocol(
+        "iac",
+        ("MRI IAC W WO", "MR INTERNAL AUDITORY CANALS W WO", "MRI IAC WITH AND WITHOUT CONTRAST"),
+        (("ax_ssfp",), ("ax_t1_post",), ("ax_flair",)),
+        ("ax_t1", "cor_t1_post", "ax_dwi"),
+        0.5,
+        True,
+    ),
+}
+
+BASE_PROTOCOL_WEIGHTS = {"brain_wo": 0.40, "brain_w_wo": 0.35, "stroke": 0.10, "epilepsy": 0.07, "pituitary": 0.04,
+                         "iac": 0.04}
+
+# Diagnosis-key prefixes (or keys) that make an ordering physician pick a protocol more often.
+PROTOCOL_AFFINITY: dict[str, tuple[str, ...]] = {
+    "pituitary": ("sellar_",),
+    "iac": ("tumor_adult_schwannoma",),
+    "stroke": ("vascular_ischemic_", "vascular_hemorrhagic_"),
+    "epilepsy": ("developmental_", "structural_encephalomalacia"),
+    "brain_w_wo": ("tumor_", "infectious_", "inflammatory_", "surgical_resection_cavity", "vascular_malformation_"),
+}
+
+
+def choose_protocol(rng: np.random.Generator, finding_keys: list[str]) -> Protocol:
+    """Pick a protocol for a study whose (sampled) diagnoses are ``finding_keys``."""
+    weights = dict(BASE_PROTOCOL_WEIGHTS)
+    for protocol, prefixes in PROTOCOL_AFFINITY.items():
+        if any(k.startswith(p) for k in finding_keys for p in prefixes):
+            weights[protocol] += 1.5
+    keys = list(weights)
+    p = np.array([weights[k] for k in keys])
+    return PROTOCOLS[keys[int(rng.choice(len(keys), p=p / p.sum()))]]
+
+
+PRIMARY_SEQUENCE_P = 0.8  # chance a finding's best sequence is added when the protocol lacks it
+OTHER_SEQUENCE_P = 0.3  # the same for its other key sequences
+
+
+def wanted_sequences(key_sequences: list[tuple[str, ...]]) -> dict[str, float]:
+    """Chance of adding each sequence to a protocol that lacks it, from the findings' key sequences
+    (each tuple best first)."""
+    wanted: dict[str, float] = {}
+    for sequences in key_sequences:
+        for rank, sequence in enumerate(sequences):
+            p = PRIMARY_SEQUENCE_P if rank == 0 else OTHER_SEQUENCE_P
+            wanted[sequence] = max(wanted.get(sequence, 0.0), p)
+    return wanted
+
+
+def draw_series_kinds(rng: np.random.Generator, protocol: Protocol, wanted: dict[str, float] | None = None,
+                      max_series: int = 8) -> list[str]:
+    """Series kinds of one study (2 to ``max_series``; DWI brings its ADC map along).
+
+    ``wanted`` maps sequences the findings are best seen on to the chance of adding them when the
+    protocol lacks them (see ``wanted_sequences``), so findings are usually, not always, imaged with
+    their best contrast.
+    """
+    kinds = [str(group[int(rng.integers(len(group)))]) for group in protocol.required]
+    kinds += [k for k in protocol.optional if rng.random() < protocol.optional_p]
+    have = {SERIES_KINDS[k][0] for k in kinds}
+    for sequence, p in sorted((wanted or {}).items()):
+        if sequence == "adc":
+            sequence = "dwi"  # the ADC map comes with its DWI
+        if sequence in have or (sequence in POST_CONTRAST and not protocol.contrast):
+            continue  # no gadolinium in a non-contrast protocol
+        candidates = [k for k, (seq, _) in SERIES_KINDS.items() if seq == sequence]
+        if candidates and rng.random() < p:
+            kinds.append(candidates[int(rng.integers(len(candidates)))])
+            have.add(sequence)
+    ordered = list(dict.fromkeys(kinds))
+    # Contrast goes last, as it is acquired; ADC follows DWI.
+    ordered.sort(key=lambda k: SERIES_KINDS[k][0] in ("t1_post", "mprage_post"))
+    out: list[str] = []
+    for k in ordered:
+        out.append(k)
+        if k == "ax_dwi":
+            out.append("ax_adc")
+    return out[:max_series] if len(out) > max_series else out
+
+
+def _choice(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+# Default ("modest") size: what preprocessing keeps anyway (256 in-plane, >= 4 mm through-plane), so
+# in-plane matrices are capped at 256 and 3D/SWI stacks are reconstructed as thicker slices.
+MODEST_MAX_MATRIX = 256
+MODEST_MIN_3D_THICKNESS_MM = 3.0
+
+
+def make_series_spec(rng: np.random.Generator, kind: str, vendor: str, full_resolution: bool = False) -> SeriesSpec:
+    """Draw one series' name, geometry and timing for ``kind`` in ``vendor``'s naming style.
+
+    Args:
+        rng: source of every draw (the same draws are made whatever ``full_resolution`` is).
+        kind: a key of ``SERIES_KINDS``.
+        vendor: one of ``VENDORS``.
+        full_resolution: keep 320-512 matrices and ~1 mm 3D slices; otherwise cap matrices at 256
+            (same field of view) and 3D/SWI slice thickness at >= 3 mm (a thick reformat).
+    """
+    if kind not in SERIES_KINDS:
+        raise ValueError(f"unknown series kind {kind!r}")
+    if vendor not in VENDORS:
+        raise ValueError(f"unknown vendor {vendor!r}; expected one of {VENDORS}")
+    sequence, plane = SERIES_KINDS[kind]
+    name = str(_choice(rng, SERIES_NAMES[kind][vendor]))
+    fov = float(rng.uniform(220.0, 250.0))
+    # Rectangular matrices put fewer columns across the narrower left-right extent of the head.
+    matrix = _choice(rng, [(256, 256), (256, 256), (256, 256), (320, 320), (288, 384), (512, 512)])
+    thickness = float(_choice(rng, [3.0, 4.0, 5.0, 5.0, 6.0]))
+    gap = float(_choice(rng, [0.0, 0.5, 1.0, 1.0, 1.5]))
+    timing: dict = {}
+    snr = float(rng.uniform(20.0, 45.0))
+    if sequence == "t1" or sequence == "t1_post":
+        timing = dict(tr_ms=rng.uniform(400, 700), te_ms=rng.uniform(8, 15))
+    elif sequence == "t2":
+        timing = dict(tr_ms=rng.uniform(3000, 6000), te_ms=rng.uniform(85, 110))
+    elif sequence == "flair":
+        tr = rng.uniform(8000, 11000)
+        # Inversion time chosen to null CSF (T1 ~ 4000 ms) at this TR, with scanner-to-scanner spread.
+        ti = 4000.0 * np.log(2.0 / (1.0 + np.exp(-tr / 4000.0))) * rng.uniform(0.96, 1.04)
+        timing = dict(tr_ms=tr, te_ms=rng.uniform(100, 140), ti_ms=ti)
+    elif sequence in ("dwi", "adc"):
+        matrix = _choice(rng, [(128, 128), (160, 160), (192, 192)])
+        thickness, gap = float(_choice(rng, [4.0, 5.0])), 1.0
+        timing = dict(tr_ms=rng.uniform(4000, 8000), te_ms=rng.uniform(65, 95))
+        snr = float(rng.uniform(12.0, 22.0))
+    elif sequence == "swi":
+        matrix, thickness, gap = _choice(rng, [(256, 256), (256, 320)]), float(_choice(rng, [1.5, 2.0, 2.5])), 0.0
+        timing = dict(tr_ms=rng.uniform(27, 40), te_ms=rng.uniform(20, 30), flip_deg=15.0)
+    elif sequence == "t2star":
+        timing = dict(tr_ms=rng.uniform(500, 800), te_ms=rng.uniform(15, 25), flip_deg=20.0)
+    elif sequence in ("mprage", "mprage_post"):
+        matrix, fov = (256, 256), float(rng.uniform(240, 256))
+        thickness, gap = float(_choice(rng, [1.0, 1.0, 1.2])), 0.0
+        timing = dict(tr_ms=rng.uniform(1900, 2400), te_ms=rng.uniform(2.5, 4.0), ti_ms=rng.uniform(900, 1100),
+                      flip_deg=9.0)
+    elif sequence == "ssfp":
+        matrix, fov, thickness, gap = (256, 256), float(rng.uniform(160, 200)), float(_choice(rng, [0.8, 1.0])), 0.0
+        timing = dict(tr_ms=6.0, te_ms=3.0, flip_deg=60.0)
+    target, coverage = "", 0.0
+    if kind in ("cor_t1", "cor_t1_post", "sag_t1_post"):
+        # Sellar series: thin slices, small field of view, a slab around the sella.
+        fov, thickness = float(rng.uniform(160, 200)), float(_choice(rng, [2.5, 3.0]))
+        gap = float(_choice(rng, [0.0, 0.3]))
+        target, coverage = "sella", float(rng.uniform(36.0, 50.0))
+    if sequence == "ssfp":
+        target, coverage = "iac", float(rng.uniform(30.0, 45.0))
+    if kind == "ax_t1_post" and rng.random() < 0.3:
+        thickness, gap = 3.0, 0.0
+    if not full_resolution:
+        if max(matrix) > MODEST_MAX_MATRIX:
+            matrix = tuple(int(round(m * MODEST_MAX_MATRIX / max(matrix))) for m in matrix)
+        if sequence in ("mprage", "mprage_post", "ssfp", "swi"):
+            thickness = max(thickness, MODEST_MIN_3D_THICKNESS_MM)
+    fov_mm = (fov * matrix[0] / max(matrix), fov * matrix[1] / max(matrix))
+    fat_sat = kind in ("cor_t2", "cor_t1_post") and ("FS" in name or "fs" in name or "SPAIR" in name or "SPIR" in name)
+    return SeriesSpec(
+        name=name, sequence=sequence, plane=plane, matrix=tuple(int(m) for m in matrix), fov_mm=fov_mm,
+        slice_thickness_mm=thickness, slice_gap_mm=gap, snr=snr, fat_sat=fat_sat, target=target, coverage_mm=coverage,
+        **{k: float(v) for k, v in timing.items()},
+    )

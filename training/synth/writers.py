@@ -1,0 +1,217 @@
+"""Writers: a ``SyntheticStudy`` on disk as a health-system export would be, plus its manifest line.
+
+Layout under the output folder (paths in the manifest are relative to it)::
+
+    manifest.jsonl                       one study per line (SPEC section 7), in study order
+    studies/<study_id>/<NN>_<name>.nii.gz       one int16 NIfTI per series   (--format nifti)
+    studies/<study_id>/<NN>_<name>/IM0000.dcm   one DICOM folder per series  (--format dicom)
+    masks/<study_id>/<NN>_<name>.nii.gz  uint8 lesion masks on that series' grid, 4D: one channel per
+                                         positive diagnosis, channel order in the manifest
+
+Masks live outside ``studies/`` so that loading a study folder with ``prima.io.load_study`` sees
+only images. Normal studies have no mask files and ``lesion_masks == {}``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from pydicom.uid import generate_uid
+from tqdm import tqdm
+
+from prima.io import write_dicom_series
+from training.synth.study import SimulatedSeries, SyntheticStudy, generate_study
+
+FORMATS = ("nifti", "dicom")
+
+
+def series_stem(position: int, name: str) -> str:
+    """File-system-safe, ordered stem of a series, e.g. ``03_AX_T2_FLAIR``."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "series"
+    return f"{position:02d}_{slug}"
+
+
+def to_int16(volume: np.ndarray) -> np.ndarray:
+    """Scanner-like stored values: rounded, clipped to the int16 range."""
+    return np.clip(np.round(volume), -32768, 32767).astype(np.int16)
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    # Both forms carry the grid so any reader sees the same orientation.
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def _write_masks(series: SimulatedSeries, path: Path) -> list[str] | None:
+    keys = [k for k, m in series.masks.items() if m.any()]
+    if not keys:
+        return None
+    stack = np.stack([series.masks[k] for k in keys], axis=-1).astype(np.uint8)
+    _save_nifti(stack, series.affine, path)
+    return keys
+
+
+def write_study(study: SyntheticStudy, out_dir: str | Path, fmt: str = "nifti", *, uid_seed: str | None = None) -> dict:
+    """Write ``study``'s series and masks under ``out_dir`` and return its manifest record.
+
+    Args:
+        study: the generated study.
+        out_dir: data-set root (created if missing).
+        fmt: ``"nifti"`` or ``"dicom"``.
+        uid_seed: makes DICOM UIDs a deterministic function of it (e.g. ``"seed0"``); random when None.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    root = Path(out_dir)
+    study_dir = root / "studies" / study.study_id
+    mask_dir = root / "masks" / study.study_id
+    study_dir.mkdir(parents=True, exist_ok=True)
+    series_records, mask_records = [], {}
+    study_uid = None
+    if fmt == "dicom":
+        study_uid = generate_uid() if uid_seed is None else generate_uid(entropy_srcs=[uid_seed, study.study_id])
+    for position, series in enumerate(study.series, start=1):
+        stem = series_stem(position, series.name)
+        stored = to_int16(series.volume)
+        if fmt == "nifti":
+            path = study_dir / f"{stem}.nii.gz"
+            _save_nifti(stored, series.affine, path)
+        else:
+            path = study_dir / stem
+            write_dicom_series(
+                stored, series.affine, path,
+                series_description=series.name,
+                study_description=study.study_description,
+                series_number=position,
+                study_uid=study_uid,
+                patient_id=study.patient_id,
+                through_axis=2,
+                uid_seed=None if uid_seed is None else f"{uid_seed}-{study.study_id}-{position}",
+                extra_tags=_acquisition_tags(series),
+            )
+        series_records.append({
+            "name": series.name,
+            "path": path.relative_to(root).as_posix(),
+            "sequence": series.spec.sequence,
+            "plane": series.spec.plane,
+        })
+        if any(m.any() for m in series.masks.values()):
+            mask_dir.mkdir(parents=True, exist_ok=True)
+            mask_path = mask_dir / f"{stem}.nii.gz"
+            keys = _write_masks(series, mask_path)
+            mask_records[series.name] = {"path": mask_path.relative_to(root).as_posix(), "keys": keys}
+    return manifest_record(study, series_records, mask_records)
+
+
+def _acquisition_tags(series: SimulatedSeries) -> dict[str, object]:
+    spec = series.spec
+    tags: dict[str, object] = {
+        "RepetitionTime": round(spec.tr_ms, 2),
+        "EchoTime": round(spec.te_ms, 2),
+        "SliceThickness": spec.slice_thickness_mm,
+        "SpacingBetweenSlices": spec.slice_spacing,
+        "FlipAngle": spec.flip_deg,
+        "ProtocolName": series.name,
+    }
+    if spec.ti_ms:
+        tags["InversionTime"] = round(spec.ti_ms, 1)
+    return tags
+
+
+def _round_floats(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _round_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_round_floats(v) for v in value]
+    if isinstance(value, np.generic):
+        return _round_floats(value.item())
+    if isinstance(value, np.ndarray):
+        return _round_floats(value.tolist())
+    return value
+
+
+def manifest_record(study: SyntheticStudy, series: list[dict], lesion_masks: dict) -> dict:
+    """The SPEC section 7 manifest line of ``study`` (plus findings, protocol and subject details)."""
+    return _round_floats({
+        "study_id": study.study_id,
+        "patient_id": study.patient_id,
+        "split": study.split,
+        "study_description": study.study_description,
+        "series": series,
+        "report": study.report,
+        "labels": study.labels,
+        "priority": study.priority,
+        "referrals": study.referrals,
+        "lesion_masks": lesion_masks,
+        "findings": [
+            {"key": f.key, "location": f.location, "size_mm": float(f.size_mm), "attributes": f.attributes}
+            for f in study.findings
+        ],
+        "protocol": study.protocol,
+        "vendor": study.vendor,
+        "subject": study.subject,
+    })
+
+
+def manifest_line(record: dict) -> str:
+    """One JSON line, byte-stable for equal records."""
+    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "), default=str) + "\n"
+
+
+def write_one(seed: int, index: int, out: str, fmt: str, spacing: float, max_series: int) -> dict:
+    """Generate and write study ``index``; returns its manifest record (runs in a worker process)."""
+    study = generate_study(seed, index, spacing=spacing, max_series=max_series)
+    return write_study(study, out, fmt, uid_seed=f"seed{seed}")
+
+
+def write_dataset(
+    n: int, out: str | Path, *, seed: int = 0, fmt: str = "nifti", workers: int = 1, spacing: float = 1.5,
+    max_series: int = 8, progress: bool = True,
+) -> Path:
+    """Generate ``n`` studies under ``out`` with ``workers`` spawned processes; returns the manifest path.
+
+    Studies are written as workers finish them and listed in the manifest in study order; each study
+    depends only on ``(seed, index)``, so the output is identical for any number of workers.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    config = {"n": n, "seed": seed, "format": fmt, "spacing": spacing, "max_series": max_series}
+    (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    manifest = root / "manifest.jsonl"
+    args = [(seed, i, str(root), fmt, spacing, max_series) for i in range(n)]
+    with manifest.open("w", encoding="utf-8") as f, tqdm(total=n, unit="study", disable=not progress) as bar:
+        if workers == 1:
+            for a in args:
+                f.write(manifest_line(write_one(*a)))
+                bar.update()
+            return manifest
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            # Bounded look-ahead keeps memory flat; results are written in study order.
+            pending = {}
+            next_submit = 0
+            for index in range(n):
+                while next_submit < n and next_submit < index + 2 * workers:
+                    pending[next_submit] = pool.submit(write_one, *args[next_submit])
+                    next_submit += 1
+                f.write(manifest_line(pending.pop(index).result()))
+                f.flush()
+                bar.update()
+    return manifest
