@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nilearn.datasets import load_mni152_template
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 pytestmark = pytest.mark.browser
 
@@ -19,12 +20,26 @@ def nifti_study(tmp_path_factory):
     return path
 
 
+def upload(page, path) -> None:
+    """Upload one file and wait until the component lists it.
+
+    On a cold, busy machine the file input can exist before Gradio's script has attached its
+    handlers, so a selection made that early is lost; select again rather than wait forever.
+    """
+    for attempt in range(3):
+        page.locator("#study-upload input[type=file]").set_input_files(str(path))
+        try:
+            page.get_by_text(path.name).first.wait_for(timeout=30_000)
+            return
+        except PlaywrightTimeoutError:
+            if attempt == 2:
+                raise
+
+
 def test_upload_shows_series_table(app_url, browser, nifti_study, tmp_path):
     page = browser.new_page()
     page.goto(app_url)
-    page.locator("#study-upload input[type=file]").set_input_files(str(nifti_study))
-    # The upload finishes when the file name is listed in the component.
-    page.get_by_text("AX_T1.nii.gz").first.wait_for(timeout=60_000)
+    upload(page, nifti_study)
     page.locator("#load-study").click()
     page.locator("#study-summary").get_by_text("1 series loaded").wait_for(timeout=60_000)
     text = page.locator("#series-table").inner_text()
