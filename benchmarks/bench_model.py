@@ -15,36 +15,13 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def _median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up: allocator, thread pool, kernel selection
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _autocast(dtype):
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
-
-
-def matmul_gflops(dtype: torch.dtype | None, runs: int = 5, n: int = 2048) -> float:
-    """GFLOP/s of an n^3 matmul (median of ``runs``) in ``dtype`` (None = fp32)."""
-    a = torch.randn(n, n, dtype=dtype or torch.float32)
-    b = torch.randn(n, n, dtype=dtype or torch.float32)
-    return 2 * n**3 / _median_seconds(lambda: a @ b, runs) / 1e9
+from timing import DTYPES, cpu_autocast, matmul_gflops, median_seconds
 
 
 def forward_flops(visual, batch) -> int:
@@ -82,12 +59,12 @@ def bench_model(name: str, series: int, tokens: int, runs: int, threads: int) ->
     for dtype_name, dtype in DTYPES.items():
 
         def forward():
-            with torch.no_grad(), _autocast(dtype):
+            with torch.no_grad(), cpu_autocast(dtype):
                 model.visual(batch)
 
         # the machine is shared: time the ceiling just before and after the model and average
         before = matmul_gflops(dtype)
-        result["times"][dtype_name] = _median_seconds(forward, runs)
+        result["times"][dtype_name] = median_seconds(forward, runs)
         result["ceiling"][dtype_name] = (before + matmul_gflops(dtype)) / 2
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return result

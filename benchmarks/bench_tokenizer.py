@@ -12,39 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from timing import DTYPES, cpu_autocast, matmul_gflops, median_seconds
+
 from prima.config import TokenizerConfig
 from prima.models.vqvae import VQVAE
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # (name, channels, residual blocks per level): the paper's width and the lite tokenizer's (docs/tokenizer.md).
 WIDTHS = (("paper", 256, 2), ("lite", 32, 1))
-
-
-def _median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up: allocator, thread pool, kernel selection
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _autocast(dtype):
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
-
-
-def matmul_ceiling_gflops(dtype, runs: int, size: int = 2048) -> float:
-    """GFLOP/s of a size^3 matmul in ``dtype`` (fp32 when None): the FLOP-bound ceiling."""
-    a = torch.randn(size, size, dtype=dtype or torch.float32)
-    b = torch.randn(size, size, dtype=dtype or torch.float32)
-    return 2 * size**3 / _median_seconds(lambda: a @ b, runs) / 1e9
 
 
 @torch.no_grad()
@@ -54,12 +32,12 @@ def encode_case(channels: int, res_layers: int, dtype, batch: int, runs: int) ->
     patches = torch.rand(batch, 32, 32, 4)
 
     def encode():
-        with _autocast(dtype):
+        with cpu_autocast(dtype):
             return model.encode(patches)
 
     with FlopCounterMode(display=False) as counter:
         encode()
-    seconds = _median_seconds(encode, runs)
+    seconds = median_seconds(encode, runs)
     return {
         "encoder_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6,
         "total_params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -80,7 +58,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.runs}")
     results = []
     for dtype_name, dtype in DTYPES.items():
-        ceiling = matmul_ceiling_gflops(dtype, args.runs)
+        ceiling = matmul_gflops(dtype, args.runs)
         print(f"{dtype_name}: 2048^3 matmul ceiling {ceiling:.1f} GFLOP/s")
         for name, channels, res_layers in WIDTHS:
             case = encode_case(channels, res_layers, dtype, args.batch, args.runs)
