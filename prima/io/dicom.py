@@ -45,6 +45,14 @@ GAP_TOLERANCE = 0.05
 MAX_SPLIT_VOLUMES = 8
 # Orientation cosines of frames in one volume may differ by this much.
 ORIENTATION_TOLERANCE = 1e-3
+# Per-frame attributes of enhanced multi-frame files that tell apart frames at the same position:
+# (functional group sequence, attribute, name used in the split volume's label).
+_FRAME_SPLIT_KEYS = (
+    ("MREchoSequence", "EffectiveEchoTime", "echo time"),
+    ("MRDiffusionSequence", "DiffusionBValue", "b"),
+    ("FrameContentSequence", "TemporalPositionIndex", "time point"),
+    ("FrameContentSequence", "StackID", "stack"),
+)
 
 
 @dataclass
@@ -173,18 +181,10 @@ def _frames_of(file: DicomFile) -> list[_Frame]:
             position = _float_list(_functional(groups, shared, "PlanePositionSequence", "ImagePositionPatient"))
             spacing = _float_list(_functional(groups, shared, "PixelMeasuresSequence", "PixelSpacing"))
             keys = {}
-            echo = _number(_functional(groups, shared, "MREchoSequence", "EffectiveEchoTime"))
-            if echo is not None:
-                keys["echo time"] = echo
-            b_value = _number(_functional(groups, shared, "MRDiffusionSequence", "DiffusionBValue"))
-            if b_value is not None:
-                keys["b"] = b_value
-            temporal = _number(_functional(groups, shared, "FrameContentSequence", "TemporalPositionIndex"))
-            if temporal is not None:
-                keys["time point"] = temporal
-            stack = _number(_functional(groups, shared, "FrameContentSequence", "StackID"))
-            if stack is not None:
-                keys["stack"] = stack
+            for sequence, attribute, key in _FRAME_SPLIT_KEYS:
+                value = _number(_functional(groups, shared, sequence, attribute))
+                if value is not None:
+                    keys[key] = value
             frames.append(_Frame(
                 file=file, frame_index=index,
                 orientation=np.array(orientation) if orientation and len(orientation) == 6 else None,
