@@ -43,7 +43,10 @@ def gallery_spec(rng: np.random.Generator, sequence: str, plane: str) -> SeriesS
     kinds = [k for k, (seq, pl) in SERIES_KINDS.items() if seq == sequence]
     exact = [k for k in kinds if SERIES_KINDS[k][1] == plane]
     spec = make_series_spec(rng, (exact or kinds)[0], "ge")
-    return replace(spec, plane=plane, matrix=(256, 256), fov_mm=(230.0, 230.0),
+    # Without a routine series of this sequence in this plane, the vendor name (e.g. "AX T2") would
+    # contradict the image shown, so name the panel by what it is.
+    name = spec.name if exact else f"{sequence.upper()} {plane}"
+    return replace(spec, name=name, plane=plane, matrix=(256, 256), fov_mm=(230.0, 230.0),
                    slice_thickness_mm=min(spec.slice_thickness_mm, 3.0), slice_gap_mm=0.0, target="", coverage_mm=0.0)
 
 
