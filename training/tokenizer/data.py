@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from prima.config import TokenizerConfig
 from prima.io import Series, load_study
@@ -93,6 +94,7 @@ def extract_patch_set(
     config: TokenizerConfig,
     fraction_range: tuple[float, float] | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> PatchSet:
     """Patches of every series of ``studies``.
 
@@ -100,22 +102,23 @@ def extract_patch_set(
         fraction_range: when given, each series gets its own minimum foreground fraction drawn
             uniformly in this range (the paper's filtering augmentation); otherwise the config's.
         seed: seeds those draws.
+        progress: show a progress bar over series on stderr (extraction takes minutes).
     """
     rng = np.random.default_rng(seed)
     chunks, coords, series_index, names, planes = [], [], [], [], []
-    for study in studies:
-        for entry in study.series:
-            series = load_preprocessed(entry.path, entry.name)
-            patches, grid, fractions = series_patches(series, config)
-            if fraction_range is None:
-                kept = select_tokens(fractions, config.min_foreground_fraction, config.min_tokens)
-            else:
-                kept = random_token_selection(fractions, rng, *fraction_range, min_tokens=config.min_tokens)
-            chunks.append(patches[kept].astype(np.float16))
-            coords.append(grid[kept])
-            series_index.append(np.full(len(kept), len(names), dtype=np.int32))
-            names.append(entry.name)
-            planes.append(series.plane)
+    entries = [entry for study in studies for entry in study.series]
+    for entry in tqdm(entries, desc="extracting patches", unit="series", disable=not progress):
+        series = load_preprocessed(entry.path, entry.name)
+        patches, grid, fractions = series_patches(series, config)
+        if fraction_range is None:
+            kept = select_tokens(fractions, config.min_foreground_fraction, config.min_tokens)
+        else:
+            kept = random_token_selection(fractions, rng, *fraction_range, min_tokens=config.min_tokens)
+        chunks.append(patches[kept].astype(np.float16))
+        coords.append(grid[kept])
+        series_index.append(np.full(len(kept), len(names), dtype=np.int32))
+        names.append(entry.name)
+        planes.append(series.plane)
     if not chunks:
         raise ValueError("no usable series in the given studies")
     return PatchSet(np.concatenate(chunks), np.concatenate(coords), np.concatenate(series_index), names, planes)
