@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from training.tokenizer.evaluate import main
+from training.tokenizer.mni_manifest import build_mni_manifest
 from training.tokenizer.train import CONFIG_FILE, WEIGHTS_FILE, load_tokenizer, parse_args, train
 
 
@@ -42,3 +45,16 @@ def test_resumed_run_matches_an_uninterrupted_one(mni_manifest: Path, tmp_path: 
     expected, resumed = load_tokenizer(straight).state_dict(), load_tokenizer(interrupted).state_dict()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], msg=key)
+
+
+@pytest.mark.slow
+def test_longer_lite_run_generalises_to_held_out_subjects(tmp_path: Path) -> None:
+    # The long variant of the test above (`make test-slow`, ~10 min on 2 cores): the prima-lite
+    # tokenizer on 5 deformed-template subjects, evaluated on a sixth it never saw.
+    manifest = build_mni_manifest(tmp_path / "mni", subjects=6, seed=1, series_per_subject=3)
+    out = train(parse_args(["--manifest", str(manifest), "--out", str(tmp_path / "run"), "--config", "prima-lite",
+                            "--steps", "1200", "--batch-size", "32", "--lr", "2e-3", "--warmup", "100"]))
+    main(["--checkpoint", str(out), "--manifest", str(manifest), "--out", str(tmp_path / "eval"), "--splits", "val"])
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["overall"]["psnr_db"] >= 26.0, result["overall"]
+    assert result["codebook"]["used"] >= 0.25 * result["codebook"]["size"], result["codebook"]
