@@ -189,10 +189,13 @@ class PrimaConfig:
     @classmethod
     def from_dict(cls, doc: dict) -> "PrimaConfig":
         """Build from a dict such as a parsed ``config.json``; unknown keys raise ``ConfigError``."""
-        return _build(cls, doc, "config")
+        return config_from_dict(cls, doc, "config")
 
 
-def _build(cls: type, doc: dict, where: str):
+def config_from_dict(cls: type, doc: dict, where: str):
+    """An instance of the config dataclass ``cls`` from a parsed JSON object; nested sections are
+    built recursively, lists become tuples where the field is a tuple, unknown keys raise
+    ``ConfigError`` naming ``where``."""
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected an object, got {type(doc).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -204,7 +207,7 @@ def _build(cls: type, doc: dict, where: str):
     for key, value in doc.items():
         hint = hints[key]
         if is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}.{key}")
+            kwargs[key] = config_from_dict(hint, value, f"{where}.{key}")
         elif get_origin(hint) is tuple:
             kwargs[key] = tuple(value)
         else:

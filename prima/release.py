@@ -70,7 +70,8 @@ def build_heads(config: PrimaConfig, in_dim: int) -> TaskHeads:
     )
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as contiguous CPU tensors, ready for ``safetensors.torch.save_file``."""
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
@@ -113,12 +114,12 @@ def save_release(
             referral_thresholds=heads.referral_thresholds.tolist(),
         )
     files = {"model": MODEL_FILE, "text_tokenizer": TEXT_TOKENIZER_FILE, "tokenizer": None, "heads": None}
-    save_file(_state(model), folder / MODEL_FILE, metadata={"format": "pt"})
+    save_file(module_state(model), folder / MODEL_FILE, metadata={"format": "pt"})
     if tokenizer is not None:
-        save_file(_state(tokenizer), folder / TOKENIZER_FILE, metadata={"format": "pt"})
+        save_file(module_state(tokenizer), folder / TOKENIZER_FILE, metadata={"format": "pt"})
         files["tokenizer"] = TOKENIZER_FILE
     if heads is not None:
-        save_file(_state(heads), folder / HEADS_FILE, metadata={"format": "pt"})
+        save_file(module_state(heads), folder / HEADS_FILE, metadata={"format": "pt"})
         files["heads"] = HEADS_FILE
     text_tokenizer.save(folder / TEXT_TOKENIZER_FILE)
     doc = config.to_dict()
@@ -179,7 +180,8 @@ def _read_config(folder: Path) -> tuple[PrimaConfig, dict]:
     return config, release["files"]
 
 
-def _load_weights(module: nn.Module, path: Path) -> None:
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``module``; a missing, corrupted or mismatched file raises ``ReleaseError``."""
     if not path.is_file():
         raise ReleaseError(f"missing weight file {path}")
     try:
@@ -223,7 +225,7 @@ def load_release(
     folder, revision = _resolve(source, cache_dir, local_files_only)
     config, files = _read_config(folder)
     model = PrimaCLIP(config)
-    _load_weights(model, folder / (files.get("model") or MODEL_FILE))
+    load_weights(model, folder / (files.get("model") or MODEL_FILE))
     text_path = folder / (files.get("text_tokenizer") or TEXT_TOKENIZER_FILE)
     if not text_path.is_file():
         raise ReleaseError(f"{folder}: missing {text_path.name}")
@@ -236,11 +238,11 @@ def load_release(
         from prima.models.vqvae import VQVAE
 
         tokenizer = VQVAE(config.tokenizer)
-        _load_weights(tokenizer, folder / files["tokenizer"])
+        load_weights(tokenizer, folder / files["tokenizer"])
     heads = None
     if files.get("heads"):
         heads = build_heads(config, model.visual.embed_dim)
-        _load_weights(heads, folder / files["heads"])
+        load_weights(heads, folder / files["heads"])
     for module in (model, tokenizer, heads):
         if module is not None:
             module.to(device).eval()

@@ -112,6 +112,15 @@ class EMAVectorQuantizer(nn.Module):
         codebook = self.codebook.to(vectors.dtype)
         return torch.cat([torch.cdist(chunk, codebook).argmin(dim=1) for chunk in vectors.split(_NEAREST_CODE_CHUNK)])
 
+    def assign(self, latent: torch.Tensor) -> torch.Tensor:
+        """(N, D, *grid) latents -> (N, *grid) int64 index of each vector's nearest code."""
+        channels_last = latent.movedim(1, -1)
+        return self.nearest_codes(channels_last.reshape(-1, self.code_dim).float()).reshape(channels_last.shape[:-1])
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, *grid) code indices -> (N, D, *grid) code vectors."""
+        return self.codebook[codes].movedim(-1, 1)
+
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
         """Quantise (N, D, *grid) latents; updates the codebook when the module is training."""
         if latent.dim() < 2 or latent.shape[1] != self.code_dim:
@@ -121,13 +130,14 @@ class EMAVectorQuantizer(nn.Module):
         if self.training and not bool(self.initialized):
             self._initialise(vectors.detach())
         codes = self.nearest_codes(vectors.detach())
+        histogram = torch.bincount(codes, minlength=self.codebook_size).float()
         if self.training:
-            self._ema_update(vectors.detach(), codes)
+            # a copy: the update all-reduces the counts in place, the statistics below are per process
+            self._ema_update(vectors.detach(), codes, histogram.clone())
         quantized_vectors = self.codebook[codes]
         commitment = self.commitment_beta * F.mse_loss(vectors, quantized_vectors)
         straight_through = vectors + (quantized_vectors - vectors).detach()
         quantized = straight_through.to(latent.dtype).reshape(channels_last.shape).movedim(-1, 1)
-        histogram = torch.bincount(codes, minlength=self.codebook_size).float()
         probabilities = histogram / histogram.sum().clamp_min(1.0)
         entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum()
         return QuantizerOutput(
@@ -150,13 +160,10 @@ class EMAVectorQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, vectors: torch.Tensor, codes: torch.Tensor) -> None:
-        counts = torch.bincount(codes, minlength=self.codebook_size).float()
+    def _ema_update(self, vectors: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
         sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, vectors)
-        total_vectors = torch.tensor(float(len(vectors)), device=vectors.device)
         _all_reduce_sum(counts)
         _all_reduce_sum(sums)
-        _all_reduce_sum(total_vectors)
         self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
         self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
         self.recent_usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
@@ -164,7 +171,7 @@ class EMAVectorQuantizer(nn.Module):
         total = self.ema_count.sum()
         smoothed = (self.ema_count + 1e-5) / (total + self.codebook_size * 1e-5) * total
         self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
-        uniform_share = float(total_vectors) / self.codebook_size
+        uniform_share = float(counts.sum()) / self.codebook_size  # every vector has one code: all vectors
         self.restart_dead_codes(vectors, self.dead_code_threshold * uniform_share, fresh_count=uniform_share)
 
     @torch.no_grad()
@@ -178,10 +185,11 @@ class EMAVectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead and len(vectors):
             picks = torch.randint(len(vectors), (n_dead,), device=vectors.device)
-            self.codebook[dead] = vectors[picks]
+            chosen = vectors[picks]
+            self.codebook[dead] = chosen
             self.ema_count[dead] = fresh_count
             self.recent_usage[dead] = fresh_count
-            self.ema_sum[dead] = vectors[picks] * fresh_count
+            self.ema_sum[dead] = chosen * fresh_count
             self._broadcast_codebook()
         return n_dead
 
@@ -320,13 +328,11 @@ class VQVAE(nn.Module):
 
     def quantized_latent(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, *p) patches -> (N, latent_channels, *grid) quantised latents, any permutation."""
-        return self.quantizer.codebook[self.codes(patches)].movedim(-1, 1)
+        return self.quantizer.lookup(self.codes(patches))
 
     def codes(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, *p) patches -> (N, *grid) int64 code indices (no codebook update)."""
-        latent = self.encode_latent(patches)
-        vectors = latent.movedim(1, -1).reshape(-1, self.config.latent_channels).float()
-        return self.quantizer.nearest_codes(vectors).reshape(latent.movedim(1, -1).shape[:-1])
+        return self.quantizer.assign(self.encode_latent(patches))
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, 32, 32, 4) patches -> (N, 256) float tokens: the flattened quantised latents."""

@@ -26,7 +26,7 @@ from prima.models.vqvae import VQVAE
 from training.manifest import read_manifest
 from training.tokenizer.augment import AXIS_PERMUTATIONS, orient_patches
 from training.tokenizer.data import PatchSet, extract_patch_set, sequence_type
-from training.tokenizer.train import load_tokenizer
+from training.tokenizer.train import load_tokenizer, tokenizer_from_config
 
 
 def load_checkpoint(checkpoint: Path, device: str = "cpu") -> VQVAE:
@@ -34,8 +34,7 @@ def load_checkpoint(checkpoint: Path, device: str = "cpu") -> VQVAE:
     if checkpoint.is_dir():
         return load_tokenizer(checkpoint, device)
     state = torch.load(checkpoint, map_location=device, weights_only=False)
-    fields = dict(state["config"], patch_size=tuple(state["config"]["patch_size"]))
-    model = VQVAE(TokenizerConfig(**fields))
+    model = tokenizer_from_config(state["config"])
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -48,8 +47,7 @@ def reconstruct(model: VQVAE, patches: np.ndarray, batch_size: int = 256) -> tup
     for start in range(0, len(patches), batch_size):
         batch = torch.from_numpy(patches[start : start + batch_size].astype(np.float32)).to(device)
         batch_codes = model.codes(batch)
-        quantized = model.quantizer.codebook[batch_codes].movedim(-1, 1)
-        recons.append(model.decode_latent(quantized).clamp(0, 1).cpu().numpy())
+        recons.append(model.decode_latent(model.quantizer.lookup(batch_codes)).clamp(0, 1).cpu().numpy())
         codes.append(batch_codes.cpu().numpy())
     return np.concatenate(recons), np.concatenate(codes)
 
@@ -67,7 +65,7 @@ def reconstruction_metrics(originals: np.ndarray, recons: np.ndarray) -> dict:
         "patches": int(len(originals)),
         "l1": float(np.abs(errors).mean()),
         "psnr_db": psnr(float(patch_mse.mean())),
-        "mean_patch_psnr_db": float(np.mean([psnr(m) for m in patch_mse])),
+        "mean_patch_psnr_db": float(np.mean(10 * np.log10(1.0 / np.maximum(patch_mse, 1e-12)))),
     }
 
 

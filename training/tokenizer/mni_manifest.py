@@ -1,4 +1,4 @@
-"""Real-anatomy tokenizer data until the synthetic study engine lands: the MNI152 template deformed.
+"""Light real-anatomy tokenizer data (tests, quick runs): the MNI152 template deformed.
 
 Each subject is the ICBM152 2009 template shipped in nilearn (no download) under a random affine and a
 smooth elastic deformation; each of its series simulates one contrast (T1 from the template, T2 and
@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from prima.labels import default_label_space
 from training.manifest import SeriesEntry, StudyEntry, write_manifest
+from training.synth.anatomy import smooth_random_field
 
 PLANES = {"AX": 2, "COR": 1, "SAG": 0}  # series-name prefix -> through-plane axis of the RAS template
 CONTRASTS = ("T1", "T2", "FLAIR")
@@ -85,8 +86,7 @@ def contrast(maps: dict[str, np.ndarray], sequence: str, rng: np.random.Generato
         csf = np.clip(maps["mask"] - maps["gm"] - maps["wm"], 0, 1)
         image = (white * maps["wm"] + grey * maps["gm"] + fluid * csf) * maps["mask"]
     image = np.clip(image, 0, None) ** rng.uniform(0.8, 1.25)
-    bias = ndimage.zoom(rng.normal(0, 0.08, size=(3, 3, 3)), np.array(image.shape) / 3, order=1)
-    image = image * np.exp(bias[: image.shape[0], : image.shape[1], : image.shape[2]])
+    image = image * np.exp(smooth_random_field(rng, image.shape, control=3, std=0.08))
     image = image + rng.normal(0, rng.uniform(0.005, 0.02), size=image.shape) * (image > 0.02)
     return np.clip(image, 0, None).astype(np.float32)
 

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from prima.config import TokenizerConfig
+from prima.config import TokenizerConfig, config_from_dict
+from prima.factory import get_model_config
 from prima.models.vqvae import VQVAE, VQVAEOutput
+from prima.release import load_weights, module_state
 from training.tokenizer.augment import orient_patches, random_orientation
 from training.tokenizer.data import cached_patch_set
 
@@ -44,31 +46,28 @@ def tokenizer_loss(output: VQVAEOutput, target: torch.Tensor) -> tuple[torch.Ten
 
 def tokenizer_config(args: argparse.Namespace) -> TokenizerConfig:
     """The named model config's tokenizer section (if any), then the command-line overrides."""
-    fields: dict = {}
-    if args.config:
-        from prima.factory import get_model_config
-
-        fields = dataclasses.asdict(get_model_config(args.config).tokenizer)
+    base = get_model_config(args.config).tokenizer if args.config else TokenizerConfig()
     overrides = {"channels": args.channels, "res_layers": args.res_layers, "codebook_size": args.codebook_size}
-    fields.update({key: value for key, value in overrides.items() if value is not None})
-    return TokenizerConfig(**fields)
+    return dataclasses.replace(base, **{key: value for key, value in overrides.items() if value is not None})
 
 
 def save_tokenizer(model: VQVAE, out: Path) -> None:
     """Weights (codebook included) as safetensors plus the config as JSON: what a release ships."""
     out.mkdir(parents=True, exist_ok=True)
-    weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(weights, out / WEIGHTS_FILE)
+    save_file(module_state(model), out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.config), indent=2) + "\n", encoding="utf-8")
+
+
+def tokenizer_from_config(config_doc: dict) -> VQVAE:
+    """An untrained :class:`VQVAE` from a parsed ``tokenizer_config.json`` (or a checkpoint's config)."""
+    return VQVAE(config_from_dict(TokenizerConfig, config_doc, "tokenizer"))
 
 
 def load_tokenizer(folder: Path | str, device: str | torch.device = "cpu") -> VQVAE:
     """A :class:`VQVAE` from a folder holding ``tokenizer.safetensors`` and ``tokenizer_config.json``."""
     folder = Path(folder)
-    fields = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    fields["patch_size"] = tuple(fields["patch_size"])
-    model = VQVAE(TokenizerConfig(**fields))
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    model = tokenizer_from_config(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    load_weights(model, folder / WEIGHTS_FILE)
     return model.to(device).eval()
 
 
