@@ -32,10 +32,14 @@ def _check_geometry(through_axis: int, patch_size: tuple[int, ...]) -> None:
         raise ValueError(f"patch_size must be three positive ints, got {patch_size!r}")
 
 
+def _canonical_order(per_axis: tuple[int, ...], through_axis: int) -> tuple[int, ...]:
+    """Per-array-axis values reordered as (in-plane, in-plane, through-plane), the patches' layout."""
+    return tuple(v for axis, v in enumerate(per_axis) if axis != through_axis) + (per_axis[through_axis],)
+
+
 def patch_extent(through_axis: int, patch_size: tuple[int, int, int] = DEFAULT_PATCH_SIZE) -> tuple[int, int, int]:
     """The patch size along each array axis (the through-plane size sits at ``through_axis``)."""
-    if through_axis not in (0, 1, 2):
-        raise ValueError(f"through_axis must be 0, 1 or 2, got {through_axis!r}")
+    _check_geometry(through_axis, patch_size)
     in_plane = iter(patch_size[:2])
     return tuple(patch_size[2] if axis == through_axis else next(in_plane) for axis in range(3))
 
@@ -66,7 +70,7 @@ def patchify(
     _check_volume(volume, through_axis, patch_size)
     canonical = np.moveaxis(volume, through_axis, -1)
     grid = patch_grid_shape(volume.shape, through_axis, patch_size)
-    canonical_grid = tuple(g for axis, g in enumerate(grid) if axis != through_axis) + (grid[through_axis],)
+    canonical_grid = _canonical_order(grid, through_axis)
     padding = [(0, g * p - size) for g, p, size in zip(canonical_grid, patch_size, canonical.shape)]
     padded = np.pad(canonical, padding) if any(after for _, after in padding) else canonical
     patches = rearrange(
@@ -106,7 +110,7 @@ def unpatchify(
         raise ValueError(f"volume_shape must have 3 entries, got {volume_shape!r}")
     _check_geometry(through_axis, patch_size)
     grid = patch_grid_shape(volume_shape, through_axis, patch_size)
-    canonical_grid = tuple(g for axis, g in enumerate(grid) if axis != through_axis) + (grid[through_axis],)
+    canonical_grid = _canonical_order(grid, through_axis)
     in_plane_axes = [axis for axis in range(3) if axis != through_axis]
     canonical_coords = coords[:, in_plane_axes + [through_axis]]
     if len(coords) and (canonical_coords.min() < 0 or np.any(canonical_coords.max(axis=0) >= canonical_grid)):
@@ -114,7 +118,7 @@ def unpatchify(
     gridded = np.zeros(canonical_grid + patch_size, dtype=patches.dtype)
     gridded[tuple(canonical_coords.T)] = patches
     padded = rearrange(gridded, "g0 g1 g2 p0 p1 p2 -> (g0 p0) (g1 p1) (g2 p2)")
-    canonical_shape = tuple(volume_shape[a] for a in in_plane_axes) + (volume_shape[through_axis],)
+    canonical_shape = _canonical_order(tuple(volume_shape), through_axis)
     cropped = padded[: canonical_shape[0], : canonical_shape[1], : canonical_shape[2]]
     return np.ascontiguousarray(np.moveaxis(cropped, -1, through_axis))
 
