@@ -48,11 +48,11 @@ def build_example(example: Example, out_dir: Path) -> Path:
     target = out_dir / example.file_name
     with tempfile.TemporaryDirectory() as tmp:
         write_study(study, tmp, "dicom", uid_seed=f"example-{SEED}")
-        files = sorted(p for p in (Path(tmp) / "studies").rglob("*") if p.is_file())
+        studies = Path(tmp) / "studies"
         with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in files:
+            for path in sorted(p for p in studies.rglob("*") if p.is_file()):
                 # Fixed timestamps so rebuilding gives byte-identical zips.
-                info = zipfile.ZipInfo(path.relative_to(Path(tmp) / "studies").as_posix(), (2026, 1, 1, 0, 0, 0))
+                info = zipfile.ZipInfo(path.relative_to(studies).as_posix(), (2026, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 archive.writestr(info, path.read_bytes())
     return target
