@@ -46,3 +46,7 @@ class ConfigError(PrimaError, ValueError):
 
 class ReleaseError(PrimaError):
     """A release folder or hub repository is missing files or holds corrupted or mismatched weights."""
+
+
+class ManifestError(PrimaError, ValueError):
+    """A study manifest (``manifest.jsonl``) is missing, not JSON, or breaks the manifest contract."""
