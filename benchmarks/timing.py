@@ -1,15 +1,42 @@
-"""Timing helpers shared by the benchmarks: medians, autocast by name, and the matmul ceiling."""
+"""Timing helpers shared by the benchmarks: medians, which dtypes to time, and the matmul ceiling.
+
+Autocast by dtype lives in ``prima.precision.autocast`` (the inference code uses the same helper).
+"""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-# The precisions every benchmark compares; None = plain fp32 (autocast off).
+from prima.precision import cpu_has_fast_bf16, describe_cpu_bf16
+
+# The precisions the benchmarks can compare; None = plain fp32 (autocast off).
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def add_dtypes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=list(DTYPES), default=None,
+        help="precisions to time (default: fp32, plus bf16 where this CPU has native bf16; "
+             "a bf16 matmul without it runs ~40x slower than fp32)",
+    )
+
+
+def choose_dtypes(requested: list[str] | None) -> tuple[dict[str, torch.dtype | None], str | None]:
+    """The dtypes to time, in ``DTYPES`` order, and a line saying why bf16 was left out (or None).
+
+    ``requested`` (``--dtypes``) is taken as given; by default fp32 always and bf16 only when
+    ``prima.precision.cpu_has_fast_bf16()``."""
+    if requested is not None:
+        return {name: dtype for name, dtype in DTYPES.items() if name in requested}, None
+    if cpu_has_fast_bf16():
+        return dict(DTYPES), None
+    skipped = f"bf16: skipped: {describe_cpu_bf16()}; pass --dtypes fp32 bf16 to force"
+    return {name: dtype for name, dtype in DTYPES.items() if name != "bf16"}, skipped
 
 
 def median_seconds(fn: Callable[[], object], runs: int) -> float:
@@ -22,11 +49,6 @@ def median_seconds(fn: Callable[[], object], runs: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def cpu_autocast(dtype: torch.dtype | None):
-    """CPU autocast to ``dtype``, or a disabled autocast for fp32."""
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
 
 
 def matmul_gflops(dtype: torch.dtype | None, runs: int = 5, size: int = 2048) -> float:

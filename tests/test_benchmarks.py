@@ -1,29 +1,86 @@
 """The benchmark scripts run end to end on tiny sizes (their figures are not checked: speed is for
-benchmarks, not tests), so they do not rot between releases."""
+benchmarks, not tests), so they do not rot between releases.
+
+Tiny on any CPU: the lite model and tokenizer only, one run, a 256^3 matmul ceiling instead of
+2048^3 (at bf16 without native support one 2048^3 matmul takes ~7 s, and the paper-width tokenizer
+encodes 12 GFLOP per patch). bf16 is timed only where ``prima.precision`` says the CPU does it natively.
+"""
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from prima.precision import ENV_OVERRIDE, cpu_has_fast_bf16
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
+MODEL_SMOKE = ("bench_model.py", "--models", "prima-lite", "--series", "2", "--tokens", "16", "--runs", "1",
+               "--threads", "1", "--ceiling-size", "256")
+TOKENIZER_SMOKE = ("bench_volume_tokenizer.py", "--widths", "lite", "--batch", "2", "--runs", "1", "--threads", "1",
+                   "--ceiling-size", "256")
+SKIPPED = "bf16: skipped:"
 
-def run_benchmark(script: str, *args: str) -> str:
+# An AVX2-only CPU, emulated on any x86 one: torch dispatches AVX2 kernels and oneDNN may not use
+# AVX512-BF16/AMX, so a bf16 matmul takes its slow path (~40x slower than fp32).
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                              reason="the AVX2 emulation needs an x86 CPU")
+
+
+def run_benchmark(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
+def pinned_env() -> tuple[dict[str, str], list[str]]:
+    """This CPU's decision, made here once and pinned for the benchmark (a second probe in another
+    process could disagree on a CPU where bf16 and fp32 are about as fast), and the dtypes it implies."""
+    fast = cpu_has_fast_bf16()
+    return {**os.environ, ENV_OVERRIDE: str(int(fast))}, ["fp32", "bf16"] if fast else ["fp32"]
+
+
+def model_rows(out: str) -> list[list[str]]:
+    return [line.split() for line in out.splitlines() if line.startswith("prima-lite")]
+
+
 def test_model_benchmark_prints_ratio_and_peak_memory():
-    out = run_benchmark("bench_model.py", "--models", "prima-lite", "--series", "2", "--tokens", "16",
-                        "--runs", "1", "--threads", "1")
-    assert "prima-lite" in out and "%" in out and "peak RSS" in out
+    env, dtypes = pinned_env()
+    out = run_benchmark(*MODEL_SMOKE, env=env)
+    assert "%" in out and "peak RSS" in out
+    assert [row[2] for row in model_rows(out)] == dtypes  # one row (with its ratio to the ceiling) per dtype timed
+    assert (SKIPPED in out) == ("bf16" not in dtypes)
 
 
 def test_tokenizer_benchmark_prints_throughput_against_the_ceiling():
-    out = run_benchmark("bench_tokenizer.py", "--batch", "2", "--runs", "1", "--threads", "1")
-    assert out.count("x ceiling") == 4
+    env, dtypes = pinned_env()
+    out = run_benchmark(*TOKENIZER_SMOKE, env=env)
+    assert out.count("x ceiling") == len(dtypes)
     assert "patches/s" in out
+    assert (SKIPPED in out) == ("bf16" not in dtypes)
+
+
+def test_dtypes_option_forces_the_choice():
+    out = run_benchmark(*TOKENIZER_SMOKE, "--dtypes", "fp32", "bf16", env={**os.environ, ENV_OVERRIDE: "0"})
+    assert out.count("x ceiling") == 2 and "bf16: 256^3 matmul ceiling" in out and SKIPPED not in out
+    out = run_benchmark(*MODEL_SMOKE, "--dtypes", "fp32")
+    assert [row[2] for row in model_rows(out)] == ["fp32"] and SKIPPED not in out
+
+
+@x86_only
+def test_benchmarks_skip_bf16_on_a_cpu_without_native_bf16():
+    """Under the AVX2 emulation both smoke runs leave bf16 out, say so, and finish well within
+    their budget (timing bf16 there is what made the old smoke runs exceed 300 s)."""
+    env = {key: value for key, value in os.environ.items() if key != ENV_OVERRIDE} | AVX2_ONLY
+    model = run_benchmark(*MODEL_SMOKE, env=env, timeout=120)
+    assert SKIPPED in model and "pass --dtypes fp32 bf16 to force" in model
+    assert [row[2] for row in model_rows(model)] == ["fp32"]
+    tokenizer = run_benchmark(*TOKENIZER_SMOKE, env=env, timeout=120)
+    assert SKIPPED in tokenizer and tokenizer.count("x ceiling") == 1 and "bf16: 256" not in tokenizer
