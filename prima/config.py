@@ -4,26 +4,28 @@ the model; every section below maps to one key of that file, and checkpoints car
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import get_origin, get_type_hints
 
 from prima.errors import ConfigError
-from prima.labels import LabelSpace, label_space_from_dict
+from prima.labels import LabelSpace, default_labels_dict, label_space_from_dict
 
-TOKEN_DIM = 289  # 256 latent + 30 sinusoidal position + 3 plane one-hot (SPEC section 2)
+# The token features the sequence ViT reads: [latent | sinusoidal 3D position | acquisition-plane one-hot].
+PLANES = ("axial", "coronal", "sagittal")  # acquisition planes, in one-hot order
+LATENT_DIM = 256  # a quantised 8x8x2 latent with 2 channels
+POSITION_DIM_PER_AXIS = 10  # 5 sines + 5 cosines per patch-grid axis
+TOKEN_DIM = LATENT_DIM + 3 * POSITION_DIM_PER_AXIS + len(PLANES)  # 289
 
 
 @dataclass
 class PreprocessConfig:
-    """How a loaded series becomes the model's input grid (SPEC §2).
+    """How a loaded series becomes the model's input grid (docs/design.md §2).
 
     A model config carries this section so a checkpoint always gets the input it was trained on.
     """
 
-    in_plane_size: int = 256  # voxels along each in-plane axis after resampling (SPEC §2, paper)
-    min_slice_spacing_mm: float = 4.0  # through-plane spacing is raised to at least this (SPEC §2, paper)
+    in_plane_size: int = 256  # voxels along each in-plane axis after resampling (docs/design.md §2, paper)
+    min_slice_spacing_mm: float = 4.0  # through-plane spacing is raised to at least this (docs/design.md §2, paper)
     intensity_low_percentile: float = 0.5  # foreground percentile mapped to 0, below clipped (dark outliers)
     intensity_high_percentile: float = 99.5  # foreground percentile mapped to 1, above clipped (bright spikes)
     foreground_only: bool = True  # percentiles over voxels above the volume minimum, so air does not dominate
@@ -39,8 +41,8 @@ class PreprocessConfig:
 
 
 @dataclass
-class TokenizerConfig:
-    """The 3D VQ-VAE that turns a 32x32x4 patch into a 256-d token (SPEC section 2)."""
+class VolumeTokenizerConfig:
+    """The 3D VQ-VAE that turns a 32x32x4 patch into a 256-d token (docs/design.md §2)."""
 
     patch_size: tuple[int, int, int] = (32, 32, 4)  # in-plane x in-plane x through-plane voxels
     channels: int = 256  # width of the CNN encoder/decoder (paper: 256; lite: fewer)
@@ -58,7 +60,7 @@ class TokenizerConfig:
 @dataclass
 class NameEncoderConfig:
     """A character-level (UTF-8 byte) transformer that turns a series name or a study description
-    into one vector (SPEC section 3: E_sn and E_stn share this architecture)."""
+    into one vector (docs/design.md §3: E_sn and E_stn share this architecture)."""
 
     width: int = 256  # transformer width
     depth: int = 3  # transformer blocks (paper: 3)
@@ -96,6 +98,11 @@ class StudyViTConfig:
         default_factory=lambda: NameEncoderConfig(max_length=128, out_dim=1024)
     )  # E_stn, same architecture as E_sn, not pre-trained; out_dim must equal ``width``
 
+    @property
+    def out_dim(self) -> int:
+        """Width of the study embedding: the registers' outputs concatenated (paper: 10 x 1024)."""
+        return self.registers * self.width
+
 
 @dataclass
 class VisionConfig:
@@ -127,13 +134,6 @@ class HeadsConfig:
     dropout: float = 0.1  # dropout after each hidden layer (training only)
 
 
-def default_labels_dict() -> dict:
-    """The shipped ``labels.json`` as a dict (the form stored in a config)."""
-    doc = json.loads((Path(__file__).parent / "data" / "labels.json").read_text(encoding="utf-8"))
-    doc.pop("_comment", None)
-    return doc
-
-
 @dataclass
 class PrimaConfig:
     """Everything needed to rebuild a Prima model and feed it the input it was trained on."""
@@ -144,7 +144,7 @@ class PrimaConfig:
     init_patdis_temperature: float = 0.1  # patient-discrimination temperature at init (paper: 0.1)
     patdis_weight: float = 0.03  # lambda of L = L_clip + lambda * L_patdis (paper: 0.03)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    volume_tokenizer: VolumeTokenizerConfig = field(default_factory=VolumeTokenizerConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)

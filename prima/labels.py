@@ -1,4 +1,4 @@
-"""The diagnosis, referral and priority vocabulary (SPEC section 5), read from ``data/labels.json``.
+"""The diagnosis, referral and priority vocabulary (docs/design.md §5), read from ``data/labels.json``.
 
 The clinical mapping is data so that a site can change it without touching code; every other
 module (synthetic engine, heads, app) derives priority tiers and referrals through these functions.
@@ -6,6 +6,7 @@ module (synthetic engine, heads, app) derives priority tiers and referrals throu
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -71,10 +72,21 @@ def _parse(doc: dict) -> LabelSpace:
 
 
 @lru_cache(maxsize=1)
+def _shipped_labels() -> dict:
+    doc = json.loads(resources.files("prima").joinpath("data/labels.json").read_text(encoding="utf-8"))
+    doc.pop("_comment", None)
+    return doc
+
+
+def default_labels_dict() -> dict:
+    """The shipped ``prima/data/labels.json`` as a dict (the form a model config stores); a fresh copy."""
+    return copy.deepcopy(_shipped_labels())
+
+
+@lru_cache(maxsize=1)
 def default_label_space() -> LabelSpace:
     """The project's 52-diagnosis label space shipped in ``prima/data/labels.json``."""
-    text = resources.files("prima").joinpath("data/labels.json").read_text(encoding="utf-8")
-    return _parse(json.loads(text))
+    return _parse(_shipped_labels())
 
 
 def label_space_from_dict(doc: dict) -> LabelSpace:

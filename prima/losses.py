@@ -53,12 +53,37 @@ class PatientDiscriminationLoss(nn.Module):
     For series ``j`` of study ``i``: ``-log(sum_same exp(sim/tau) / sum_all exp(sim/tau))``,
     averaged over the series of each study, then over studies. As in eq. 8 the sums include the
     series itself.
+
+    Series without a real token (dropped by series dropout) all get the same embedding, which would
+    make them spurious positives and negatives of each other; ``series_valid`` leaves them out.
     """
 
-    def forward(self, series_features: Tensor, series_study: Tensor, logit_scale: Tensor) -> Tensor:
-        """series_features: (S, D) L2-normalised; series_study: (S,) study index; logit_scale: 1/tau_p."""
+    def forward(
+        self, series_features: Tensor, series_study: Tensor, logit_scale: Tensor, series_valid: Tensor | None = None
+    ) -> Tensor:
+        """The loss, averaged over the studies that keep at least one valid series.
+
+        Args:
+            series_features: (S, D) L2-normalised patient-discrimination embeddings.
+            series_study: (S,) study index of each series.
+            logit_scale: () 1 / tau_p.
+            series_valid: (S,) bool, True for series with at least one real token; the others are
+                neither anchors, positives nor negatives, and a study without valid series adds
+                nothing. Default: every series is valid.
+
+        Returns:
+            A scalar; a zero still attached to the inputs' graph when no series is valid, so that
+            backward (and DDP's gradient reduction) runs as on any other batch.
+        """
         if series_features.shape[0] != series_study.shape[0]:
             raise ValueError(f"{series_features.shape[0]} series but {series_study.shape[0]} study indices")
+        if series_valid is not None:
+            if series_valid.shape != series_study.shape:
+                raise ValueError(f"series_valid has shape {tuple(series_valid.shape)}, expected "
+                                 f"{tuple(series_study.shape)}")
+            if not series_valid.any():
+                return (series_features.sum() + logit_scale) * 0.0
+            series_features, series_study = series_features[series_valid], series_study[series_valid]
         logits = logit_scale * series_features @ series_features.T
         same = series_study[:, None] == series_study[None, :]
         per_series = torch.logsumexp(logits, dim=1) - torch.logsumexp(logits.masked_fill(~same, float("-inf")), dim=1)
@@ -69,11 +94,15 @@ class PatientDiscriminationLoss(nn.Module):
 
 
 def positive_weights(labels: Tensor, max_weight: float = 1000.0) -> Tensor:
-    """``neg_i / pos_i`` per column of a (N, C) 0/1 label matrix, capped at ``max_weight``
-    (a column with no positive gets the cap)."""
+    """``neg_i / pos_i`` per column of a (N, C) 0/1 label matrix, capped at ``max_weight``.
+
+    A column with no positive gets the cap; a column with no negative gets 1 (plain BCE), since
+    neg/pos = 0 there would silence its positives entirely.
+    """
     positives = labels.float().sum(0)
     negatives = labels.shape[0] - positives
-    return (negatives / positives.clamp(min=1e-12)).clamp(max=max_weight)
+    weights = (negatives / positives.clamp(min=1e-12)).clamp(max=max_weight)
+    return torch.where((negatives == 0) & (positives > 0), torch.ones_like(weights), weights)
 
 
 def weighted_bce(logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Cut a preprocessed series into 32x32x4 volume patches and drop background patches (SPEC section 2).
+"""Cut a preprocessed series into 32x32x4 volume patches and drop background patches (docs/design.md §2).
 
 Pure, vectorised numpy functions. A patch always has its through-plane axis LAST and its two
 in-plane axes in the order they have in the array, whatever the acquisition plane, so an axial,

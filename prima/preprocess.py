@@ -1,4 +1,4 @@
-"""Per-series preprocessing (SPEC §2): reorient to LPS, resample, normalise intensities.
+"""Per-series preprocessing (docs/design.md §2): reorient to LPS, resample, normalise intensities.
 
 Pure functions on arrays and affines; ``preprocess_series`` chains them on a ``prima.io.Series``.
 """

@@ -1,19 +1,21 @@
-"""The release format: what the app loads and what is pushed to the Hugging Face Hub (SPEC section 7).
+"""The release format: what the app loads and what is pushed to the Hugging Face Hub (docs/design.md section 7).
 
 A release is a folder::
 
-    config.json             the PrimaConfig (preprocessing, tokenizer, model, labels, thresholds)
-                            plus a "release" section naming the files below
-    model.safetensors       the CLIP model: keys "visual.*", "text.*", "image_proj.*", "text_proj.*",
-                            "logit_scale", "patdis_logit_scale"
-    vqvae.safetensors       the VQ-VAE volume tokenizer (optional)
-    heads.safetensors       the task heads, thresholds included (optional)
-    tokenizer.json          the byte-level BPE report tokenizer (``tokenizers`` format)
-    README.md               the model card
+    config.json                    the PrimaConfig (preprocessing, volume tokenizer, model, labels,
+                                   thresholds) plus a "release" section naming the files below
+    model.safetensors              the CLIP model: keys "visual.*", "text.*", "image_proj.*",
+                                   "text_proj.*", "logit_scale", "patdis_logit_scale"
+    volume_tokenizer.safetensors   the VQ-VAE volume tokenizer, its config in the file's metadata (optional)
+    heads.safetensors              the task heads, thresholds included (optional)
+    report_tokenizer.json          the byte-level BPE report tokenizer (``tokenizers`` format)
+    README.md                      the model card
 
-Weights are safetensors only (no pickles). ``load_release`` takes a local folder or
-``hf://owner/repo[@revision]``, resolved through ``huggingface_hub.snapshot_download`` (which honours
-``HF_HUB_OFFLINE`` and the local cache).
+A volume tokenizer travels alone in the same one-file form (``save_volume_tokenizer`` /
+``load_volume_tokenizer``): that is how tokenizer training hands its result to a release and how
+``assets/volume-tokenizer-lite/`` ships. Weights are safetensors only (no pickles). ``load_release``
+takes a local folder or ``hf://owner/repo[@revision]``, resolved through
+``huggingface_hub.snapshot_download`` (which honours ``HF_HUB_OFFLINE`` and the local cache).
 """
 
 from __future__ import annotations
@@ -24,23 +26,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prima.config import PrimaConfig
+from prima.config import PrimaConfig, VolumeTokenizerConfig, config_from_dict
 from prima.errors import ConfigError, ReleaseError
+from prima.factory import create_heads, create_model, create_volume_tokenizer
 from prima.models.clip import PrimaCLIP
 from prima.models.heads import TaskHeads
-from prima.models.text import TextTokenizer
+from prima.models.text import ReportTokenizer
+from prima.models.vqvae import VQVAE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
-TOKENIZER_FILE = "vqvae.safetensors"
+VOLUME_TOKENIZER_FILE = "volume_tokenizer.safetensors"
 HEADS_FILE = "heads.safetensors"
-TEXT_TOKENIZER_FILE = "tokenizer.json"  # the Hugging Face name for a tokenizers file
+REPORT_TOKENIZER_FILE = "report_tokenizer.json"
 MODEL_CARD_FILE = "README.md"
 HF_SCHEME = "hf://"
+_VOLUME_TOKENIZER_CONFIG_KEY = "volume_tokenizer_config"  # safetensors metadata key holding its config
+_PROVENANCE_KEY = "provenance"  # safetensors metadata key holding how the weights were made
 
 
 @dataclass
@@ -49,25 +56,11 @@ class Release:
 
     config: PrimaConfig
     model: PrimaCLIP
-    text_tokenizer: TextTokenizer
-    tokenizer: nn.Module | None  # the VQ-VAE, when the release ships one
-    heads: TaskHeads | None  # the task heads, when the release ships them
+    report_tokenizer: ReportTokenizer
+    volume_tokenizer: VQVAE | None  # when the release ships one
+    heads: TaskHeads | None  # when the release ships them
     path: Path  # local folder the files were read from
     revision: str | None  # hub revision asked for, None for local folders
-
-
-def build_heads(config: PrimaConfig, in_dim: int) -> TaskHeads:
-    """Task heads sized by the config's label space, carrying the config's thresholds."""
-    space = config.label_space
-    return TaskHeads(
-        in_dim,
-        config.heads,
-        n_diagnoses=len(space.diagnoses),
-        n_referrals=len(space.referral_keys),
-        n_tiers=len(space.priority_tiers),
-        diagnosis_thresholds=config.diagnosis_thresholds,
-        referral_thresholds=config.referral_thresholds,
-    )
 
 
 def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,12 +68,60 @@ def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def save_volume_tokenizer(volume_tokenizer: VQVAE, path: str | Path, provenance: dict | None = None) -> Path:
+    """Write a volume tokenizer as one safetensors file whose metadata carries its config and, optionally,
+    how it was made (``provenance``: commit, data, steps, ...; read back by ``volume_tokenizer_provenance``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", _VOLUME_TOKENIZER_CONFIG_KEY: json.dumps(dataclasses.asdict(volume_tokenizer.config))}
+    if provenance is not None:
+        metadata[_PROVENANCE_KEY] = json.dumps(provenance)
+    save_file(module_state(volume_tokenizer), path, metadata=metadata)
+    return path
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise ReleaseError(f"missing file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return weights.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for truncated or garbled files
+        raise ReleaseError(f"{path}: corrupted or truncated safetensors file: {exc}") from exc
+
+
+def volume_tokenizer_provenance(path: str | Path) -> dict | None:
+    """The provenance ``save_volume_tokenizer`` recorded in a volume tokenizer file, None if it has none."""
+    text = _safetensors_metadata(Path(path)).get(_PROVENANCE_KEY)
+    return None if text is None else json.loads(text)
+
+
+def load_volume_tokenizer(path: str | Path, device: torch.device | str = "cpu") -> VQVAE:
+    """A volume tokenizer written by ``save_volume_tokenizer``, in eval mode on ``device``.
+
+    Raises:
+        ReleaseError: the file is missing, not safetensors, has no config, or its weights do not match it.
+    """
+    path = Path(path)
+    metadata = _safetensors_metadata(path)
+    if _VOLUME_TOKENIZER_CONFIG_KEY not in metadata:
+        raise ReleaseError(f"{path}: not a volume tokenizer file (no {_VOLUME_TOKENIZER_CONFIG_KEY!r} in its metadata)")
+    try:
+        config = config_from_dict(VolumeTokenizerConfig, json.loads(metadata[_VOLUME_TOKENIZER_CONFIG_KEY]),
+                                  "volume_tokenizer")
+    except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
+        raise ReleaseError(f"{path}: invalid volume tokenizer config: {exc}") from exc
+    volume_tokenizer = create_volume_tokenizer(config)
+    load_weights(volume_tokenizer, path)
+    return volume_tokenizer.to(device).eval()
+
+
 def save_release(
     directory: str | Path,
     model: PrimaCLIP,
     *,
-    text_tokenizer: TextTokenizer,
-    tokenizer: nn.Module | None = None,
+    report_tokenizer: ReportTokenizer,
+    volume_tokenizer: VQVAE | None = None,
     heads: TaskHeads | None = None,
     model_card: str | None = None,
 ) -> Path:
@@ -89,39 +130,40 @@ def save_release(
     Args:
         directory: destination folder.
         model: the CLIP model; its config is written to ``config.json``.
-        text_tokenizer: the report tokenizer the text tower was trained with.
-        tokenizer: the VQ-VAE (``prima.models.vqvae.VQVAE``); its ``config`` replaces the model
-            config's tokenizer section. ``None`` ships no tokenizer weights.
+        report_tokenizer: the report tokenizer the text tower was trained with.
+        volume_tokenizer: the VQ-VAE; its config replaces the model config's ``volume_tokenizer``
+            section. ``None`` ships no volume tokenizer.
         heads: task heads; their thresholds are written into ``config.json`` too.
         model_card: markdown for ``README.md``; a minimal card is written when ``None``.
 
     Returns:
         the folder path.
     """
-    if text_tokenizer.vocab_size > model.config.text.vocab_size:
+    if report_tokenizer.vocab_size > model.config.text.vocab_size:
         raise ValueError(
-            f"text tokenizer has {text_tokenizer.vocab_size} tokens, the text tower only {model.config.text.vocab_size}"
+            f"report tokenizer has {report_tokenizer.vocab_size} tokens, the text tower only "
+            f"{model.config.text.vocab_size}"
         )
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    if tokenizer is not None and hasattr(tokenizer, "config"):
-        config = dataclasses.replace(config, tokenizer=tokenizer.config)
+    if volume_tokenizer is not None:
+        config = dataclasses.replace(config, volume_tokenizer=volume_tokenizer.config)
     if heads is not None:
         config = dataclasses.replace(
             config,
             diagnosis_thresholds=heads.diagnosis_thresholds.tolist(),
             referral_thresholds=heads.referral_thresholds.tolist(),
         )
-    files = {"model": MODEL_FILE, "text_tokenizer": TEXT_TOKENIZER_FILE, "tokenizer": None, "heads": None}
+    files = {"model": MODEL_FILE, "report_tokenizer": REPORT_TOKENIZER_FILE, "volume_tokenizer": None, "heads": None}
     save_file(module_state(model), folder / MODEL_FILE, metadata={"format": "pt"})
-    if tokenizer is not None:
-        save_file(module_state(tokenizer), folder / TOKENIZER_FILE, metadata={"format": "pt"})
-        files["tokenizer"] = TOKENIZER_FILE
+    if volume_tokenizer is not None:
+        save_volume_tokenizer(volume_tokenizer, folder / VOLUME_TOKENIZER_FILE)
+        files["volume_tokenizer"] = VOLUME_TOKENIZER_FILE
     if heads is not None:
         save_file(module_state(heads), folder / HEADS_FILE, metadata={"format": "pt"})
         files["heads"] = HEADS_FILE
-    text_tokenizer.save(folder / TEXT_TOKENIZER_FILE)
+    report_tokenizer.save(folder / REPORT_TOKENIZER_FILE)
     doc = config.to_dict()
     doc["release"] = {"format_version": FORMAT_VERSION, "files": files}
     (folder / CONFIG_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
@@ -224,26 +266,28 @@ def load_release(
     """
     folder, revision = _resolve(source, cache_dir, local_files_only)
     config, files = _read_config(folder)
-    model = PrimaCLIP(config)
+    model = create_model(config)
     load_weights(model, folder / (files.get("model") or MODEL_FILE))
-    text_path = folder / (files.get("text_tokenizer") or TEXT_TOKENIZER_FILE)
-    if not text_path.is_file():
-        raise ReleaseError(f"{folder}: missing {text_path.name}")
+    report_path = folder / (files.get("report_tokenizer") or REPORT_TOKENIZER_FILE)
+    if not report_path.is_file():
+        raise ReleaseError(f"{folder}: missing {report_path.name}")
     try:
-        text_tokenizer = TextTokenizer.load(text_path)
+        report_tokenizer = ReportTokenizer.load(report_path)
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        raise ReleaseError(f"{text_path}: unreadable text tokenizer: {exc}") from exc
-    tokenizer = None
-    if files.get("tokenizer"):
-        from prima.models.vqvae import VQVAE
-
-        tokenizer = VQVAE(config.tokenizer)
-        load_weights(tokenizer, folder / files["tokenizer"])
+        raise ReleaseError(f"{report_path}: unreadable report tokenizer: {exc}") from exc
+    volume_tokenizer = None
+    if files.get("volume_tokenizer"):
+        volume_tokenizer = load_volume_tokenizer(folder / files["volume_tokenizer"])
+        if volume_tokenizer.config != config.volume_tokenizer:
+            raise ReleaseError(
+                f"{folder}: {files['volume_tokenizer']} was built with {volume_tokenizer.config}, but config.json "
+                f"says {config.volume_tokenizer}"
+            )
     heads = None
     if files.get("heads"):
-        heads = build_heads(config, model.visual.embed_dim)
+        heads = create_heads(config)
         load_weights(heads, folder / files["heads"])
-    for module in (model, tokenizer, heads):
+    for module in (model, volume_tokenizer, heads):
         if module is not None:
             module.to(device).eval()
-    return Release(config, model, text_tokenizer, tokenizer, heads, folder, revision)
+    return Release(config, model, report_tokenizer, volume_tokenizer, heads, folder, revision)

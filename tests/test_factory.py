@@ -7,7 +7,7 @@ from prima.errors import ConfigError
 from prima.factory import create_model, get_model_config, list_models
 from prima.labels import default_label_space
 
-PAPER_VISUAL_PARAMETERS = 56_584_305  # SPEC section 3 (paper: 56.584 M)
+PAPER_VISUAL_PARAMETERS = 56_584_305  # docs/design.md §3 (paper: 56.584 M)
 
 
 def _count(module) -> int:
@@ -22,7 +22,7 @@ def test_paper_visual_encoder_matches_the_paper_within_one_percent():
     model = create_model("prima-paper")
     visual = _count(model.visual)
     assert abs(visual - PAPER_VISUAL_PARAMETERS) / PAPER_VISUAL_PARAMETERS < 0.01, visual
-    # the parts SPEC section 3 measured on the reference code (M parameters, 2 decimals)
+    # the parts docs/design.md §3 measured on the reference code (M parameters, 2 decimals)
     parts = {
         "sequence_vit": 32.60,
         "study_vit": 18.13,

@@ -1,4 +1,4 @@
-"""The label vocabulary and its clinical mapping (SPEC section 5)."""
+"""The label vocabulary and its clinical mapping (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -76,14 +76,43 @@ def test_patient_discrimination_does_not_depend_on_study_ids_or_order():
     torch.testing.assert_close(a, b)
 
 
+def test_patient_discrimination_ignores_series_without_tokens():
+    g = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    study = torch.tensor([0, 0, 1, 1, 2])
+    loss = PatientDiscriminationLoss()
+    reference = loss(features, study, torch.tensor(10.0))
+    # Dropped series (every token masked) all get the same embedding: one in study 0, one in study 1,
+    # and study 3 whose only series was dropped.
+    dropped = torch.nn.functional.normalize(torch.randn(1, 8, generator=g), dim=-1).expand(3, 8)
+    with_dropped = torch.cat([features[:2], dropped[:1], features[2:4], dropped[1:], features[4:]])
+    study_with_dropped = torch.tensor([0, 0, 0, 1, 1, 1, 3, 2])
+    valid = torch.tensor([True, True, False, True, True, False, False, True])
+    torch.testing.assert_close(loss(with_dropped, study_with_dropped, torch.tensor(10.0), valid), reference)
+    assert loss(with_dropped, study_with_dropped, torch.tensor(10.0)) != pytest.approx(reference.item())
+    torch.testing.assert_close(loss(features, study, torch.tensor(10.0), torch.ones(5, dtype=torch.bool)), reference)
+    with pytest.raises(ValueError, match="series_valid"):
+        loss(features, study, torch.tensor(10.0), valid)
+
+
+def test_patient_discrimination_without_any_valid_series_is_a_connected_zero():
+    features = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss = PatientDiscriminationLoss()(features, torch.tensor([0, 0, 1]), scale, torch.zeros(3, dtype=torch.bool))
+    assert loss.item() == 0.0 and loss.grad_fn is not None
+    loss.backward()
+    assert torch.equal(features.grad, torch.zeros_like(features)) and scale.grad == 0
+
+
 def test_weighted_bce_and_positive_weights_by_hand():
     logits = torch.tensor([[0.0, 2.0]])
     targets = torch.tensor([[1.0, 0.0]])
     expected = (3 * math.log(2) + math.log(1 + math.exp(2))) / 2
     assert weighted_bce(logits, targets, torch.tensor([3.0, 3.0])).item() == pytest.approx(expected, rel=1e-6)
 
-    labels = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
-    assert positive_weights(labels, max_weight=50.0).tolist() == [1.0, 3.0, 50.0]
+    labels = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1]])
+    # the last column is positive everywhere: plain BCE (1), not neg/pos = 0 which would ignore it
+    assert positive_weights(labels, max_weight=50.0).tolist() == [1.0, 3.0, 50.0, 1.0]
 
 
 def test_priority_ce_by_hand():

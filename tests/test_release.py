@@ -6,21 +6,20 @@ import shutil
 import pytest
 import torch
 
-from prima.config import TokenizerConfig
+from prima.config import VolumeTokenizerConfig
 from prima.errors import ReleaseError
-from prima.factory import get_model_config
-from prima.models.clip import PrimaCLIP
-from prima.models.text import train_text_tokenizer
-from prima.models.vqvae import VQVAE
+from prima.factory import create_heads, create_model, create_volume_tokenizer, get_model_config
+from prima.models.text import train_report_tokenizer
 from prima.release import (
     HEADS_FILE,
     MODEL_FILE,
-    TEXT_TOKENIZER_FILE,
-    TOKENIZER_FILE,
-    build_heads,
+    REPORT_TOKENIZER_FILE,
+    VOLUME_TOKENIZER_FILE,
     load_release,
+    load_volume_tokenizer,
     parse_hf_uri,
     save_release,
+    save_volume_tokenizer,
 )
 
 REPORTS = ["No acute intracranial abnormality.", "Left frontal meningioma with mild mass effect."] * 5
@@ -30,19 +29,20 @@ REPORTS = ["No acute intracranial abnormality.", "Left frontal meningioma with m
 def release_parts():
     torch.manual_seed(0)
     config = get_model_config("prima-lite")
-    model = PrimaCLIP(config).eval()
-    heads = build_heads(config, model.visual.embed_dim).eval()
+    model = create_model(config).eval()
+    heads = create_heads(config).eval()
     heads.diagnosis_thresholds.copy_(torch.linspace(-1, 1, 52))
-    tokenizer = VQVAE(TokenizerConfig(channels=8, res_layers=1, codebook_size=32)).eval()
-    text_tokenizer = train_text_tokenizer(REPORTS, vocab_size=300)
-    return model, heads, tokenizer, text_tokenizer
+    volume_tokenizer = create_volume_tokenizer(VolumeTokenizerConfig(channels=8, res_layers=1, codebook_size=32)).eval()
+    report_tokenizer = train_report_tokenizer(REPORTS, vocab_size=300)
+    return model, heads, volume_tokenizer, report_tokenizer
 
 
 @pytest.fixture(scope="module")
 def saved(release_parts, tmp_path_factory):
-    model, heads, tokenizer, text_tokenizer = release_parts
+    model, heads, volume_tokenizer, report_tokenizer = release_parts
     folder = tmp_path_factory.mktemp("release")
-    save_release(folder, model, text_tokenizer=text_tokenizer, tokenizer=tokenizer, heads=heads, model_card="# card\n")
+    save_release(folder, model, report_tokenizer=report_tokenizer, volume_tokenizer=volume_tokenizer, heads=heads,
+                 model_card="# card\n")
     return folder
 
 
@@ -50,22 +50,22 @@ def _copy(saved, tmp_path):
     return shutil.copytree(saved, tmp_path / "copy")
 
 
-def _outputs(model, heads, tokenizer, text_tokenizer):
+def _outputs(model, heads, volume_tokenizer, report_tokenizer):
     g = torch.Generator().manual_seed(0)
     study = [(torch.randn(n, 289, generator=g), f"AX T{n}") for n in (5, 9)]
     batch = model.pack([study], ["MRI BRAIN"])
-    ids, mask = text_tokenizer(REPORTS[:2], model.config.text.context_length)
+    ids, mask = report_tokenizer(REPORTS[:2], model.config.text.context_length)
     patches = torch.rand(2, 32, 32, 4, generator=g)
     with torch.no_grad():
         out = model(batch, ids, mask)
         return [out.image_features, out.text_features, out.series_features, heads(out.study_embedding).diagnosis_logits,
-                tokenizer.encode(patches), ids]
+                volume_tokenizer.encode(patches), ids]
 
 
 def test_round_trip_is_bitwise_identical(release_parts, saved):
     release = load_release(saved)
     before = _outputs(*release_parts)
-    after = _outputs(release.model, release.heads, release.tokenizer, release.text_tokenizer)
+    after = _outputs(release.model, release.heads, release.volume_tokenizer, release.report_tokenizer)
     for a, b in zip(before, after):
         assert torch.equal(a, b)
     assert torch.equal(release.heads.diagnosis_thresholds, torch.linspace(-1, 1, 52))
@@ -74,19 +74,20 @@ def test_round_trip_is_bitwise_identical(release_parts, saved):
 
 def test_folder_contents(saved):
     names = sorted(p.name for p in saved.iterdir())
-    assert names == sorted(["config.json", MODEL_FILE, TOKENIZER_FILE, HEADS_FILE, TEXT_TOKENIZER_FILE, "README.md"])
+    assert names == sorted(["config.json", MODEL_FILE, VOLUME_TOKENIZER_FILE, HEADS_FILE, REPORT_TOKENIZER_FILE,
+                            "README.md"])
     doc = json.loads((saved / "config.json").read_text())
     assert doc["name"] == "prima-lite" and doc["preprocess"]["in_plane_size"] == 256
     assert len(doc["labels"]["diagnoses"]) == 52 and len(doc["diagnosis_thresholds"]) == 52
-    assert doc["tokenizer"]["channels"] == 8  # the shipped VQ-VAE's own config
+    assert doc["volume_tokenizer"]["channels"] == 8  # the shipped VQ-VAE's own config
     assert not any(p.suffix in {".pt", ".pth", ".bin", ".pkl"} for p in saved.iterdir())
 
 
-def test_release_without_tokenizer_and_heads(release_parts, tmp_path):
-    model, _, _, text_tokenizer = release_parts
-    save_release(tmp_path, model, text_tokenizer=text_tokenizer)
+def test_release_without_volume_tokenizer_and_heads(release_parts, tmp_path):
+    model, _, _, report_tokenizer = release_parts
+    save_release(tmp_path, model, report_tokenizer=report_tokenizer)
     release = load_release(tmp_path)
-    assert release.tokenizer is None and release.heads is None
+    assert release.volume_tokenizer is None and release.heads is None
     assert torch.equal(release.model.logit_scale, model.logit_scale)
 
 
@@ -105,7 +106,7 @@ def test_garbled_header_raises_release_error(saved, tmp_path):
         load_release(folder)
 
 
-@pytest.mark.parametrize("name", ["config.json", MODEL_FILE, TOKENIZER_FILE, TEXT_TOKENIZER_FILE])
+@pytest.mark.parametrize("name", ["config.json", MODEL_FILE, VOLUME_TOKENIZER_FILE, REPORT_TOKENIZER_FILE])
 def test_missing_file_raises_release_error(saved, tmp_path, name):
     folder = _copy(saved, tmp_path)
     (folder / name).unlink()
@@ -119,6 +120,28 @@ def test_weights_that_do_not_fit_the_config_raise_release_error(saved, tmp_path)
     doc["vision"]["sequence"]["mlp_dim"] += 8
     (folder / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ReleaseError, match="shape"):
+        load_release(folder)
+
+
+def test_volume_tokenizer_travels_alone_with_its_config(release_parts, tmp_path):
+    volume_tokenizer = release_parts[2]
+    path = save_volume_tokenizer(volume_tokenizer, tmp_path / "alone" / VOLUME_TOKENIZER_FILE)
+    loaded = load_volume_tokenizer(path)
+    assert loaded.config == volume_tokenizer.config and not loaded.training
+    patches = torch.rand(3, 32, 32, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(patches), volume_tokenizer.encode(patches))
+    save_release(tmp_path / "plain", release_parts[0], report_tokenizer=release_parts[3])
+    with pytest.raises(ReleaseError, match="not a volume tokenizer file"):
+        load_volume_tokenizer(tmp_path / "plain" / MODEL_FILE)
+
+
+def test_volume_tokenizer_that_disagrees_with_config_json_raises(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    doc = json.loads((folder / "config.json").read_text())
+    doc["volume_tokenizer"]["commitment_beta"] = 0.5
+    (folder / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ReleaseError, match="config.json says"):
         load_release(folder)
 
 

@@ -182,6 +182,15 @@ def _load_folder(folder: Path, label: str = "") -> tuple[list[Series], list[Skip
     return loaded, skipped, description
 
 
+def _is_archive(path: Path) -> bool:
+    return path.suffix.lower() == ".zip" or zipfile.is_zipfile(path)
+
+
+def _is_loose_file(path: Path) -> bool:
+    """True for a file that is neither NIfTI nor an archive: a candidate DICOM file."""
+    return path.is_file() and not is_nifti_path(path) and not _is_archive(path)
+
+
 def _load_one(path: Path, limits: ArchiveLimits) -> tuple[list[Series], list[SkippedSeries], str]:
     if not path.exists():
         raise StudyLoadError(f"{path} does not exist")
@@ -190,10 +199,17 @@ def _load_one(path: Path, limits: ArchiveLimits) -> tuple[list[Series], list[Ski
     if is_nifti_path(path):
         series, skipped = _load_nifti(path, path.parent, "")
         return series, skipped, ""
-    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+    if _is_archive(path):
         with extracted_zip(path, limits) as folder:
             return _load_folder(folder, label=path.name)
     return _load_dicom_files([path], path.parent, "")
+
+
+def _load_loose_files(paths: list[Path]) -> tuple[list[Series], list[SkippedSeries], str]:
+    """Group loose DICOM files into series, as if they were the files of one folder."""
+    # Absolute: the grouping takes common paths, which cannot mix relative and absolute paths.
+    paths = [path.absolute() for path in paths]
+    return _load_dicom_files(paths, Path(os.path.commonpath([path.parent for path in paths])), "")
 
 
 def load_study(
@@ -207,9 +223,13 @@ def load_study(
 
     Args:
         source: a folder of DICOM files (any nesting, any names, several series), a ``.zip`` of such a
-            folder, a NIfTI file, a folder of NIfTI files, or a sequence of any of these.
+            folder, a NIfTI file, a folder of NIfTI files, or a sequence of any of these. The loose
+            DICOM files of a sequence (files that are neither NIfTI nor zip) are grouped into series
+            together, as the files of one folder are (e.g. the slices of a multi-file upload).
         series_names: one name per element of ``source`` (each must yield exactly one series); by
-            default names come from SeriesDescription / ProtocolName or the NIfTI file name.
+            default names come from SeriesDescription / ProtocolName or the NIfTI file name. With
+            names, every element is loaded on its own, so each loose DICOM file must hold a whole
+            series (an enhanced multi-frame object); single-slice files are skipped as such.
         study_description: overrides the DICOM StudyDescription.
         archive_limits: bounds on file count and uncompressed bytes when ``source`` is a zip.
 
@@ -228,11 +248,19 @@ def load_study(
         raise StudyLoadError("no study source given")
     if series_names is not None and len(series_names) != len(sources):
         raise ValueError(f"series_names has {len(series_names)} names for {len(sources)} sources")
+    loose = {path for path in sources if _is_loose_file(path)} if series_names is None else set()
+    loose_loaded = False
     all_series: list[Series] = []
     all_skipped: list[SkippedSeries] = []
     descriptions: list[str] = []
     for index, path in enumerate(sources):
-        series, skipped, description = _load_one(path, archive_limits)
+        if path in loose:
+            if loose_loaded:
+                continue  # the group was loaded in the place of the first loose file
+            loose_loaded = True
+            series, skipped, description = _load_loose_files([p for p in sources if p in loose])
+        else:
+            series, skipped, description = _load_one(path, archive_limits)
         if series_names is not None:
             if len(series) + len(skipped) != 1:
                 raise ValueError(f"{path} holds {len(series) + len(skipped)} series; series_names needs one "

@@ -49,8 +49,9 @@ class PrimaVisual(nn.Module):
         return self.config.sequence.out_dim
 
     @property
-    def embed_dim(self) -> int:
-        return self.study_vit.embed_dim
+    def study_dim(self) -> int:
+        """Width of the study embedding the heads read (paper: 10 x 1024 = 10240)."""
+        return self.study_vit.out_dim
 
     def encode_series(self, tokens: Tensor, token_mask: Tensor, name_ids: Tensor, name_mask: Tensor) -> Tensor:
         """Series vectors (S, series_dim) from padded token features (S, T, 289), their mask (S, T)
@@ -70,22 +71,27 @@ class PrimaVisual(nn.Module):
         return self.patdis_proj(series_vectors)
 
     def forward(self, batch: StudyBatch) -> tuple[Tensor, Tensor]:
-        """Returns the study embeddings (B, embed_dim) and the series vectors (S, series_dim)."""
+        """Returns the study embeddings (B, study_dim) and the series vectors (S, series_dim)."""
         series = self.encode_series(batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask)
         series_vectors, series_mask = batch.study_layout(series)
         study = self.encode_study(series_vectors, series_mask, batch.description_ids, batch.description_mask)
         return study, series
 
 
+# Cap of both logit scales (temperature >= 0.01), as in CLIP: beyond it training becomes unstable.
+MAX_LOGIT_SCALE = 100.0
+
+
 @dataclass
 class ClipOutput:
     image_features: Tensor  # (B, embed_dim) L2-normalised study embeddings in the joint space
     text_features: Tensor  # (B, embed_dim) L2-normalised report embeddings in the joint space
-    logit_scale: Tensor  # () exp of the learnable CLIP log-scale (1 / temperature)
+    logit_scale: Tensor  # () exp of the learnable CLIP log-scale (1 / temperature), at most MAX_LOGIT_SCALE
     series_features: Tensor  # (S, patdis_dim) L2-normalised patient-discrimination embeddings
-    patdis_logit_scale: Tensor  # () exp of the patient-discrimination log-scale
+    patdis_logit_scale: Tensor  # () exp of the patient-discrimination log-scale, at most MAX_LOGIT_SCALE
     series_study: Tensor  # (S,) study index of each series (the positives of eq. 8)
-    study_embedding: Tensor  # (B, visual.embed_dim) raw hViT study embeddings (for the heads)
+    series_valid: Tensor  # (S,) bool, True for series with at least one real token
+    study_embedding: Tensor  # (B, visual.study_dim) raw hViT study embeddings (for the heads)
 
 
 class PrimaCLIP(nn.Module):
@@ -99,7 +105,7 @@ class PrimaCLIP(nn.Module):
         self.config = config
         self.visual = PrimaVisual(config.vision)
         self.text = TextTower(config.text)
-        self.image_proj = nn.Linear(self.visual.embed_dim, config.embed_dim)
+        self.image_proj = nn.Linear(self.visual.study_dim, config.embed_dim)
         self.text_proj = nn.Linear(config.text.width, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.patdis_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_patdis_temperature)))
@@ -124,7 +130,7 @@ class PrimaCLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, ids: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
-        """Report embeddings in the joint space (N, embed_dim) from ``TextTokenizer`` ids and mask."""
+        """Report embeddings in the joint space (N, embed_dim) from ``ReportTokenizer`` ids and mask."""
         features = self.text_proj(self.text(ids, mask))
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -133,9 +139,10 @@ class PrimaCLIP(nn.Module):
         return ClipOutput(
             image_features=F.normalize(self.image_proj(study), dim=-1),
             text_features=self.encode_text(text_ids, text_mask),
-            logit_scale=self.logit_scale.exp(),
+            logit_scale=self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
             series_features=F.normalize(self.visual.patient_embedding(series), dim=-1),
-            patdis_logit_scale=self.patdis_logit_scale.exp(),
+            patdis_logit_scale=self.patdis_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
             series_study=batch.series_study,
+            series_valid=batch.token_mask.any(dim=-1),
             study_embedding=study,
         )

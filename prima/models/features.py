@@ -10,11 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-LATENT_DIM = 256
-POSITION_DIM_PER_AXIS = 10
-POSITION_DIM = 3 * POSITION_DIM_PER_AXIS
-PLANES = ("axial", "coronal", "sagittal")
-TOKEN_DIM = LATENT_DIM + POSITION_DIM + len(PLANES)  # 289
+from prima.config import LATENT_DIM, PLANES, POSITION_DIM_PER_AXIS
+
 _MAX_PERIOD = 10_000.0
 
 

@@ -31,8 +31,9 @@ class StudyViT(nn.Module):
         self.transformer = Transformer(config.width, config.depth, config.heads, config.head_dim, config.mlp_dim)
 
     @property
-    def embed_dim(self) -> int:
-        return self.config.registers * self.config.width
+    def out_dim(self) -> int:
+        """Width of the study embedding (registers x width)."""
+        return self.config.out_dim
 
     def forward(self, series_vectors: Tensor, series_mask: Tensor, description_embedding: Tensor) -> Tensor:
         """Encode a batch of studies.

@@ -1,7 +1,7 @@
 """The report encoder: a GPT-2 built from a config and this project's own byte-level BPE tokenizer.
 
 Nothing is downloaded: the tokenizer is trained on the project's report corpus with
-``train_text_tokenizer`` and saved as one ``tokenizer.json``; the GPT-2 weights start random and are
+``train_report_tokenizer`` and saved as one ``tokenizer.json``; the GPT-2 weights start random and are
 pre-trained by ``training/``. A report's embedding is the final hidden state of its end-of-text
 token (GPT-2 is causal, so that is the only position that has seen the whole report).
 """
@@ -21,7 +21,7 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 
-class TextTokenizer:
+class ReportTokenizer:
     """Byte-level BPE with an end-of-text token appended to every report.
 
     Args:
@@ -64,11 +64,11 @@ class TextTokenizer:
         self.tokenizer.save(str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextTokenizer":
+    def load(cls, path: str | Path) -> "ReportTokenizer":
         return cls(Tokenizer.from_file(str(path)))
 
 
-def train_text_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
+def train_report_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> ReportTokenizer:
     """Train a byte-level BPE on a corpus; every byte is in the alphabet, so nothing is out of vocabulary.
 
     Args:
@@ -89,7 +89,7 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: i
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return TextTokenizer(tokenizer)
+    return ReportTokenizer(tokenizer)
 
 
 class TextTower(nn.Module):
@@ -123,7 +123,7 @@ class TextTower(nn.Module):
         self.gpt2 = GPT2Model(gpt2_config)
 
     def hidden_states(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ids, mask: (N, L) from ``TextTokenizer``. Returns the last layer's states (N, L, width)."""
+        """ids, mask: (N, L) from ``ReportTokenizer``. Returns the last layer's states (N, L, width)."""
         if ids.shape[-1] > self.config.context_length:
             raise ValueError(f"{ids.shape[-1]} tokens exceed context_length={self.config.context_length}")
         return self.gpt2(input_ids=ids, attention_mask=mask.long()).last_hidden_state

@@ -1,4 +1,4 @@
-"""The 3D VQ-VAE volume tokenizer: a 32x32x4 patch <-> an 8x8x2 latent with 2 channels (SPEC section 2).
+"""The 3D VQ-VAE volume tokenizer: a 32x32x4 patch <-> an 8x8x2 latent with 2 channels (docs/design.md §2).
 
 The encoder first repeats every voxel of the short (4-voxel) axis twice, so two stride-2 stages give a
 latent grid of 8x8x2 whatever axis the short one is: the network is a plain 3D CNN with cubic kernels,
@@ -14,15 +14,18 @@ adjacent, then the through-plane position, then the in-plane positions, in C ord
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
+from scipy.spatial import cKDTree
 from torch import nn
 
-from prima.config import TokenizerConfig
+from prima.config import VolumeTokenizerConfig
 
 # The encoder repeats the short axis this many times and the decoder averages it back.
 _SHORT_AXIS_UPSAMPLING = 2
@@ -52,10 +55,27 @@ class VQVAEOutput(NamedTuple):
     used_codes: torch.Tensor  # scalar
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(tensor)
     return tensor
+
+
+def _lowest_rank_with(has: bool, device: torch.device) -> int | None:
+    """The lowest process rank where ``has`` is true (the same answer on every process), or None.
+
+    A collective: every process must call it at the same point.
+    """
+    if not _distributed():
+        return 0 if has else None
+    world = dist.get_world_size()
+    rank = torch.tensor(dist.get_rank() if has else world, device=device)
+    dist.all_reduce(rank, op=dist.ReduceOp.MIN)
+    return int(rank) if int(rank) < world else None
 
 
 class EMAVectorQuantizer(nn.Module):
@@ -63,8 +83,13 @@ class EMAVectorQuantizer(nn.Module):
 
     The codebook is not a parameter: in training mode each forward moves every code towards the mean
     of the latents assigned to it (exponential moving average, statistics all-reduced under DDP) and
-    restarts the codes whose EMA usage fell below ``dead_code_threshold`` times the uniform share on
-    latents drawn from the batch. The first training batch initialises the codebook.
+    restarts the codes that no latent chose in the step and whose recent usage fell below
+    ``dead_code_threshold`` times the uniform share, on latents drawn from the batch. The first
+    training batch initialises the codebook on its latents.
+
+    Under DDP every process runs the same collectives whatever its local batch (an empty one
+    included): the uniform share comes from the global batch, dead codes are chosen from all-reduced
+    statistics only, and new codes are drawn by the lowest rank that has latents and broadcast from it.
 
     Args:
         codebook_size: number of codes K.
@@ -106,9 +131,18 @@ class EMAVectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
 
     def nearest_codes(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(M, D) vectors -> (M,) int64 index of the nearest code in Euclidean distance."""
+        """(M, D) vectors -> (M,) int64 index of the nearest code in Euclidean distance.
+
+        On a GPU: chunked ``cdist`` + ``argmin``. On a CPU the codes are few-dimensional points (D = 2),
+        where a k-d tree finds the nearest of 8192 codes ~60x faster than the distance matrix (exact
+        distances in float64; the two can differ only on near-ties, about 1 vector in 10,000).
+        """
         if not len(vectors):
             return torch.zeros(0, dtype=torch.long, device=vectors.device)
+        if vectors.device.type == "cpu":
+            tree = cKDTree(self.codebook.double().numpy())
+            _, index = tree.query(vectors.detach().double().numpy(), workers=torch.get_num_threads())
+            return torch.from_numpy(index.astype(np.int64))
         codebook = self.codebook.to(vectors.dtype)
         return torch.cat([torch.cdist(chunk, codebook).argmin(dim=1) for chunk in vectors.split(_NEAREST_CODE_CHUNK)])
 
@@ -135,7 +169,9 @@ class EMAVectorQuantizer(nn.Module):
             # a copy: the update all-reduces the counts in place, the statistics below are per process
             self._ema_update(vectors.detach(), codes, histogram.clone())
         quantized_vectors = self.codebook[codes]
-        commitment = self.commitment_beta * F.mse_loss(vectors, quantized_vectors)
+        # A process with an empty batch gets 0 rather than mse_loss's NaN, which DDP would average in.
+        squared_error = (vectors - quantized_vectors).pow(2).sum() / max(vectors.numel(), 1)
+        commitment = self.commitment_beta * squared_error
         straight_through = vectors + (quantized_vectors - vectors).detach()
         quantized = straight_through.to(latent.dtype).reshape(channels_last.shape).movedim(-1, 1)
         probabilities = histogram / histogram.sum().clamp_min(1.0)
@@ -150,10 +186,12 @@ class EMAVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _initialise(self, vectors: torch.Tensor) -> None:
-        picks = torch.randint(len(vectors), (self.codebook_size,), device=vectors.device)
-        self.codebook.copy_(vectors[picks] + 1e-3 * vectors.std() * torch.randn_like(self.codebook))
-        self._broadcast_codebook()
-        uniform_share = len(vectors) / self.codebook_size
+        total = _all_reduce_sum(torch.tensor(len(vectors), device=self.codebook.device))
+        drawn = self._draw_shared(vectors, self.codebook_size, jitter=1e-3)
+        if drawn is None:
+            return  # no process has a latent yet: the next batch initialises
+        self.codebook.copy_(drawn)
+        uniform_share = float(total) / self.codebook_size
         self.ema_count.fill_(uniform_share)
         self.recent_usage.fill_(uniform_share)
         self.ema_sum.copy_(self.codebook * uniform_share)
@@ -172,32 +210,60 @@ class EMAVectorQuantizer(nn.Module):
         smoothed = (self.ema_count + 1e-5) / (total + self.codebook_size * 1e-5) * total
         self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
         uniform_share = float(counts.sum()) / self.codebook_size  # every vector has one code: all vectors
-        self.restart_dead_codes(vectors, self.dead_code_threshold * uniform_share, fresh_count=uniform_share)
+        self.restart_dead_codes(vectors, counts, self.dead_code_threshold * uniform_share, fresh_count=uniform_share)
 
     @torch.no_grad()
-    def restart_dead_codes(self, vectors: torch.Tensor, usage_floor: float, fresh_count: float) -> int:
-        """Move every code whose recent usage is below ``usage_floor`` onto a random vector of ``vectors``.
+    def restart_dead_codes(
+        self, vectors: torch.Tensor, step_counts: torch.Tensor, usage_floor: float, fresh_count: float
+    ) -> int:
+        """Move every code unused in this step and with recent usage below ``usage_floor`` onto a random vector.
 
         A restarted code gets a usage and EMA count of ``fresh_count``, so it has time to attract
-        latents before it can be declared dead again. Returns how many codes were restarted.
+        latents before it can be declared dead again. Under DDP every process must call this at the
+        same point, with all-reduced ``step_counts``.
+
+        Args:
+            vectors: (M, D) this process's latents of the step; may be empty.
+            step_counts: (K,) latents assigned to each code in this step, over all processes.
+            usage_floor: recent usage below which an unused code is dead.
+            fresh_count: usage and EMA count given to a restarted code.
+
+        Returns:
+            How many codes were restarted (the same on every process).
         """
-        dead = self.recent_usage < usage_floor
+        # All-reduced statistics only: every process finds the same dead codes and runs the same collectives.
+        dead = (step_counts == 0) & (self.recent_usage < usage_floor)
         n_dead = int(dead.sum())
-        if n_dead and len(vectors):
-            picks = torch.randint(len(vectors), (n_dead,), device=vectors.device)
-            chosen = vectors[picks]
-            self.codebook[dead] = chosen
-            self.ema_count[dead] = fresh_count
-            self.recent_usage[dead] = fresh_count
-            self.ema_sum[dead] = chosen * fresh_count
-            self._broadcast_codebook()
+        if not n_dead:
+            return 0
+        chosen = self._draw_shared(vectors, n_dead)
+        if chosen is None:
+            return 0
+        self.codebook[dead] = chosen
+        self.ema_count[dead] = fresh_count
+        self.recent_usage[dead] = fresh_count
+        self.ema_sum[dead] = chosen * fresh_count
         return n_dead
 
-    def _broadcast_codebook(self) -> None:
-        # Ranks restart from their own batches; rank 0's choice wins so the replicas stay identical.
-        if dist.is_available() and dist.is_initialized():
-            for buffer in (self.codebook, self.ema_count, self.ema_sum, self.recent_usage):
-                dist.broadcast(buffer, src=0)
+    def _draw_shared(self, vectors: torch.Tensor, n: int, jitter: float = 0.0) -> torch.Tensor | None:
+        """(n, D) random rows of ``vectors``, the same on every process, or None when no process has any.
+
+        The lowest rank with vectors draws and broadcasts, so a process with an empty batch still takes
+        part. ``jitter`` times the vectors' std of Gaussian noise separates codes drawn on one vector.
+        """
+        device = self.codebook.device
+        source = _lowest_rank_with(len(vectors) > 0, device)
+        if source is None:
+            return None
+        if not _distributed() or dist.get_rank() == source:
+            drawn = vectors[torch.randint(len(vectors), (n,), device=vectors.device)].to(self.codebook)
+            if jitter:
+                drawn += jitter * vectors.std() * torch.randn_like(drawn)
+        else:
+            drawn = torch.empty(n, self.code_dim, dtype=self.codebook.dtype, device=device)
+        if _distributed():
+            dist.broadcast(drawn, src=source)
+        return drawn
 
 
 class ResidualBlock(nn.Module):
@@ -225,7 +291,7 @@ class VQVAE(nn.Module):
     """3D CNN VQ-VAE volume tokenizer.
 
     Args:
-        config: a :class:`~prima.config.TokenizerConfig`; ``channels`` sets the width, ``res_layers``
+        config: a :class:`~prima.config.VolumeTokenizerConfig`; ``channels`` sets the width, ``res_layers``
             the residual blocks at each of the two downsampled resolutions.
 
     Shapes: ``forward`` takes (N, *p) where p is any axis permutation of ``config.patch_size``
@@ -234,7 +300,7 @@ class VQVAE(nn.Module):
     ``decode`` inverts it. See the module docstring for the token layout.
     """
 
-    def __init__(self, config: TokenizerConfig) -> None:
+    def __init__(self, config: VolumeTokenizerConfig) -> None:
         super().__init__()
         patch = tuple(int(p) for p in config.patch_size)
         if len(patch) != 3 or patch[0] % 4 or patch[1] % 4 or (patch[2] * _SHORT_AXIS_UPSAMPLING) % 4:
@@ -279,10 +345,15 @@ class VQVAE(nn.Module):
         )
 
     @property
-    def token_dim(self) -> int:
-        """Length of a token: latent channels x latent grid voxels (256 for the paper)."""
+    def latent_grid(self) -> tuple[int, int, int]:
+        """Latent positions of a canonical patch: (8, 8, 2) for 32x32x4."""
         p = self.config.patch_size
-        return self.config.latent_channels * (p[0] // 4) * (p[1] // 4) * (p[2] * _SHORT_AXIS_UPSAMPLING // 4)
+        return p[0] // 4, p[1] // 4, p[2] * _SHORT_AXIS_UPSAMPLING // 4
+
+    @property
+    def token_dim(self) -> int:
+        """Length of a token: latent channels x latent grid positions (256 for the paper)."""
+        return self.config.latent_channels * math.prod(self.latent_grid)
 
     def _check_patches(self, patches: torch.Tensor) -> None:
         if patches.dim() != 4 or sorted(patches.shape[1:]) != sorted(self.config.patch_size):
@@ -337,14 +408,23 @@ class VQVAE(nn.Module):
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, 32, 32, 4) patches -> (N, 256) float tokens: the flattened quantised latents."""
         self._check_canonical(patches)
-        return rearrange(self.quantized_latent(patches), "n c x y z -> n (x y z c)")
+        return self.tokens_from_codes(self.codes(patches))
+
+    def tokens_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes of canonical patches, (N, 8, 8, 2) or flattened (N, 128), -> (N, 256) tokens, exactly
+        what :meth:`encode` returns for those patches (a token is its codes' codebook vectors)."""
+        grid = self.latent_grid
+        if codes.dim() == 2 and codes.shape[1] == math.prod(grid):
+            codes = codes.reshape(len(codes), *grid)
+        if codes.dim() != 4 or tuple(codes.shape[1:]) != grid:
+            raise ValueError(f"codes must be (N, {', '.join(map(str, grid))}) or (N, {math.prod(grid)}), "
+                             f"got {tuple(codes.shape)}")
+        return rearrange(self.quantizer.lookup(codes.long()), "n c x y z -> n (x y z c)")
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, 256) tokens from :meth:`encode` -> (N, 32, 32, 4) reconstructed patches."""
         if tokens.dim() != 2 or tokens.shape[1] != self.token_dim:
             raise ValueError(f"tokens must be (N, {self.token_dim}), got {tuple(tokens.shape)}")
-        p = self.config.patch_size
-        latent = rearrange(
-            tokens, "n (x y z c) -> n c x y z", x=p[0] // 4, y=p[1] // 4, c=self.config.latent_channels
-        )
+        x, y, _ = self.latent_grid
+        latent = rearrange(tokens, "n (x y z c) -> n c x y z", x=x, y=y, c=self.config.latent_channels)
         return self.decode_latent(latent)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from scipy import ndimage
 
@@ -90,15 +92,54 @@ def test_zip_of_three_plane_study_gives_same_volumes(three_plane_study, guarded_
 
 def test_series_ordered_by_position_not_instance_number_or_name(tmp_path):
     offsets = [0.0, 5.0, 10.0, 15.0]
-    rewrite_at_positions(PYDICOM_FILES / "MR_small.dcm", tmp_path / "s", offsets)
-    study = load_study(tmp_path)
-    (series,) = study.series
-    assert series.shape == (64, 64, 4)
+    # Slice k holds the value k; its InstanceNumber disagrees with the position order without even being
+    # monotonic (a reversed order would be undone by the reorientation to L,P,S and hide a wrong sort),
+    # and rewrite_at_positions shuffles the file names.
+    pixels = [np.full((64, 64), k, dtype=np.int16).tobytes() for k in range(len(offsets))]
+    rewrite_at_positions(PYDICOM_FILES / "MR_small.dcm", tmp_path / "s", offsets, PixelData=pixels,
+                         InstanceNumber=[3, 1, 4, 2])
+    (series,) = load_study(tmp_path).series
+    assert series.shape == (64, 64, 4) and series.through_axis == 2
     assert series.spacing == pytest.approx((0.3125, 0.3125, 5.0), abs=1e-4)
-    # Slice k sits at offset k*5 mm along the normal: check the affine's slice step.
-    normal = np.cross([1, 0, 0], [0, 1, 0]) * np.array([-1, -1, 1])  # LPS normal in RAS
-    step = series.affine[:3, 2]
-    assert abs(abs(step @ normal) - 5.0) < 1e-3
+    # MR_small is axial (IOP 1\0\0\0\1\0): the slice normal is +S in both LPS and RAS, so slice k lies
+    # k * 5 mm above the original slice and, with axes L,P,S, at index k of the array.
+    first_slice_s = float(pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm").ImagePositionPatient[2])
+    for index in range(4):
+        assert np.all(series.array[:, :, index] == index)
+        world_s = (series.affine @ [0, 0, index, 1])[2]
+        assert world_s - first_slice_s == pytest.approx(5.0 * index, abs=1e-3)
+
+
+def test_loose_dicom_files_load_as_one_study_grouped_by_series(tmp_path):
+    rng = np.random.default_rng(0)
+    axial = rng.integers(0, 1000, size=(6, 5, 4)).astype(np.float32)
+    axial += 1000 * np.arange(4)  # every slice in its own value range: a wrong order cannot match
+    sagittal = rng.integers(0, 1000, size=(3, 7, 8)).astype(np.float32)
+    files = write_dicom_series(axial, np.diag([1.0, 1.0, 3.0, 1.0]), tmp_path / "ax", series_description="AX T2",
+                               series_number=2, study_description="LOOSE", uid_seed=0, through_axis=2)
+    files += write_dicom_series(sagittal, np.diag([4.0, 1.0, 1.0, 1.0]), tmp_path / "sag",
+                                series_description="SAG T1", series_number=1, uid_seed=0, through_axis=0)
+    random.Random(0).shuffle(files)
+    nifti = NIBABEL_DATA / "anatomical.nii"
+    study = load_study([*files[:5], nifti, *files[5:]])
+    assert study.skipped == []
+    assert study.description == "LOOSE"
+    assert [s.name for s in study.series] == ["SAG T1", "AX T2", "anatomical"]
+    sag, ax, _ = study.series
+    assert (sag.plane, sag.shape) == ("sagittal", (3, 7, 8)) and (ax.plane, ax.shape) == ("axial", (6, 5, 4))
+    # the writer's affines are RAS: the loader flips the first two axes to L,P and keeps S
+    np.testing.assert_array_equal(ax.array, axial[::-1, ::-1, :])
+    np.testing.assert_array_equal(sag.array, sagittal[::-1, ::-1, :])
+    assert ax.meta["n_files"] == 4 and sag.meta["n_files"] == 3
+
+
+def test_series_names_load_each_loose_file_on_its_own(tmp_path):
+    files = write_dicom_series(np.ones((4, 4, 3), dtype=np.float32), np.eye(4), tmp_path / "ax",
+                               series_description="AX", uid_seed=0, through_axis=2)
+    with pytest.raises(NoUsableSeriesError) as caught:
+        load_study(files, series_names=["a", "b", "c"])
+    assert [(s.name, s.reason) for s in caught.value.skipped] == [
+        (name, "a single slice cannot form a 3D volume") for name in "abc"]
 
 
 def test_uneven_gaps_skip_series_with_reason(tmp_path):
@@ -141,8 +182,6 @@ def test_repeated_positions_without_distinguishing_tag_keep_first(tmp_path):
 
 
 def test_broken_series_are_skipped_and_good_ones_load(tmp_path, three_plane_study):
-    import pydicom
-
     study_folder = tmp_path / "study"
     shutil.copytree(three_plane_study.folder, study_folder)
     mixed_matrix = rewrite_at_positions(PYDICOM_FILES / "MR_small.dcm", study_folder / "a", [0.0, 3.0, 6.0],
@@ -164,8 +203,6 @@ def test_broken_series_are_skipped_and_good_ones_load(tmp_path, three_plane_stud
 
 
 def test_truncated_file_inside_series_reports_decoding_error(tmp_path):
-    import pydicom
-
     paths = rewrite_at_positions(PYDICOM_FILES / "MR_small.dcm", tmp_path / "s", [0.0, 3.0, 6.0])
     ds = pydicom.dcmread(paths[1])
     ds.PixelData = ds.PixelData[:-100]

@@ -9,7 +9,7 @@ import torch
 
 from prima.config import NameEncoderConfig, PrimaConfig, SequenceViTConfig, StudyViTConfig, TextConfig, VisionConfig
 from prima.factory import get_model_config
-from prima.models.features import TOKEN_DIM
+from prima.config import TOKEN_DIM
 
 
 def tiny_config() -> PrimaConfig:

@@ -1,5 +1,7 @@
 """The CLIP model: shapes, padding and order invariance, cached-encoder reuse, gradient flow."""
 
+import math
+
 import pytest
 import torch
 
@@ -34,6 +36,25 @@ def test_forward_shapes_tiny(model, random_study):
     assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     assert out.patdis_logit_scale.item() == pytest.approx(10.0, rel=1e-5)
     assert out.series_study.tolist() == [0, 0, 1, 1, 1]
+    assert out.series_valid.tolist() == [True] * 5
+
+
+def test_series_valid_marks_series_without_real_tokens(model, random_study):
+    g = torch.Generator().manual_seed(0)
+    batch = model.pack([random_study(g, [4, 7]), random_study(g, [5, 3])], ["MRI BRAIN", "MRI HEAD"])
+    batch.token_mask[1] = False  # series dropout removed every token of the second series
+    out = model(batch, *_text(model, 2))
+    assert out.series_valid.dtype == torch.bool and out.series_valid.tolist() == [True, False, True, True]
+
+
+def test_logit_scales_are_capped_at_100(model, random_study):
+    g = torch.Generator().manual_seed(0)
+    batch = model.pack([random_study(g, [4, 7])], ["MRI BRAIN"])
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+        model.patdis_logit_scale.fill_(math.log(1000.0))
+    out = model(batch, *_text(model, 1))
+    assert out.logit_scale.item() == pytest.approx(100.0) and out.patdis_logit_scale.item() == pytest.approx(100.0)
 
 
 def test_forward_shapes_lite(random_study):
@@ -107,7 +128,7 @@ def test_every_trainable_parameter_gets_a_gradient(tiny, random_study):
     out = model(batch, *_text(model, 2))
     loss = ClipLoss()(out.image_features, out.text_features, out.logit_scale)
     loss = loss + tiny.patdis_weight * PatientDiscriminationLoss()(
-        out.series_features, out.series_study, out.patdis_logit_scale
+        out.series_features, out.series_study, out.patdis_logit_scale, out.series_valid
     )
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]

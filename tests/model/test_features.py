@@ -3,15 +3,15 @@ import math
 import pytest
 import torch
 
-from prima.config import TOKEN_DIM as CONFIG_TOKEN_DIM
-from prima.models.features import PLANES, TOKEN_DIM, sinusoidal_position, token_features
+from prima.config import PLANES, TOKEN_DIM
+from prima.models.features import sinusoidal_position, token_features
 
 
 def test_token_layout_is_latent_position_plane():
     latents = torch.randn(5, 256)
     coords = torch.tensor([[0, 0, 0], [1, 2, 3], [4, 5, 6], [7, 7, 7], [2, 0, 9]])
     features = token_features(latents, coords, "coronal")
-    assert features.shape == (5, 289) and TOKEN_DIM == CONFIG_TOKEN_DIM == 289
+    assert features.shape == (5, 289) and TOKEN_DIM == 289
     assert torch.equal(features[:, :256], latents)
     assert torch.equal(features[:, 256:286], sinusoidal_position(coords))
     assert torch.equal(features[:, 286:], torch.tensor([[0.0, 1.0, 0.0]]).expand(5, 3))

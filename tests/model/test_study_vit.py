@@ -14,7 +14,7 @@ def vit():
 
 
 def test_study_embedding_is_the_concatenated_registers(vit):
-    assert vit.embed_dim == 4 * 32
+    assert vit.out_dim == 4 * 32
     out = vit(torch.randn(3, 5, 24), torch.ones(3, 5, dtype=torch.bool), torch.randn(3, 32))
     assert out.shape == (3, 128)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from prima.config import TextConfig
-from prima.models.text import EOS_TOKEN, TextTokenizer, TextTower, train_text_tokenizer
+from prima.models.text import EOS_TOKEN, ReportTokenizer, TextTower, train_report_tokenizer
 
 CORPUS = [
     "No acute intracranial abnormality.",
@@ -13,8 +13,8 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> TextTokenizer:
-    return train_text_tokenizer(CORPUS, vocab_size=320)
+def tokenizer() -> ReportTokenizer:
+    return train_report_tokenizer(CORPUS, vocab_size=320)
 
 
 def test_tokenizer_round_trip_and_eos(tokenizer):
@@ -40,7 +40,7 @@ def test_context_length_cuts_and_keeps_eos(tokenizer):
 
 def test_save_load(tokenizer, tmp_path):
     tokenizer.save(tmp_path / "t.json")
-    loaded = TextTokenizer.load(tmp_path / "t.json")
+    loaded = ReportTokenizer.load(tmp_path / "t.json")
     assert torch.equal(loaded(CORPUS[:3], 64)[0], tokenizer(CORPUS[:3], 64)[0])
 
 
@@ -57,7 +57,7 @@ def test_embedding_is_the_eos_state_and_ignores_padding(tokenizer):
 
 def test_bad_arguments_raise_value_error(tokenizer):
     with pytest.raises(ValueError, match="vocab_size"):
-        train_text_tokenizer(CORPUS, vocab_size=100)
+        train_report_tokenizer(CORPUS, vocab_size=100)
     with pytest.raises(ValueError, match="context_length"):
         tokenizer(["x"], context_length=1)
     with pytest.raises(ValueError, match="divisible"):
@@ -68,4 +68,4 @@ def test_bad_arguments_raise_value_error(tokenizer):
     from tokenizers import Tokenizer, models
 
     with pytest.raises(ValueError, match=EOS_TOKEN.replace("|", r"\|")):
-        TextTokenizer(Tokenizer(models.BPE()))
+        ReportTokenizer(Tokenizer(models.BPE()))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from einops import rearrange
 
-from prima.config import TokenizerConfig
+from prima.config import VolumeTokenizerConfig
 from prima.models.vqvae import VQVAE, EMAVectorQuantizer
 
-SMALL = TokenizerConfig(channels=8, res_layers=1, codebook_size=64)
+SMALL = VolumeTokenizerConfig(channels=8, res_layers=1, codebook_size=64)
 
 
 @pytest.fixture
@@ -85,12 +90,92 @@ def test_restart_revives_unused_codes() -> None:
     assert int(out.used_codes) > 40
 
 
+def test_a_code_used_in_the_step_is_not_restarted() -> None:
+    quantizer = EMAVectorQuantizer(codebook_size=5, code_dim=2, dead_code_threshold=0.5, dead_code_window=20)
+    quantizer.initialized.fill_(True)
+    quantizer.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0], [100.0, 100.0]]))
+    quantizer.ema_count.fill_(2.0)
+    quantizer.ema_sum.copy_(quantizer.codebook * 2.0)
+    quantizer.recent_usage.copy_(torch.tensor([0.0, 2.0, 2.0, 2.0, 0.0]))  # codes 0 and 4 look dead
+    # two vectors next to each of the codes 0-3, none near code 4
+    near = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]).repeat_interleave(2, dim=0)
+    latent = (near + torch.tensor([0.1, -0.1]).repeat(4)[:, None]).T.reshape(1, 2, 8)
+    quantizer(latent)
+    # uniform share 8 / 5 = 1.6, floor 0.5 * 1.6 = 0.8; code 0's usage only rose to 2 * 0.05 = 0.1, but the
+    # batch used it: it keeps its EMA statistics; the unused code 4 is restarted onto a batch vector
+    assert quantizer.recent_usage[0].item() == pytest.approx(0.1)
+    assert quantizer.ema_count[0].item() == pytest.approx(2.0 * 0.99 + 2 * 0.01)
+    assert quantizer.codebook[0].abs().max() < 0.2
+    assert quantizer.recent_usage[4].item() == pytest.approx(1.6)
+    assert torch.cdist(quantizer.codebook[4:], latent.reshape(2, 8).T).min() < 1e-6
+
+
+_DDP_TIMEOUT_S = 60.0  # a rank that misses a collective hangs the others; gloo gives up after 20 s
+
+
+def _quantizer_rank(rank: int, world: int, init_file: str, scenario: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=20))
+    torch.manual_seed(rank)  # ranks draw different random numbers, as real processes do
+    quantizer = EMAVectorQuantizer(codebook_size=16, code_dim=2, dead_code_threshold=0.5, dead_code_window=5)
+    # first training step: 40 vectors on rank 0, 24 on rank 1
+    quantizer(torch.rand(5 if rank == 0 else 3, 2, 8))
+    results = {"after_init": {name: buffer.clone() for name, buffer in quantizer.named_buffers()}}
+    if scenario == "empty_rank":
+        for empty_rank in (0, 1, None):  # None: no process has a vector at all
+            # codes 0-11 far from the data (the same on every rank) and with no recent usage: dead
+            quantizer.codebook[:12] = 100.0 + torch.arange(24.0).reshape(12, 2)
+            quantizer.ema_sum[:12] = quantizer.codebook[:12] * quantizer.ema_count[:12, None]
+            quantizer.recent_usage[:12] = 0.0
+            empty = empty_rank is None or rank == empty_rank
+            out = quantizer(torch.zeros(0, 2, 8) if empty else torch.rand(4, 2, 8))
+            results[f"empty {empty_rank}"] = {
+                "codebook": quantizer.codebook.clone(), "commitment": out.commitment_loss.clone()}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _run_two_ranks(tmp_path, scenario: str) -> list[dict]:
+    context = mp.spawn(_quantizer_rank, args=(2, str(tmp_path / "init"), scenario, str(tmp_path)), nprocs=2,
+                       join=False)
+    deadline = time.monotonic() + _DDP_TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the 2-process quantizer run ({scenario}) did not finish in {_DDP_TIMEOUT_S:.0f} s")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_ddp_initialisation_uses_the_global_uniform_share(tmp_path) -> None:
+    ranks = _run_two_ranks(tmp_path, "init")
+    for name in ("codebook", "ema_count", "ema_sum", "recent_usage"):
+        torch.testing.assert_close(ranks[0]["after_init"][name], ranks[1]["after_init"][name], rtol=0, atol=0)
+    # ema_count starts at the uniform share 64 / 16 = 4 and moves towards the all-reduced histogram of the
+    # step: its sum stays the global number of vectors, whatever the split between the ranks
+    assert ranks[0]["after_init"]["ema_count"].sum().item() == pytest.approx(64.0)
+
+
+def test_ddp_restart_with_an_empty_rank_finishes_with_identical_codebooks(tmp_path) -> None:
+    ranks = _run_two_ranks(tmp_path, "empty_rank")
+    for empty_rank in (0, 1):
+        step = f"empty {empty_rank}"
+        torch.testing.assert_close(ranks[0][step]["codebook"], ranks[1][step]["codebook"], rtol=0, atol=0)
+        # the dead codes were restarted onto the vectors of the rank that had some (the unit square)
+        assert ranks[0][step]["codebook"][:12].max() <= 1.0
+        assert ranks[empty_rank][step]["commitment"].item() == 0.0
+    # without any vector anywhere nothing is restarted (the EMA's smoothing barely moves the codes)
+    far = 100.0 + torch.arange(24.0).reshape(12, 2)
+    for rank in ranks:
+        torch.testing.assert_close(rank["empty None"]["codebook"][:12], far, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: VQVAE(TokenizerConfig(channels=6)),
-        lambda: VQVAE(TokenizerConfig(patch_size=(30, 32, 4))),
-        lambda: VQVAE(TokenizerConfig(res_layers=-1)),
+        lambda: VQVAE(VolumeTokenizerConfig(channels=6)),
+        lambda: VQVAE(VolumeTokenizerConfig(patch_size=(30, 32, 4))),
+        lambda: VQVAE(VolumeTokenizerConfig(res_layers=-1)),
         lambda: EMAVectorQuantizer(codebook_size=0, code_dim=2),
         lambda: EMAVectorQuantizer(codebook_size=8, code_dim=2, ema_decay=1.0),
     ],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.tokenizer.mni_manifest import build_mni_manifest
+from training.volume_tokenizer.mni_manifest import build_mni_manifest
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,28 @@
-"""Patches for tokenizer training and evaluation, drawn from a study manifest (SPEC section 7).
+"""Patches for volume tokenizer training and evaluation, drawn from a study manifest (docs/design.md section 7).
 
-Each series of each study goes load -> ``preprocess_series`` -> ``patchify`` -> foreground filter.
-Extraction is the slow part, so a :class:`PatchSet` is cached as one ``.npz`` in the run folder.
+Each series goes through ``prima.tokens.series_patches`` (load -> the model config's preprocessing ->
+patches -> foreground fractions), the path inference uses, then the background filter. Extraction is the
+slow part, so a :class:`PatchSet` is cached as one ``.npz`` in the run folder, named by a key of
+everything it was built from (manifest bytes, splits, preprocessing, patch size, filter settings, seed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from prima.config import TokenizerConfig
-from prima.io import Series, load_study
-from prima.patching import foreground_fractions, patchify, select_tokens
-from prima.preprocess import preprocess_series
-from training.manifest import StudyEntry, read_manifest
-from training.tokenizer.augment import random_token_selection
+from prima.config import PrimaConfig
+from prima.manifest import StudyEntry, load_entry_study, manifest_digest, read_manifest
+from prima.patching import select_tokens
+from prima.tokens import series_patches
+from training.runtime import cache_key
+from training.volume_tokenizer.augment import random_token_selection
 
 # Checked in order, so "T1 POST" wins over "T1" and "FLAIR" over "T2" ("T2 FLAIR").
 _SEQUENCE_PATTERNS = (
@@ -29,6 +33,7 @@ _SEQUENCE_PATTERNS = (
     ("T2", r"T2"),
     ("T1", r"T1|MPRAGE|SPGR|BRAVO"),
 )
+_PATCH_SET_VERSION = 2  # bump when what a patch set holds changes, so older caches are not reused
 
 
 def sequence_type(series_name: str) -> str:
@@ -75,65 +80,67 @@ class PatchSet:
             )
 
 
-def load_preprocessed(path: Path | str, name: str) -> Series:
-    """The one series at ``path`` (NIfTI file or DICOM series folder), preprocessed (SPEC section 2)."""
-    study = load_study(path, series_names=[name])
-    if not study.series:
-        raise ValueError(f"no usable series at {path}: {[skipped.reason for skipped in study.skipped]}")
-    return preprocess_series(study.series[0])
-
-
-def series_patches(series: Series, config: TokenizerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All patches of a preprocessed series: (patches (N, 32, 32, 4), coords (N, 3), foreground fractions (N,))."""
-    patches, coords = patchify(series.array, series.through_axis, config.patch_size)
-    return patches, coords, foreground_fractions(series.array, series.through_axis, config.patch_size)
-
-
 def extract_patch_set(
     studies: list[StudyEntry],
-    config: TokenizerConfig,
+    config: PrimaConfig,
     fraction_range: tuple[float, float] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> PatchSet:
-    """Patches of every series of ``studies``.
+    """Patches of every series of ``studies``, preprocessed as ``config`` says.
 
     Args:
+        config: the model config (preprocessing, patch size, background filter).
         fraction_range: when given, each series gets its own minimum foreground fraction drawn
             uniformly in this range (the paper's filtering augmentation); otherwise the config's.
         seed: seeds those draws.
-        progress: show a progress bar over series on stderr (extraction takes minutes).
+        progress: show a progress bar over studies on stderr (extraction takes minutes).
     """
     rng = np.random.default_rng(seed)
+    filter_config = config.volume_tokenizer
     chunks, coords, series_index, names, planes = [], [], [], [], []
-    entries = [entry for study in studies for entry in study.series]
-    for entry in tqdm(entries, desc="extracting patches", unit="series", disable=not progress):
-        series = load_preprocessed(entry.path, entry.name)
-        patches, grid, fractions = series_patches(series, config)
-        if fraction_range is None:
-            kept = select_tokens(fractions, config.min_foreground_fraction, config.min_tokens)
-        else:
-            kept = random_token_selection(fractions, rng, *fraction_range, min_tokens=config.min_tokens)
-        chunks.append(patches[kept].astype(np.float16))
-        coords.append(grid[kept])
-        series_index.append(np.full(len(kept), len(names), dtype=np.int32))
-        names.append(entry.name)
-        planes.append(series.plane)
+    for study in tqdm(studies, desc="extracting patches", unit="study", disable=not progress):
+        loaded = load_entry_study(study)
+        for skipped in loaded.skipped:
+            warnings.warn(f"{study.study_id}: series {skipped.name!r} skipped: {skipped.reason}", stacklevel=2)
+        for series in loaded.series:
+            patches = series_patches(series, config)
+            if fraction_range is None:
+                kept = select_tokens(patches.fractions, filter_config.min_foreground_fraction, filter_config.min_tokens)
+            else:
+                kept = random_token_selection(patches.fractions, rng, *fraction_range, min_tokens=filter_config.min_tokens)
+            chunks.append(patches.patches[kept].astype(np.float16))
+            coords.append(patches.coords[kept])
+            series_index.append(np.full(len(kept), len(names), dtype=np.int32))
+            names.append(series.name)
+            planes.append(patches.plane)
     if not chunks:
         raise ValueError("no usable series in the given studies")
     return PatchSet(np.concatenate(chunks), np.concatenate(coords), np.concatenate(series_index), names, planes)
 
 
+def patch_set_key(manifest: Path | str, splits: list[str], config: PrimaConfig,
+                  fraction_range: tuple[float, float] | None, seed: int) -> str:
+    """What a patch set is built from, hashed: a changed manifest or setting gives another cache file."""
+    tokenizer = config.volume_tokenizer
+    return cache_key(version=_PATCH_SET_VERSION, manifest=manifest_digest(manifest), splits=sorted(splits),
+                     preprocess=dataclasses.asdict(config.preprocess), patch_size=list(tokenizer.patch_size),
+                     min_fraction=tokenizer.min_foreground_fraction, min_tokens=tokenizer.min_tokens,
+                     fraction_range=list(fraction_range) if fraction_range else None,
+                     seed=seed if fraction_range else None)
+
+
 def cached_patch_set(
     manifest: Path | str,
     splits: list[str],
-    cache: Path | str,
-    config: TokenizerConfig,
+    folder: Path | str,
+    config: PrimaConfig,
     fraction_range: tuple[float, float] | None = None,
     seed: int = 0,
 ) -> PatchSet:
-    """The patches of the manifest's ``splits``, read from ``cache`` or extracted and saved there."""
-    cache = Path(cache)
+    """The patches of the manifest's ``splits``, read from ``folder/patches-<key>.npz`` or extracted and
+    saved there (the key covers everything the patch set depends on, see :func:`patch_set_key`)."""
+    cache = Path(folder) / f"patches-{patch_set_key(manifest, splits, config, fraction_range, seed)}.npz"
     if cache.exists():
         return PatchSet.load(cache)
     studies = read_manifest(manifest, splits)

@@ -1,10 +1,15 @@
-"""Evaluate a trained tokenizer on held-out series of a manifest.
+"""Evaluate a trained volume tokenizer on held-out series of a manifest.
 
-    python -m training.tokenizer.evaluate --checkpoint runs/tok --manifest data/synth/manifest.jsonl --out runs/tok/eval
+    python -m training.volume_tokenizer.evaluate --volume-tokenizer runs/vt/volume_tokenizer.safetensors \
+        --manifest data/synth/manifest.jsonl --out runs/vt/eval
 
 Reports, over foreground patches (the deterministic filter at the config's minimum fraction):
 L1 and PSNR overall, per sequence type and per plane; codebook utilisation; orientation
 consistency; and writes ``reconstructions.png`` (original / reconstruction / difference).
+``eval.json`` records its provenance (the evaluating commit, the manifest's SHA-256, splits, seed,
+the weights' SHA-256 and the training provenance stored in the weights file) and a few evaluated
+patches are saved beside it (``eval_samples.npz``) with their codes and PSNR, so anyone can check that
+the figures belong to these weights.
 
 PSNR: intensities are in [0, 1] (peak 1) and reconstructions are clipped to [0, 1];
 ``psnr_db`` = 10 log10(1 / MSE) with the MSE pooled over every voxel of the patches considered, and
@@ -21,22 +26,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prima.config import TokenizerConfig
+from prima.config import PrimaConfig, config_from_dict
+from prima.factory import create_volume_tokenizer, get_model_config
+from prima.manifest import manifest_digest, read_manifest
 from prima.models.vqvae import VQVAE
-from training.manifest import read_manifest
-from training.tokenizer.augment import AXIS_PERMUTATIONS, orient_patches
-from training.tokenizer.data import PatchSet, extract_patch_set, sequence_type
-from training.tokenizer.train import load_tokenizer, tokenizer_from_config
+from prima.release import load_volume_tokenizer, volume_tokenizer_provenance
+from training.runtime import file_digest, git_commit
+from training.volume_tokenizer.augment import AXIS_PERMUTATIONS, orient_patches
+from training.volume_tokenizer.data import PatchSet, extract_patch_set, sequence_type
+from training.volume_tokenizer.train import VolumeTokenizerTrainConfig, model_config
+
+SAMPLES_FILE = "eval_samples.npz"
+SAMPLE_PATCHES = 16  # evaluated patches saved beside eval.json so its figures can be re-checked
 
 
-def load_checkpoint(checkpoint: Path, device: str = "cpu") -> VQVAE:
-    """A tokenizer from a release-style folder (safetensors + config) or a training ``last.pt``."""
-    if checkpoint.is_dir():
-        return load_tokenizer(checkpoint, device)
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
-    model = tokenizer_from_config(state["config"])
+def load_for_evaluation(path: Path, device: str = "cpu") -> tuple[VQVAE, PrimaConfig | None, dict | None]:
+    """(volume tokenizer, model config it was trained for or None, training provenance or None) from a
+    ``volume_tokenizer.safetensors`` or a training checkpoint ``last.pt``."""
+    if path.suffix == ".safetensors":
+        return load_volume_tokenizer(path, device), None, volume_tokenizer_provenance(path)
+    state = torch.load(path, map_location=device, weights_only=False)
+    run_config = config_from_dict(VolumeTokenizerTrainConfig, state["config"], str(path))
+    settings = model_config(run_config)
+    model = create_volume_tokenizer(settings)
     model.load_state_dict(state["model"])
-    return model.to(device).eval()
+    return model.to(device).eval(), settings, {"checkpoint": str(path), "steps": state["step"],
+                                               "config": state["config"]}
 
 
 @torch.no_grad()
@@ -57,15 +72,20 @@ def psnr(mse: float) -> float:
     return float(10 * np.log10(1.0 / max(mse, 1e-12)))
 
 
+def patch_psnrs(originals: np.ndarray, recons: np.ndarray) -> np.ndarray:
+    """Per-patch PSNR (dB) of aligned (N, ...) arrays."""
+    errors = (recons - originals.astype(np.float32)).reshape(len(originals), -1)
+    return 10 * np.log10(1.0 / np.maximum((errors**2).mean(axis=1), 1e-12))
+
+
 def reconstruction_metrics(originals: np.ndarray, recons: np.ndarray) -> dict:
     """L1, pooled PSNR and mean per-patch PSNR of aligned (N, ...) arrays."""
     errors = (recons - originals.astype(np.float32)).reshape(len(originals), -1)
-    patch_mse = (errors**2).mean(axis=1)
     return {
         "patches": int(len(originals)),
         "l1": float(np.abs(errors).mean()),
-        "psnr_db": psnr(float(patch_mse.mean())),
-        "mean_patch_psnr_db": float(np.mean(10 * np.log10(1.0 / np.maximum(patch_mse, 1e-12)))),
+        "psnr_db": psnr(float((errors**2).mean())),
+        "mean_patch_psnr_db": float(np.mean(patch_psnrs(originals, recons))),
     }
 
 
@@ -133,8 +153,10 @@ def reconstruction_figure(
     return path
 
 
-def evaluate(model: VQVAE, patch_set: PatchSet, out: Path, consistency_patches: int = 256, seed: int = 0) -> dict:
-    """All metrics of ``model`` on ``patch_set``; writes ``eval.json`` and ``reconstructions.png`` under ``out``."""
+def evaluate(model: VQVAE, patch_set: PatchSet, out: Path, consistency_patches: int = 256, seed: int = 0,
+             provenance: dict | None = None) -> dict:
+    """All metrics of ``model`` on ``patch_set``; writes ``eval.json``, ``eval_samples.npz`` and
+    ``reconstructions.png`` under ``out``. ``provenance`` is recorded in ``eval.json`` as given."""
     recons, codes = reconstruct(model, patch_set.patches)
     histogram = np.bincount(codes.reshape(-1), minlength=model.config.codebook_size)
     probabilities = histogram / histogram.sum()
@@ -143,10 +165,14 @@ def evaluate(model: VQVAE, patch_set: PatchSet, out: Path, consistency_patches: 
     planes = np.array(patch_set.planes)[patch_set.series_index]
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(patch_set), min(consistency_patches, len(patch_set)), replace=False)
+    kept_samples = np.sort(rng.choice(len(patch_set), min(SAMPLE_PATCHES, len(patch_set)), replace=False))
 
     def metrics_where(selected: np.ndarray) -> dict:
         return reconstruction_metrics(patch_set.patches[selected], recons[selected])
 
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / SAMPLES_FILE, patches=patch_set.patches[kept_samples],
+                        codes=codes[kept_samples].astype(np.int16))
     result = {
         "series": len(patch_set.series_names),
         "overall": reconstruction_metrics(patch_set.patches, recons),
@@ -160,25 +186,30 @@ def evaluate(model: VQVAE, patch_set: PatchSet, out: Path, consistency_patches: 
         },
         "orientation_consistency": orientation_consistency(model, patch_set.patches[sample], seed),
         "config": dataclasses.asdict(model.config),
+        "samples": {"file": SAMPLES_FILE, "indices": kept_samples.tolist(),
+                    "psnr_db": patch_psnrs(patch_set.patches[kept_samples], recons[kept_samples]).tolist()},
+        "provenance": provenance or {},
     }
-    out.mkdir(parents=True, exist_ok=True)
     result["figure"] = str(reconstruction_figure(patch_set, recons, out / "reconstructions.png", seed=seed))
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
 def summary_line(result: dict) -> str:
-    """The model-card line: ``Tokenizer: foreground PSNR 29.4 dB, codes used 3120/8192``."""
+    """The model-card line: ``Volume tokenizer: foreground PSNR 29.4 dB, codes used 3120/8192``."""
     codebook = result["codebook"]
     psnr_db = result["overall"]["psnr_db"]
-    return f"Tokenizer: foreground PSNR {psnr_db:.1f} dB, codes used {codebook['used']}/{codebook['size']}"
+    return f"Volume tokenizer: foreground PSNR {psnr_db:.1f} dB, codes used {codebook['used']}/{codebook['size']}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="tokenizer folder or training last.pt")
-    parser.add_argument("--manifest", type=Path, required=True, help="manifest.jsonl (SPEC section 7)")
+    parser.add_argument("--volume-tokenizer", type=Path, required=True,
+                        help="volume_tokenizer.safetensors, or a training run's last.pt")
+    parser.add_argument("--manifest", type=Path, required=True, help="manifest.jsonl (docs/design.md section 7)")
     parser.add_argument("--out", type=Path, required=True, help="folder for eval.json and reconstructions.png")
+    parser.add_argument("--model", default="prima-lite",
+                        help="model config whose preprocessing is used (a last.pt names its own)")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], help="held-out splits to evaluate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -186,11 +217,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.checkpoint, args.device)
+    model, settings, training = load_for_evaluation(args.volume_tokenizer, args.device)
+    if settings is None:
+        settings = dataclasses.replace(get_model_config(args.model), volume_tokenizer=model.config)
     studies = read_manifest(args.manifest, args.splits)
     if not studies:
         raise SystemExit(f"{args.manifest}: no study in splits {args.splits}")
-    result = evaluate(model, extract_patch_set(studies, model.config), args.out, seed=args.seed)
+    provenance = {
+        "evaluation": {"commit": git_commit(), "manifest": str(args.manifest),
+                       "manifest_sha256": manifest_digest(args.manifest), "splits": args.splits, "seed": args.seed,
+                       "preprocess": dataclasses.asdict(settings.preprocess)},
+        "weights_sha256": file_digest(args.volume_tokenizer),
+        "training": training,
+    }
+    result = evaluate(model, extract_patch_set(studies, settings), args.out, seed=args.seed, provenance=provenance)
     shown = ("overall", "by_sequence", "by_plane", "codebook", "orientation_consistency")
     print(json.dumps({key: result[key] for key in shown}, indent=2))
     print(summary_line(result))

@@ -3,10 +3,10 @@
 Each subject is the ICBM152 2009 template shipped in nilearn (no download) under a random affine and a
 smooth elastic deformation; each of its series simulates one contrast (T1 from the template, T2 and
 FLAIR from the grey/white-matter/CSF maps) with a random gamma, bias field and noise, acquired in one
-plane with 4-6 mm slices. Series are written as NIfTI with a SPEC section 7 manifest, so the tokenizer
+plane with 4-6 mm slices. Series are written as NIfTI with a docs/design.md §7 manifest, so the tokenizer
 trains through the same manifest path it will use on synthetic or real studies.
 
-    python -m training.tokenizer.mni_manifest --out data/mni --subjects 24 --seed 0
+    python -m training.volume_tokenizer.mni_manifest --out data/mni --subjects 24 --seed 0
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from nilearn import datasets
 from scipy import ndimage
 
 from prima.labels import default_label_space
-from training.manifest import SeriesEntry, StudyEntry, write_manifest
+from prima.manifest import SeriesEntry, StudyEntry, write_manifest
 from training.synth.anatomy import smooth_random_field
 
 PLANES = {"AX": 2, "COR": 1, "SAG": 0}  # series-name prefix -> through-plane axis of the RAS template

@@ -1,17 +1,18 @@
-"""training.tokenizer.data and augment: sequence families, patch sets, orientation and filter augmentations."""
+"""training.volume_tokenizer.data and augment: sequence families, patch sets, orientation and filter augmentations."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from prima.config import TokenizerConfig
-from training.manifest import read_manifest
-from training.tokenizer.augment import orient_patches, random_orientation, random_token_selection
-from training.tokenizer.data import PatchSet, cached_patch_set, sequence_type
+from prima.factory import get_model_config
+from prima.manifest import read_manifest
+from training.volume_tokenizer.augment import orient_patches, random_orientation, random_token_selection
+from training.volume_tokenizer.data import PatchSet, cached_patch_set, sequence_type
 
 
 @pytest.mark.parametrize(
@@ -49,11 +50,10 @@ def test_random_token_selection_draws_a_threshold_in_range() -> None:
 
 
 def test_cached_patch_set_round_trip(mni_manifest: Path, tmp_path: Path) -> None:
-    config = TokenizerConfig()
-    cache = tmp_path / "patches.npz"
-    built = cached_patch_set(mni_manifest, ["train"], cache, config, fraction_range=(0.05, 0.05))
-    assert cache.exists()
-    loaded = cached_patch_set(mni_manifest, ["train"], cache, config)
+    config = get_model_config("prima-lite")
+    built = cached_patch_set(mni_manifest, ["train"], tmp_path, config, fraction_range=(0.05, 0.05))
+    assert len(list(tmp_path.glob("patches-*.npz"))) == 1
+    loaded = cached_patch_set(mni_manifest, ["train"], tmp_path, config, fraction_range=(0.05, 0.05))
     assert np.array_equal(built.patches, loaded.patches) and np.array_equal(built.coords, loaded.coords)
     assert loaded.series_names == [s.name for s in read_manifest(mni_manifest)[0].series]
     assert loaded.patches.dtype == np.float16 and loaded.patches.shape[1:] == (32, 32, 4)
@@ -61,4 +61,19 @@ def test_cached_patch_set_round_trip(mni_manifest: Path, tmp_path: Path) -> None
     assert set(np.unique(loaded.series_index)) == {0, 1}
     assert isinstance(loaded, PatchSet) and len(loaded) > 100
     with pytest.raises(ValueError):
-        cached_patch_set(mni_manifest, ["test"], tmp_path / "none.npz", config)
+        cached_patch_set(mni_manifest, ["test"], tmp_path, config)
+
+
+def test_patch_cache_is_keyed_by_what_built_it(mni_manifest: Path, tmp_path: Path) -> None:
+    config = get_model_config("prima-lite")
+    cached_patch_set(mni_manifest, ["train"], tmp_path, config)
+    coarser = dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, in_plane_size=128))
+    small = cached_patch_set(mni_manifest, ["train"], tmp_path, coarser)  # another preprocessing: not the cache
+    assert len(list(tmp_path.glob("patches-*.npz"))) == 2
+    manifest_copy = tmp_path / "m" / "manifest.jsonl"
+    manifest_copy.parent.mkdir()
+    lines = mni_manifest.read_text().replace('"report": ""', '"report": "edited"')
+    manifest_copy.write_text(lines.replace('"path": "', f'"path": "{mni_manifest.parent}/'))
+    cached_patch_set(manifest_copy, ["train"], tmp_path, coarser)  # another manifest: not the cache either
+    assert len(list(tmp_path.glob("patches-*.npz"))) == 3
+    assert len(small) < len(cached_patch_set(mni_manifest, ["train"], tmp_path, config))

@@ -1,4 +1,4 @@
-"""training.tokenizer.evaluate: metrics, orientation consistency and the figure on a held-out series."""
+"""training.volume_tokenizer.evaluate: metrics, orientation consistency and the figure on a held-out series."""
 
 from __future__ import annotations
 
@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from prima.config import TokenizerConfig
-from prima.models.vqvae import VQVAE
-from training.manifest import read_manifest
-from training.tokenizer.data import extract_patch_set
-from training.tokenizer.evaluate import evaluate, psnr, reconstruction_metrics, summary_line
+from prima.config import VolumeTokenizerConfig
+from prima.factory import create_volume_tokenizer, get_model_config
+from prima.manifest import manifest_digest, read_manifest
+from prima.release import save_volume_tokenizer
+from training.volume_tokenizer.data import extract_patch_set
+from training.volume_tokenizer.evaluate import (
+    SAMPLES_FILE,
+    evaluate,
+    main,
+    psnr,
+    reconstruct,
+    reconstruction_metrics,
+    summary_line,
+)
 
 
 def test_psnr_and_l1_of_a_known_error() -> None:
@@ -28,8 +37,8 @@ def test_psnr_and_l1_of_a_known_error() -> None:
 
 def test_evaluate_writes_metrics_and_figure(mni_manifest: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = VQVAE(TokenizerConfig(channels=8, res_layers=1, codebook_size=128))
-    patch_set = extract_patch_set(read_manifest(mni_manifest), model.config)
+    model = create_volume_tokenizer(VolumeTokenizerConfig(channels=8, res_layers=1, codebook_size=128))
+    patch_set = extract_patch_set(read_manifest(mni_manifest), get_model_config("prima-lite"), progress=False)
     model.train()
     model(torch.from_numpy(patch_set.patches[:64].astype(np.float32)))  # initialise the codebook on data
     model.eval()
@@ -42,4 +51,28 @@ def test_evaluate_writes_metrics_and_figure(mni_manifest: Path, tmp_path: Path) 
     ratios = result["orientation_consistency"]["ratio_by_permutation"]
     assert len(ratios) == 5 and all(np.isfinite(r) and r >= 0 for r in ratios.values())
     assert (tmp_path / "reconstructions.png").stat().st_size > 10_000
-    assert summary_line(result).startswith("Tokenizer: foreground PSNR ") and summary_line(result).endswith("/128")
+    assert summary_line(result).startswith("Volume tokenizer: foreground PSNR ")
+    assert summary_line(result).endswith("/128")
+
+
+def test_evaluation_records_provenance_and_samples_that_reproduce_it(mni_manifest: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_volume_tokenizer(VolumeTokenizerConfig(channels=8, res_layers=1, codebook_size=64))
+    patch_set = extract_patch_set(read_manifest(mni_manifest), get_model_config("prima-lite"), progress=False)
+    model.train()
+    model(torch.from_numpy(patch_set.patches[:64].astype(np.float32)))
+    weights = save_volume_tokenizer(model.eval(), tmp_path / "vt.safetensors", provenance={"steps": 7, "seed": 3})
+    main(["--volume-tokenizer", str(weights), "--manifest", str(mni_manifest), "--out", str(tmp_path / "eval"),
+          "--splits", "train", "--seed", "5"])
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    provenance = result["provenance"]
+    assert provenance["training"] == {"steps": 7, "seed": 3}
+    assert provenance["evaluation"]["manifest_sha256"] == manifest_digest(mni_manifest)
+    assert provenance["evaluation"]["seed"] == 5 and provenance["evaluation"]["splits"] == ["train"]
+    assert provenance["evaluation"]["commit"]  # the evaluating code's git commit
+    with np.load(tmp_path / "eval" / SAMPLES_FILE) as samples:
+        recons, codes = reconstruct(model, samples["patches"])
+        assert np.array_equal(codes, samples["codes"])
+        recorded = result["samples"]["psnr_db"]
+        again = [reconstruction_metrics(p[None], r[None])["psnr_db"] for p, r in zip(samples["patches"], recons)]
+    assert len(recorded) == 16 and np.allclose(again, recorded, atol=1e-4)

@@ -1,4 +1,4 @@
-"""training.tokenizer.train: a short real-anatomy run learns, resumes exactly and writes its files."""
+"""training.volume_tokenizer.train: a short real-anatomy run learns, resumes exactly and writes its files."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from prima.config import TokenizerConfig
-from training.manifest import read_manifest
-from training.tokenizer.data import extract_patch_set
-from training.tokenizer.evaluate import main
-from training.tokenizer.mni_manifest import build_mni_manifest
-from training.tokenizer.train import CONFIG_FILE, WEIGHTS_FILE, load_tokenizer, parse_args, train
+from prima.errors import ConfigError
+from prima.factory import get_model_config
+from prima.manifest import manifest_digest, read_manifest
+from prima.release import load_volume_tokenizer, volume_tokenizer_provenance
+from training.volume_tokenizer.data import extract_patch_set
+from training.volume_tokenizer.evaluate import main
+from training.volume_tokenizer.mni_manifest import build_mni_manifest
+from training.volume_tokenizer.train import parse_args, train
 
 
 def _args(manifest: Path, out: Path, *extra: str) -> list[str]:
@@ -27,15 +29,19 @@ def _args(manifest: Path, out: Path, *extra: str) -> list[str]:
 
 def test_short_training_lowers_the_reconstruction_loss_threefold(mni_manifest: Path, tmp_path: Path) -> None:
     # ~600 foreground patches of two deformed-template series (real anatomy); ~25 s on one core.
-    out = train(parse_args(_args(mni_manifest, tmp_path, "--steps", "150", "--lr", "3e-3", "--log-every", "10")))
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    weights = train(parse_args(_args(mni_manifest, tmp_path, "--steps", "150", "--lr", "3e-3", "--log-every", "10")))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == list(range(10, 151, 10))
     first, last = log[0]["l1"], log[-1]["l1"]
     assert last < first / 3, f"L1 went from {first:.4f} to {last:.4f}"
     assert log[-1]["perplexity"] > 20  # the codebook did not collapse onto a few codes
-    model = load_tokenizer(out)
+    assert all(record["step_s"] > 0 and record["patches_per_s"] > 0 for record in log)
+    model = load_volume_tokenizer(weights)
     assert model.config.channels == 16 and model.config.codebook_size == 512
     assert model.encode(torch.rand(3, 32, 32, 4)).shape == (3, 256)
+    provenance = volume_tokenizer_provenance(weights)
+    assert provenance["steps"] == 150 and provenance["manifest_sha256"] == manifest_digest(mni_manifest)
+    assert provenance["config"]["lr"] == 3e-3 and provenance["config"]["model"] == "prima-lite"
 
 
 def test_resumed_run_matches_an_uninterrupted_one(mni_manifest: Path, tmp_path: Path) -> None:
@@ -43,12 +49,15 @@ def test_resumed_run_matches_an_uninterrupted_one(mni_manifest: Path, tmp_path: 
     straight = train(parse_args(_args(mni_manifest, tmp_path / "straight", "--steps", "6", *tiny)))
     interrupted = tmp_path / "interrupted"
     train(parse_args(_args(mni_manifest, interrupted, "--steps", "3", *tiny)))
-    assert torch.load(interrupted / "last.pt", weights_only=False)["step"] == 3
-    train(parse_args(_args(mni_manifest, interrupted, "--steps", "6", *tiny)))
-    assert (interrupted / WEIGHTS_FILE).exists() and (interrupted / CONFIG_FILE).exists()
-    expected, resumed = load_tokenizer(straight).state_dict(), load_tokenizer(interrupted).state_dict()
+    checkpoint = torch.load(interrupted / "last.pt", weights_only=False)
+    assert checkpoint["step"] == 3 and checkpoint["config"]["codebook_size"] == 64  # the config travels inside
+    resumed_weights = train(parse_args(_args(mni_manifest, interrupted, "--steps", "6", *tiny)))
+    expected = load_volume_tokenizer(straight).state_dict()
+    resumed = load_volume_tokenizer(resumed_weights).state_dict()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], msg=key)
+    with pytest.raises(ConfigError, match="lr"):  # another config must not silently continue this run
+        train(parse_args(_args(mni_manifest, interrupted, "--steps", "9", "--lr", "1e-4", *tiny)))
 
 
 @pytest.mark.slow
@@ -59,12 +68,13 @@ def test_longer_lite_run_generalises_to_a_held_out_subject(tmp_path: Path) -> No
     # token's 256); held-out L1 0.042 vs 0.040 on the last training steps; 7975 codes used.
     manifest = build_mni_manifest(tmp_path / "mni", subjects=6, seed=1, series_per_subject=3)
     run = tmp_path / "run"
-    train(parse_args(["--manifest", str(manifest), "--out", str(run), "--config", "prima-lite",
-                      "--steps", "1200", "--batch-size", "32", "--lr", "2e-3", "--warmup", "100"]))
-    main(["--checkpoint", str(run), "--manifest", str(manifest), "--out", str(tmp_path / "eval"), "--splits", "val"])
+    weights = train(parse_args(["--manifest", str(manifest), "--out", str(run), "--model", "prima-lite",
+                                "--steps", "1200", "--batch-size", "32", "--lr", "2e-3", "--warmup", "100"]))
+    main(["--volume-tokenizer", str(weights), "--manifest", str(manifest), "--out", str(tmp_path / "eval"),
+          "--splits", "val"])
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
 
-    held_out = extract_patch_set(read_manifest(manifest, ["val"]), TokenizerConfig(), progress=False)
+    held_out = extract_patch_set(read_manifest(manifest, ["val"]), get_model_config("prima-lite"), progress=False)
     blocks = held_out.patches.astype(np.float32).reshape(-1, 8, 4, 8, 4, 2, 2)
     block_means = np.broadcast_to(blocks.mean(axis=(2, 4, 6), keepdims=True), blocks.shape)
     baseline_db = 10 * np.log10(1 / np.mean((blocks - block_means) ** 2))

@@ -1,0 +1,126 @@
+"""training.runtime: stage configs (file, then flags), schedule, checkpoints that carry their config,
+run logs with throughput, cache keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from prima.errors import ConfigError
+from training.runtime import (
+    RunLog,
+    add_config_arguments,
+    cache_key,
+    distributed,
+    load_stage_config,
+    resume,
+    save_checkpoint,
+    warmup_cosine,
+)
+
+
+@dataclass
+class StageConfig:
+    manifest: str  # the studies
+    steps: int = 10  # optimiser steps
+    lr: float = 1e-3  # peak learning rate
+    splits: tuple[str, ...] = ("train",)  # splits to read
+    window: tuple[float, float] = (0.1, 0.2)  # a range
+    limit: float | None = None  # optional limit
+    shuffle: bool = True  # shuffle the data
+
+
+def _load(argv: list[str]) -> StageConfig:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, StageConfig)
+    return load_stage_config(StageConfig, parser.parse_args(argv))
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "stage.yaml"
+    yaml_file.write_text("# a comment\nmanifest: m.jsonl\nsteps: 50\nsplits: [train, val]\nwindow: [0.3, 0.4]\n")
+    config = _load(["--config", str(yaml_file), "--steps", "7", "--no-shuffle"])
+    assert config == StageConfig("m.jsonl", 7, 1e-3, ("train", "val"), (0.3, 0.4), None, False)
+    json_file = tmp_path / "stage.json"
+    json_file.write_text(json.dumps({"manifest": "j.jsonl", "lr": 0.5}))
+    assert _load(["--config", str(json_file), "--splits", "test", "--limit", "2.5"]) == StageConfig(
+        "j.jsonl", 10, 0.5, ("test",), (0.1, 0.2), 2.5, True)
+    assert _load(["--manifest", "x"]).manifest == "x"  # no file: defaults, then flags
+
+
+def test_flag_help_is_the_field_comment() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, StageConfig)
+    assert "optimiser steps" in parser.format_help() and "shuffle the data" in parser.format_help()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("manifest: m\nstepz: 3\n", "unknown keys"),
+    ("steps: 3\n", "manifest"),  # a required field nobody set
+    ("- a list\n", "mapping"),
+    ("manifest: [unclosed\n", "YAML"),
+])
+def test_bad_config_files_raise_config_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        _load(["--config", str(path)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        _load(["--config", str(tmp_path / "absent.yaml")])
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    assert warmup_cosine(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0) == pytest.approx(0.55)  # half way down from 1.0 to 0.1
+    assert warmup_cosine(100, 100, 10, 1.0) == pytest.approx(0.1)
+
+
+def test_checkpoint_carries_its_config_and_refuses_another(tmp_path: Path) -> None:
+    config = StageConfig("m.jsonl", steps=5)
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "last.pt", {"step": 3}, config)
+    expected_next = torch.rand(3)
+    torch.manual_seed(99)
+    state = resume(tmp_path / "last.pt", StageConfig("m.jsonl", steps=9), may_differ=("steps",))
+    assert state["step"] == 3 and state["config"]["splits"] == ["train"]
+    assert torch.equal(torch.rand(3), expected_next)  # the random streams continue where they were
+    with pytest.raises(ConfigError, match=r"lr: 0\.001 -> 0\.1"):
+        resume(tmp_path / "last.pt", StageConfig("m.jsonl", steps=5, lr=0.1))
+    assert resume(tmp_path / "absent.pt", config) is None
+
+
+def test_run_log_lines_hold_means_step_time_and_throughput(tmp_path: Path) -> None:
+    log = RunLog(tmp_path, total_steps=4, unit="studies")
+    for loss in (1.0, 3.0):
+        log.update(8, loss=loss)
+    record = log.write(2)
+    log.close()
+    assert record["loss"] == 2.0 and record["step"] == 2 and record["step_s"] > 0 and record["studies_per_s"] > 0
+    assert json.loads((tmp_path / "log.jsonl").read_text()) == record
+    silent = RunLog(tmp_path / "absent", total_steps=1, enabled=False)  # other ranks write nothing
+    silent.update(1, loss=1.0)
+    assert silent.write(1) is None
+
+
+def test_cache_key_changes_with_any_part() -> None:
+    key = cache_key(manifest="abc", config={"a": 1, "b": [1, 2]})
+    assert key == cache_key(config={"b": [1, 2], "a": 1}, manifest="abc")
+    assert key != cache_key(manifest="abd", config={"a": 1, "b": [1, 2]})
+    assert key != cache_key(manifest="abc", config={"a": 1, "b": [2, 1]})
+
+
+def test_single_process_context() -> None:
+    with distributed("cpu") as context:
+        assert (context.rank, context.world_size, context.is_main) == (0, 1, True)
+        assert context.any(True) and not context.any(False)
+        context.barrier()
+    with pytest.raises(ValueError, match="device"):
+        with distributed("tpu"):
+            pass

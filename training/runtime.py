@@ -1,0 +1,318 @@
+"""What every training stage shares: its config file, processes, seeds, schedule, checkpoints, logs and caches.
+
+A stage is a short script around these pieces::
+
+    config = load_stage_config(StageConfig, args)           # YAML/JSON file, then command-line overrides
+    with distributed(config.device) as dist_ctx:             # torchrun -> DDP (NCCL on GPU, gloo on CPU)
+        seed_everything(config.seed, dist_ctx.rank)
+        state = resume(run / CHECKPOINT_FILE, config)        # None on a fresh run; refuses another config
+        log = RunLog(run, total_steps, enabled=dist_ctx.is_main)
+        ...
+        save_checkpoint(run / CHECKPOINT_FILE, {...}, config)  # the config travels inside, as data
+
+The same command runs on one CPU, one GPU or under ``torchrun`` on several GPUs or nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import time
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from prima.config import config_from_dict
+from prima.errors import ConfigError
+
+CHECKPOINT_FILE = "last.pt"
+LOG_FILE = "log.jsonl"
+ConfigT = TypeVar("ConfigT")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage configs: a dataclass per stage, a file that sets it, command-line flags that override the file.
+
+def _flag_type(hint: Any) -> tuple[type, int | str | None]:
+    """(element type, argparse ``nargs``) of a config field: None for one value, n for a fixed-length
+    tuple, "+" for a list or a variable-length tuple."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and Ellipsis not in args:
+        return args[0], len(args)
+    if origin in (tuple, list):
+        return args[0], "+"
+    return hint, None
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` written after each field of a dataclass, by field name."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``--config FILE`` plus one ``--field-name`` flag per field of the stage config ``cls`` (default:
+    keep the file's value). The help text of each flag is the field's comment in the dataclass."""
+    parser.add_argument("--config", type=Path, default=None, help="stage config file (.yaml/.yml or .json)")
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for item in fields(cls):
+        element, nargs = _flag_type(hints[item.name])
+        flag = "--" + item.name.replace("_", "-")
+        help_text = comments.get(item.name, "")
+        if element is bool:
+            parser.add_argument(flag, dest=item.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=item.name, default=None, type=element, nargs=nargs, help=help_text)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A stage config file as a dict: YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(doc).__name__}")
+    return doc
+
+
+def load_stage_config(cls: type[ConfigT], args: argparse.Namespace) -> ConfigT:
+    """The stage config: the dataclass defaults, then ``args.config``'s file, then every flag given."""
+    doc = read_config_file(args.config) if getattr(args, "config", None) else {}
+    for item in fields(cls):
+        value = getattr(args, item.name, None)
+        if value is not None:
+            doc[item.name] = value
+    try:
+        return config_from_dict(cls, doc, str(args.config) if getattr(args, "config", None) else cls.__name__)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{cls.__name__}: {exc}; set it in the config file or with its flag") from exc
+
+
+def config_dict(config: Any) -> dict:
+    """A stage config as plain JSON-ready data (what checkpoints and logs record)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processes and devices.
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: one process, or one of ``world_size`` launched by torchrun."""
+
+    rank: int  # global rank, 0 on a single process
+    world_size: int  # number of processes
+    local_rank: int  # rank on this node (picks the GPU)
+    device: torch.device  # the device this process computes on
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank (e.g. a time limit), so all stop together."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values pass through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[DistributedContext]:
+    """Join the process group torchrun set up (``WORLD_SIZE`` > 1), else run as one process.
+
+    NCCL on GPUs, gloo on CPUs; each process computes on ``cuda:<LOCAL_RANK>`` (GPU) or the CPU. The
+    group is torn down on exit.
+    """
+    kind = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield DistributedContext(0, 1, 0, torch.device(kind))
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    try:
+        target = torch.device(f"cuda:{local_rank}" if kind == "cuda" else "cpu")
+        yield DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, target)
+    finally:
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; ranks get distinct streams (``seed + rank``) for their own draws."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule, checkpoints, logs.
+
+def warmup_cosine(step: int, total_steps: int, warmup: int, peak: float, floor_fraction: float = 0.1) -> float:
+    """Learning rate at ``step``: linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to
+    ``floor_fraction * peak`` at ``total_steps``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (floor_fraction + (1 - floor_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def save_checkpoint(path: Path, state: dict, config: Any) -> None:
+    """Write ``state`` plus the stage config (as data) and the RNG states, atomically (tmp file + rename)."""
+    payload = {**state, "config": config_dict(config), "rng": rng_states()}
+    partial = path.with_suffix(".tmp")
+    torch.save(payload, partial)
+    partial.replace(path)
+
+
+def resume(path: Path, config: Any, device: torch.device | str = "cpu",
+           may_differ: tuple[str, ...] = ()) -> dict | None:
+    """The checkpoint at ``path`` with its RNG states restored, or None when there is none.
+
+    Raises:
+        ConfigError: the checkpoint was written with another config (fields in ``may_differ``,
+            e.g. the total number of steps or a time limit, may change between runs).
+    """
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    saved, current = checkpoint["config"], config_dict(config)
+    changed = sorted(key for key in set(saved) | set(current)
+                     if key not in may_differ and saved.get(key) != current.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        raise ConfigError(f"{path} was written with another config ({details}); use a new run folder")
+    restore_rng_states(checkpoint["rng"])
+    return checkpoint
+
+
+class RunLog:
+    """A progress bar on stderr and a ``log.jsonl`` line per logging interval (main process only).
+
+    Each line holds the step, the running means of the values given to ``update`` since the last line,
+    the seconds per step and the throughput in ``unit`` per second.
+    """
+
+    def __init__(self, folder: Path, total_steps: int, start_step: int = 0, unit: str = "samples",
+                 enabled: bool = True, description: str = "training") -> None:
+        self.enabled = enabled
+        self.unit = unit
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._items = 0
+        self._since = time.perf_counter()
+        self._file = (folder / LOG_FILE).open("a", encoding="utf-8") if enabled else None
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step", disable=not enabled)
+
+    def update(self, items: int, **values: float) -> None:
+        """One step done on ``items`` samples (this process's share times the world size, or per process)."""
+        self._bar.update()
+        self._count += 1
+        self._items += items
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+
+    def write(self, step: int, **extra: Any) -> dict | None:
+        """Flush the running means as one log line (and on the bar); returns the record."""
+        if not self.enabled or not self._count:
+            return None
+        elapsed = time.perf_counter() - self._since
+        record = {"step": step, **{k: v / self._count for k, v in self._sums.items()},
+                  "step_s": elapsed / self._count, f"{self.unit}_per_s": self._items / max(elapsed, 1e-9), **extra}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}, refresh=False)
+        self._sums, self._count, self._items, self._since = {}, 0, 0, time.perf_counter()
+        return record
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._file is not None:
+            self._file.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Caches: keyed by everything they were built from, so a stale cache is never reused.
+
+def cache_key(**parts: Any) -> str:
+    """A short stable hash of JSON-ready ``parts`` (manifest digest, configs, weight digests, versions)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (e.g. weights a cache was built with)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(folder: str | Path | None = None) -> str | None:
+    """The commit of the code that runs (``<sha>`` or ``<sha>-dirty``), None outside a git checkout."""
+    cwd = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
