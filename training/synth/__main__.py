@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from training.synth.study import DEFAULT_PROTOCOL_BLIND, PROTOCOL_BLIND_SPLITS
 from training.synth.writers import FORMATS, write_dataset
 
 
@@ -24,12 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--spacing", type=float, default=1.5, help="phantom voxel size in mm (coarser = faster)")
     parser.add_argument("--max-series", type=int, default=8, help="most series per study (2-8)")
+    parser.add_argument("--protocol-blind", choices=sorted(PROTOCOL_BLIND_SPLITS), default=DEFAULT_PROTOCOL_BLIND,
+                        help="splits whose protocol and series are drawn independently of the labels: heldout "
+                             "(val and test; train follows the indication), all or none")
+    parser.add_argument("--metadata-only", action="store_true",
+                        help="write only manifest.jsonl, without images (e.g. for training.metadata_baseline)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         manifest = write_dataset(a.n, a.out, seed=a.seed, fmt=a.format, workers=a.workers, spacing=a.spacing,
-                                    max_series=a.max_series, progress=not a.no_progress)
+                                 max_series=a.max_series, protocol_blind=a.protocol_blind,
+                                 metadata_only=a.metadata_only, progress=not a.no_progress)
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - start

@@ -31,7 +31,7 @@ class Example:
 
 
 EXAMPLES = (
-    # FLAIR, T2 and DWI of a high-grade glioma: 7 MB.
+    # FLAIR, DWI and its ADC map of a high-grade glioma: 4 MB.
     Example("glioma_high_grade.zip", 1, ("tumor_adult_high_grade_glioma",), 3),
     # DWI and its ADC map of a normal head: 1 MB.
     Example("normal_dwi.zip", 2, (), 2),

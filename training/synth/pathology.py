@@ -21,9 +21,9 @@ from training.synth.lesions import structural as st
 from training.synth.lesions import tumors as tu
 from training.synth.lesions import vascular as va
 from training.synth.lesions.base import Ctx
-from training.synth.phantom import Phantom
+from training.synth.phantom import Finding, Phantom
 
-UNREMARKABLE_FRACTION = 0.4  # SPEC section 6
+UNREMARKABLE_FRACTION = 0.4  # docs/design.md §6
 INCIDENTAL_PROBABILITY = 0.12  # chance of an unrelated second finding in an abnormal study
 
 MASS_EFFECT = "structural_mass_effect"
@@ -118,6 +118,10 @@ DIAGNOSES: dict[str, Diagnosis] = {
     "ventricular_ventriculomegaly": Diagnosis(st.ventriculomegaly, 2.0, ("t2", "flair", "t1"), "t2", "ventricular", 0),
 }
 KEY_SEQUENCES: dict[str, tuple[str, ...]] = {k: d.sequences for k, d in DIAGNOSES.items()}
+
+# A general label -> its subtypes. A subtype's lesion is also the general label's lesion: one mask,
+# one finding per key, but one report item, the subtype's (``reported_findings``).
+SUBTYPES: dict[str, tuple[str, ...]] = {GLIOMA: ("tumor_adult_high_grade_glioma", "tumor_adult_low_grade_glioma")}
 
 # Always present together: the first implies each of the others (glioma grades are gliomas).
 IMPLIES: dict[str, tuple[str, ...]] = {
@@ -226,7 +230,7 @@ def apply_findings(phantom: Phantom, keys, rng: np.random.Generator) -> None:
         raise ValueError(f"unknown diagnosis keys {unknown}")
     wanted = _closure(keys)
     ctx = Ctx(phantom, rng)
-    graded = [k for k in ("tumor_adult_high_grade_glioma", "tumor_adult_low_grade_glioma") if k in wanted]
+    graded = [k for k in SUBTYPES[GLIOMA] if k in wanted]
     for key in sorted(wanted, key=lambda k: DIAGNOSES[k].stage):
         d = DIAGNOSES[key]
         if d.painter is None or (key == GLIOMA and graded) or (key == EDEMA and ctx.has(EDEMA)):
@@ -255,3 +259,20 @@ def apply_findings(phantom: Phantom, keys, rng: np.random.Generator) -> None:
         raise RuntimeError(f"pathology painters left no mask or finding for {missing}")
     order = default_label_space().diagnosis_keys
     phantom.findings.sort(key=lambda f: order.index(f.key))
+
+
+def reported_findings(findings: list[Finding]) -> list[Finding]:
+    """The findings a report itemises: one per lesion.
+
+    A general label whose subtype is also present (``SUBTYPES``: a high-grade glioma is labelled
+    glioma too) describes the subtype's lesion, so only the subtype gets an item. Secondary findings
+    (edema, mass effect, midline shift, herniation) stay separate items, as radiologists list them.
+
+    Args:
+        findings: a study's findings (``Phantom.findings``).
+
+    Returns:
+        ``findings`` without the general labels covered by a subtype, order kept.
+    """
+    present = {f.key for f in findings}
+    return [f for f in findings if not present.intersection(SUBTYPES.get(f.key, ()))]

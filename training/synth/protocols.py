@@ -5,7 +5,8 @@ A study draws a scanner vendor (naming style), a protocol (study description + s
 each series' parameters. Protocol choice leans on the study's findings the way ordering does in a
 health system (sellar lesions get a pituitary protocol, acoustic schwannomas an IAC protocol, stroke a
 stroke protocol, tumours contrast) but not always, so a finding is sometimes imaged without its best
-sequence.
+sequence. A protocol-blind study (``study.plan_study(protocol_blind=True)``) passes no findings:
+protocol, series kinds and series count are then drawn independently of its labels.
 """
 
 from __future__ import annotations
@@ -143,12 +144,25 @@ PROTOCOL_AFFINITY: dict[str, tuple[str, ...]] = {
 }
 
 
+AFFINITY_BOOST = 1.5  # added to a protocol's base weight when a finding matches its affinity
+
+
 def choose_protocol(rng: np.random.Generator, finding_keys: list[str]) -> Protocol:
-    """Pick a protocol for a study whose (sampled) diagnoses are ``finding_keys``."""
+    """Pick a protocol for a study.
+
+    Args:
+        rng: source of the draw.
+        finding_keys: the study's diagnoses, which raise the weight of the protocols they are usually
+            ordered with (``PROTOCOL_AFFINITY``); [] draws from ``BASE_PROTOCOL_WEIGHTS`` alone (a
+            normal study, or a protocol-blind one).
+
+    Returns:
+        The chosen protocol.
+    """
     weights = dict(BASE_PROTOCOL_WEIGHTS)
     for protocol, prefixes in PROTOCOL_AFFINITY.items():
         if any(k.startswith(p) for k in finding_keys for p in prefixes):
-            weights[protocol] += 1.5
+            weights[protocol] += AFFINITY_BOOST
     keys = list(weights)
     p = np.array([weights[k] for k in keys])
     return PROTOCOLS[keys[int(rng.choice(len(keys), p=p / p.sum()))]]
@@ -169,17 +183,62 @@ def wanted_sequences(key_sequences: list[tuple[str, ...]]) -> dict[str, float]:
     return wanted
 
 
+# Truncation order when a study has more series than ``max_series`` (lowest rank dropped first, the
+# latest-acquired first within a rank): optional non-contrast extras, optional extra post-contrast
+# planes, series added for the findings, then the protocol's required non-contrast series. A
+# contrast protocol's required post-contrast series is never dropped: the gadolinium was given.
+_DROP_RANK: dict[tuple[str, bool], int | None] = {  # (role, post-contrast) -> rank; None = never dropped
+    ("optional", False): 0, ("optional", True): 1, ("finding", False): 2, ("finding", True): 2,
+    ("required", False): 3, ("required", True): None}
+
+
+def _fit_series(units: list[tuple[list[str], int | None]], max_series: int) -> list[str]:
+    """Drop whole units (a DWI with its ADC map is one unit) by ``_DROP_RANK`` until ``max_series`` fit.
+
+    Within the lowest rank a single series goes before a DWI + ADC pair when one series is all that is
+    over, so the ADC stays with its DWI where possible; the ADC alone goes only when dropping the pair
+    would leave fewer than 2 series.
+    """
+    units = [(list(kinds), rank) for kinds, rank in units]
+    while (total := sum(len(kinds) for kinds, _ in units)) > max_series:
+        droppable = [i for i, (_, rank) in enumerate(units) if rank is not None]
+        lowest = min(units[i][1] for i in droppable)
+        same = [i for i in droppable if units[i][1] == lowest]
+        fitting = [i for i in same if len(units[i][0]) <= total - max_series]
+        victim = (fitting or same)[-1]
+        if total - len(units[victim][0]) < 2:
+            units[victim][0].pop()  # the ADC map of a DWI + ADC pair
+        else:
+            del units[victim]
+    return [k for kinds, _ in units for k in kinds]
+
+
 def draw_series_kinds(rng: np.random.Generator, protocol: Protocol, wanted: dict[str, float] | None = None,
                       max_series: int = 8) -> list[str]:
-    """Series kinds of one study (2 to ``max_series``; DWI brings its ADC map along).
+    """Series kinds of one study, in acquisition order (DWI brings its ADC map along).
 
-    ``wanted`` maps sequences the findings are best seen on to the chance of adding them when the
-    protocol lacks them (see ``wanted_sequences``), so findings are usually, not always, imaged with
-    their best contrast.
+    Args:
+        rng: source of every draw.
+        protocol: the study's protocol: its required slots are always filled, each optional series is
+            added with ``protocol.optional_p``.
+        wanted: sequences the findings are best seen on -> chance of adding them when the protocol
+            lacks them (see ``wanted_sequences``), so findings are usually, not always, imaged with
+            their best contrast; None or {} draws the protocol alone (label-blind).
+        max_series: most series kept (2..8); extras are dropped first (``_DROP_RANK``), never the
+            required post-contrast series of a contrast protocol.
+
+    Returns:
+        2 to ``max_series`` kinds, post-contrast series last and the ADC map right after its DWI.
     """
-    kinds = [str(group[int(rng.integers(len(group)))]) for group in protocol.required]
-    kinds += [k for k in protocol.optional if rng.random() < protocol.optional_p]
-    have = {SERIES_KINDS[k][0] for k in kinds}
+    if not 2 <= max_series <= 8:
+        raise ValueError(f"max_series must be in [2, 8], got {max_series}")
+    role: dict[str, str] = {}
+    for group in protocol.required:
+        role.setdefault(str(group[int(rng.integers(len(group)))]), "required")
+    for k in protocol.optional:
+        if rng.random() < protocol.optional_p:
+            role.setdefault(k, "optional")
+    have = {SERIES_KINDS[k][0] for k in role}
     for sequence, p in sorted((wanted or {}).items()):
         if sequence == "adc":
             sequence = "dwi"  # the ADC map comes with its DWI
@@ -187,17 +246,13 @@ def draw_series_kinds(rng: np.random.Generator, protocol: Protocol, wanted: dict
             continue  # no gadolinium in a non-contrast protocol
         candidates = [k for k, (seq, _) in SERIES_KINDS.items() if seq == sequence]
         if candidates and rng.random() < p:
-            kinds.append(candidates[int(rng.integers(len(candidates)))])
+            role.setdefault(candidates[int(rng.integers(len(candidates)))], "finding")
             have.add(sequence)
-    ordered = list(dict.fromkeys(kinds))
     # Contrast goes last, as it is acquired; ADC follows DWI.
-    ordered.sort(key=lambda k: SERIES_KINDS[k][0] in ("t1_post", "mprage_post"))
-    out: list[str] = []
-    for k in ordered:
-        out.append(k)
-        if k == "ax_dwi":
-            out.append("ax_adc")
-    return out[:max_series] if len(out) > max_series else out
+    ordered = sorted(role, key=lambda k: SERIES_KINDS[k][0] in POST_CONTRAST)
+    units = [(["ax_dwi", "ax_adc"] if k == "ax_dwi" else [k],
+              _DROP_RANK[role[k], SERIES_KINDS[k][0] in POST_CONTRAST]) for k in ordered]
+    return _fit_series(units, max_series)
 
 
 def _choice(rng: np.random.Generator, options):

@@ -4,15 +4,25 @@ Each diagnosis has several templates (synonyms, word order, impression phrases);
 ``{size}`` (largest diameter as "2.3 cm"/"7 mm"), ``{loc}`` (the Finding's location), ``{cw}`` (a
 "compatible with"-style phrase) and the Finding's attributes by name. Normal studies get a varied
 "No acute intracranial abnormality."-style sentence. No comparisons, no normal findings listed.
+
+A sentence mentions only what the study's acquired sequences can show (``SEQUENCE_TERMS``: no
+enhancement without a post-contrast series, no diffusion without DWI/ADC, no susceptibility without
+SWI/GRE, no FLAIR, T1 or T2 signal without that series); every diagnosis has a template that needs no
+particular sequence, so its item always names it. There is one item per lesion
+(``pathology.reported_findings``).
 """
 
 from __future__ import annotations
 
+import re
 import string
+from typing import Collection
 
 import numpy as np
 
+from training.synth.pathology import reported_findings
 from training.synth.phantom import Finding
+from training.synth.sequences import POST_CONTRAST, SEQUENCES
 
 NORMAL_REPORTS = (
     "No acute intracranial abnormality.",
@@ -22,6 +32,19 @@ NORMAL_REPORTS = (
     "No intracranial abnormality identified.",
     "Normal brain MRI for age.",
     "No evidence of acute intracranial pathology.",
+)
+
+# Terms a sentence may use only when the study acquired one of the sequences that show them. A
+# template's needs follow from its rendered text (attribute values included), so templates are not
+# tagged by hand. "non-enhancing" needs contrast too: absent enhancement is a post-contrast finding.
+SEQUENCE_TERMS: tuple[tuple[re.Pattern, frozenset[str]], ...] = (
+    (re.compile(r"enhanc", re.I), frozenset(POST_CONTRAST)),
+    (re.compile(r"diffusion|\bADC\b|\bDWI\b", re.I), frozenset({"dwi", "adc"})),
+    (re.compile(r"\bSWI\b|susceptib|bloom|micro-?bleed|micro-?ha?emorrhag|\bT2\*|\bGRE\b", re.I),
+     frozenset({"swi", "t2star"})),
+    (re.compile(r"FLAIR", re.I), frozenset({"flair"})),
+    (re.compile(r"\bT1\b"), frozenset({"t1", "mprage"})),  # pre-contrast T1 signal, not a post-contrast image
+    (re.compile(r"\bT2\b(?!\*)"), frozenset({"t2"})),
 )
 
 COMPATIBLE = ("compatible with", "consistent with", "in keeping with", "most suggestive of", "likely representing")
@@ -57,7 +80,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{size} smoothly ring-enhancing lesion in the {loc} with central restricted diffusion and surrounding "
         "vasogenic edema, {cw} cerebral abscess.",
         "Brain abscess in the {loc} measuring {size}, with a T2-hypointense rim and central diffusion restriction.",
-        "Ring-enhancing lesion with restricted diffusion in the {loc}, {cw} pyogenic abscess."),
+        "Ring-enhancing lesion with restricted diffusion in the {loc}, {cw} pyogenic abscess.",
+        "{size} rim-walled lesion in the {loc} with surrounding vasogenic edema, {cw} brain abscess."),
     "infectious_viral_encephalitis": (
         "T2/FLAIR hyperintensity and swelling of the {loc} with restricted diffusion, {cw} viral (herpes) "
         "encephalitis.",
@@ -71,7 +95,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "inflammatory_neurosarcoid": (
         "Nodular leptomeningeal enhancement of the {loc}, {cw} neurosarcoidosis.",
         "Leptomeningeal and infundibular enhancement, {cw} neurosarcoid.",
-        "Abnormal nodular enhancement along the {loc}; neurosarcoidosis is favoured."),
+        "Abnormal nodular enhancement along the {loc}; neurosarcoidosis is favoured.",
+        "Nodular leptomeningeal thickening along the {loc}, {cw} neurosarcoidosis."),
     "sellar_craniopharyngioma": (
         "{size} cystic and solid suprasellar mass with calcifications and rim enhancement, {cw} craniopharyngioma.",
         "Craniopharyngioma in the {loc} measuring {size}.",
@@ -140,7 +165,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "trauma_diffuse_axonal_injury": (
         "{count} punctate foci of susceptibility at the {loc}, {cw} diffuse axonal injury.",
         "Diffuse axonal injury with microhemorrhages at the {loc}.",
-        "Multiple microbleeds in a shear distribution, {cw} diffuse axonal injury (DAI)."),
+        "Multiple microbleeds in a shear distribution, {cw} diffuse axonal injury (DAI).",
+        "{count} punctate lesions at the {loc} in a shear distribution, {cw} diffuse axonal injury."),
     "trauma_subdural_hematoma": (
         "{size} thick {stage} subdural hematoma over the {loc}.",
         "{stage} subdural hematoma along the {loc}, measuring {size} in maximal thickness.",
@@ -149,7 +175,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{count} enhancing lesion(s) at the grey-white junction, the largest {size}, with disproportionate edema, {cw} "
         "metastases.",
         "Brain metastasis: {count} enhancing lesion(s) in the {loc}, largest {size}.",
-        "Enhancing lesions in the {loc} ({count}), {cw} metastatic disease."),
+        "Enhancing lesions in the {loc} ({count}), {cw} metastatic disease.",
+        "{count} lesion(s) at the grey-white junction of the {loc} with surrounding edema, the largest {size}, {cw} "
+        "metastases."),
     "tumor_adult_glioma": (
         "{size} infiltrative T2/FLAIR hyperintense mass in the {loc}, {cw} glioma.",
         "Glial neoplasm (glioma) in the {loc} measuring {size}.",
@@ -158,7 +186,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{size} ring-enhancing mass in the {loc} with central necrosis and surrounding vasogenic edema, {cw} "
         "high-grade glioma.",
         "High-grade glioma (glioblastoma) in the {loc}, {size}, with irregular thick rim enhancement.",
-        "Heterogeneously enhancing necrotic intra-axial mass of the {loc}, {cw} high-grade glioma."),
+        "Heterogeneously enhancing necrotic intra-axial mass of the {loc}, {cw} high-grade glioma.",
+        "{size} heterogeneous intra-axial mass in the {loc} with central necrosis and surrounding edema, {cw} "
+        "high-grade glioma."),
     "tumor_adult_low_grade_glioma": (
         "{size} non-enhancing T2/FLAIR hyperintense expansile mass in the {loc}, {cw} low-grade glioma.",
         "Low-grade glioma in the {loc} measuring {size}.",
@@ -248,6 +278,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Diffuse smooth pachymeningeal enhancement with sagging of the brainstem, {cw} intracranial hypotension.",
         "Intracranial hypotension: dural enhancement and brain sag ({brain_sag_mm} mm).",
         "Smooth dural thickening and enhancement with descent of the brainstem, {cw} spontaneous intracranial "
+        "hypotension.",
+        "Sagging of the brainstem ({brain_sag_mm} mm) with effacement of the basal cisterns, {cw} intracranial "
         "hypotension."),
     "ventricular_ventriculomegaly": (
         "Ventriculomegaly involving the {loc}.",
@@ -270,28 +302,59 @@ def _fields(finding: Finding, rng: np.random.Generator) -> dict[str, str]:
     return fields
 
 
-def describe(finding: Finding, rng: np.random.Generator) -> str:
-    """One report sentence for a finding."""
+def _field_names(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def shown_by(text: str, sequences: Collection[str]) -> bool:
+    """Whether the acquired ``sequences`` can show everything ``text`` says (``SEQUENCE_TERMS``)."""
+    acquired = set(sequences)
+    return all(acquired & showing for term, showing in SEQUENCE_TERMS if term.search(text))
+
+
+def describe(finding: Finding, rng: np.random.Generator, sequences: Collection[str]) -> str:
+    """One report sentence for a finding, saying only what the acquired sequences can show.
+
+    Args:
+        finding: a placed diagnosis (key, location, size, attributes).
+        rng: picks the template and the "compatible with" phrase.
+        sequences: the study's acquired sequences (``sequences.SEQUENCES`` names, e.g. {"flair", "dwi"}).
+
+    Returns:
+        The sentence, capitalised.
+    """
     if finding.key not in TEMPLATES:
         raise ValueError(f"no report template for {finding.key!r}")
+    unknown = set(sequences) - set(SEQUENCES)
+    if unknown:
+        raise ValueError(f"unknown sequences {sorted(unknown)}; expected names from {SEQUENCES}")
+    templates = TEMPLATES[finding.key]
     fields = _fields(finding, rng)
-    usable = []
-    for t in TEMPLATES[finding.key]:
-        names = {name for _, name, _, _ in string.Formatter().parse(t) if name}
-        if names <= fields.keys() and ("size" not in names or finding.size_mm > 0):
-            usable.append(t)
-    if not usable:  # every template needs something this finding lacks: use the plainest one
-        usable = [min(TEMPLATES[finding.key], key=len)]
-        fields = {**{n: "" for _, n, _, _ in string.Formatter().parse(usable[0]) if n}, **fields}
-    text = usable[int(rng.integers(len(usable)))].format(**fields)
-    text = " ".join(text.split())
+    usable = [t.format(**fields) for t in templates
+              if _field_names(t) <= fields.keys() and ("size" not in _field_names(t) or finding.size_mm > 0)]
+    usable = [text for text in usable if shown_by(text, sequences)]
+    if not usable:
+        # Every template needs a field this finding lacks or a sequence the study lacks: the plainest
+        # template that needs no particular sequence (every key has one; tested), missing fields blank.
+        blanked = {**{n: "" for t in templates for n in _field_names(t)}, **fields}
+        usable = [min((text for text in (t.format(**blanked) for t in templates) if shown_by(text, ())), key=len)]
+    text = " ".join(usable[int(rng.integers(len(usable)))].split())
     return text[0].upper() + text[1:]
 
 
-def write_report(findings: list[Finding], rng: np.random.Generator) -> str:
-    """Itemised report of the positive findings (order shuffled), or a normal-study sentence."""
-    if not findings:
+def write_report(findings: list[Finding], rng: np.random.Generator, sequences: Collection[str]) -> str:
+    """Itemised report, one item per lesion (``pathology.reported_findings``), or a normal-study sentence.
+
+    Args:
+        findings: the study's findings (all positive labels).
+        rng: shuffles the items and phrases them.
+        sequences: the study's acquired sequences; no item mentions what none of them shows.
+
+    Returns:
+        Numbered lines ("1. ...") in shuffled order, or one normal-study sentence.
+    """
+    items = reported_findings(findings)
+    if not items:
         return NORMAL_REPORTS[int(rng.integers(len(NORMAL_REPORTS)))]
-    order = rng.permutation(len(findings))
-    lines = [f"{i + 1}. {describe(findings[j], rng)}" for i, j in enumerate(order)]
-    return "\n".join(lines)
+    order = rng.permutation(len(items))
+    return "\n".join(f"{i + 1}. {describe(items[j], rng, sequences)}" for i, j in enumerate(order))

@@ -1,20 +1,24 @@
 """One synthetic study end to end: subject -> pathology -> protocol -> series -> report and labels.
 
 Every random draw comes from a ``numpy.random.SeedSequence`` built from ``(seed, study_index)`` and
-split into independent streams (subject, pathology, protocol, series, report), so a study depends only
-on the seed and its index, never on which worker made it or in which order.
+split into independent streams (subject, pathology, protocol, series, report, split), so a study depends
+only on the seed and its index, never on which worker made it or in which order.
+
+``plan_study`` draws everything but the images (the painted phantom, labels, split, protocol, series
+names and parameters, report); ``generate_study`` simulates the planned series. Both take the same
+arguments, so a plan is exactly the metadata of the study ``generate_study`` makes from them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 from prima.labels import default_label_space
 from training.synth.anatomy import make_subject
 from training.synth.pathology import KEY_SEQUENCES, apply_findings, sample_diagnoses
-from training.synth.phantom import Finding
+from training.synth.phantom import Finding, Phantom
 from training.synth.protocols import (
     VENDORS,
     choose_protocol,
@@ -26,6 +30,24 @@ from training.synth.reports import write_report
 from training.synth.sequences import SeriesSpec, simulate_series
 
 SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))  # by patient
+
+# Data-set setting -> the splits whose studies are drawn protocol-blind. Real protocols follow the
+# indication, which training may learn from; evaluation splits must not be readable off the metadata.
+PROTOCOL_BLIND_SPLITS: dict[str, frozenset[str]] = {
+    "heldout": frozenset({"val", "test"}),
+    "all": frozenset({"train", "val", "test"}),
+    "none": frozenset(),
+}
+DEFAULT_PROTOCOL_BLIND = "heldout"
+
+
+@dataclass
+class PlannedSeries:
+    """One series of a study before it is simulated."""
+
+    name: str  # series description (unique within the study)
+    kind: str  # protocol series kind, e.g. "ax_flair"
+    spec: SeriesSpec  # contrast, geometry and timing it will be simulated with
 
 
 @dataclass
@@ -40,9 +62,9 @@ class SimulatedSeries:
     masks: dict[str, np.ndarray]  # diagnosis key -> bool mask on this grid (empty dict for normal studies)
 
 
-@dataclass
-class SyntheticStudy:
-    """Everything the writers need for one study."""
+@dataclass(kw_only=True)
+class StudyMetadata:
+    """What a study's manifest line says: the same for its plan and for the generated study."""
 
     study_id: str  # e.g. "S0000042"
     patient_id: str  # e.g. "P0000042" (one study per synthetic patient)
@@ -50,13 +72,28 @@ class SyntheticStudy:
     study_description: str  # e.g. "MRI BRAIN WITH AND WITHOUT CONTRAST"
     protocol: str  # protocol key, e.g. "brain_w_wo"
     vendor: str  # naming style of the series descriptions
-    series: list[SimulatedSeries]
     findings: list[Finding]  # placed diagnoses, including co-occurring ones pathology added
     report: str  # itemised findings text
     labels: dict[str, int]  # all 52 diagnosis keys -> 0/1
     priority: str  # "low" | "medium" | "high"
     referrals: list[str]  # referral keys
     subject: dict = field(default_factory=dict)  # the subject's random draws (age, sex, ...)
+    protocol_blind: bool = False  # protocol and series drawn independently of the labels
+
+
+@dataclass(kw_only=True)
+class StudyPlan(StudyMetadata):
+    """A study without its images: its metadata, its series to simulate and the phantom to image."""
+
+    series: list[PlannedSeries]
+    phantom: Phantom  # the painted subject the series are simulated from
+
+
+@dataclass(kw_only=True)
+class SyntheticStudy(StudyMetadata):
+    """Everything the writers need for one study."""
+
+    series: list[SimulatedSeries]
 
 
 def study_streams(seed: int, index: int) -> dict[str, np.random.Generator]:
@@ -77,6 +114,26 @@ def _split_of(rng: np.random.Generator) -> str:
     return SPLIT_FRACTIONS[-1][0]
 
 
+def study_split(seed: int, index: int) -> str:
+    """The split of study ``index`` under ``seed``: its own stream, so no other setting changes it."""
+    return _split_of(study_streams(seed, index)["split"])
+
+
+def is_protocol_blind(setting: str, split: str) -> bool:
+    """Whether a study of ``split`` is drawn protocol-blind under the data-set ``setting``.
+
+    Args:
+        setting: a key of ``PROTOCOL_BLIND_SPLITS`` ("heldout", "all" or "none").
+        split: "train", "val" or "test".
+
+    Returns:
+        True when ``split`` is one of the setting's blind splits.
+    """
+    if setting not in PROTOCOL_BLIND_SPLITS:
+        raise ValueError(f"protocol-blind setting must be one of {sorted(PROTOCOL_BLIND_SPLITS)}, got {setting!r}")
+    return split in PROTOCOL_BLIND_SPLITS[setting]
+
+
 def _unique(name: str, taken: set[str]) -> str:
     candidate, n = name, 2
     while candidate in taken:
@@ -85,19 +142,28 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def generate_study(
-    seed: int, index: int, *, spacing: float = 1.5, keys: list[str] | None = None, max_series: int = 8,
-    full_resolution: bool = False,
-) -> SyntheticStudy:
-    """Generate study ``index`` of the data set drawn with ``seed``.
+def plan_study(
+    seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
+    max_series: int = 8, full_resolution: bool = False,
+) -> StudyPlan:
+    """Plan study ``index`` of the data set drawn with ``seed``: everything but the images.
+
+    The labels depend on the painted phantom (edema and mass effect follow the lesions' drawn size and
+    grid), so the subject is built and painted at ``spacing``; a coarse one (6 mm) makes this cheap
+    (~15 ms) and gives exactly the plan of ``generate_study`` at that spacing.
 
     Args:
         seed: data-set seed.
         index: study number within the data set (>= 0).
-        spacing: phantom voxel size in mm (1.5 by default; coarser is faster, for tests).
+        protocol_blind: draw protocol, series kinds and series count from the base protocol weights,
+            without the findings' key sequences, so that they say nothing about the labels.
+        spacing: phantom voxel size in mm (1.5 by default; coarser is faster).
         keys: force these diagnosis keys instead of sampling them (``[]`` forces a normal study).
         max_series: most series in the study (2..8).
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
+
+    Returns:
+        The plan; ``generate_study`` with the same arguments simulates exactly these series.
     """
     if not 2 <= max_series <= 8:
         raise ValueError(f"max_series must be in [2, 8], got {max_series}")
@@ -107,46 +173,84 @@ def generate_study(
         if unknown:
             raise ValueError(f"unknown diagnosis keys {unknown}")
     rngs = study_streams(seed, index)
+    split = _split_of(rngs["split"])
     phantom = make_subject(rngs["subject"], spacing=spacing)
     requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"]))
     if requested:
         apply_findings(phantom, requested, rngs["pathology"])
     positives = sorted({f.key for f in phantom.findings} | set(requested), key=space.diagnosis_keys.index)
 
+    # A blind study orders as for a normal one: no protocol affinity, no added key sequences. Every
+    # draw below then comes from the protocol stream alone, whose use no longer depends on the labels.
+    indication = [] if protocol_blind else positives
     vendor = VENDORS[int(rngs["protocol"].integers(len(VENDORS)))]
-    protocol = choose_protocol(rngs["protocol"], positives)
-    sequences = wanted_sequences([KEY_SEQUENCES[k] for k in positives])
-    kinds = draw_series_kinds(rngs["protocol"], protocol, sequences, max_series=max_series)
+    protocol = choose_protocol(rngs["protocol"], indication)
+    wanted = wanted_sequences([KEY_SEQUENCES[k] for k in indication])
+    kinds = draw_series_kinds(rngs["protocol"], protocol, wanted, max_series=max_series)
     description = protocol.descriptions[int(rngs["protocol"].integers(len(protocol.descriptions)))]
 
-    series: list[SimulatedSeries] = []
+    series: list[PlannedSeries] = []
     taken: set[str] = set()
-    dwi: SimulatedSeries | None = None
+    dwi: SeriesSpec | None = None
     for kind in kinds:
         spec = make_series_spec(rngs["protocol"], kind, vendor, full_resolution)
-        geometry = None
         if kind == "ax_adc" and dwi is not None:
             # The ADC map is computed from the DWI acquisition: same grid and timing, its own name.
-            geometry = (dwi.affine, dwi.volume.shape)
-            spec = replace(dwi.spec, name=spec.name, sequence="adc")
-        volume, affine, masks = simulate_series(phantom, spec, rngs["series"], geometry=geometry)
-        series.append(SimulatedSeries(_unique(spec.name, taken), kind, spec, volume, affine, masks))
+            spec = replace(dwi, name=spec.name, sequence="adc")
+        series.append(PlannedSeries(_unique(spec.name, taken), kind, spec))
         if kind == "ax_dwi":
-            dwi = series[-1]
+            dwi = spec
 
-    return SyntheticStudy(
+    findings = list(phantom.findings)
+    return StudyPlan(
         study_id=f"S{index:07d}",
         patient_id=f"P{index:07d}",
-        split=_split_of(rngs["split"]),
+        split=split,
+        protocol_blind=protocol_blind,
         study_description=description,
         protocol=protocol.key,
         vendor=vendor,
         series=series,
-        findings=list(phantom.findings),
-        report=write_report(list(phantom.findings), rngs["report"]),
+        findings=findings,
+        report=write_report(findings, rngs["report"], {s.spec.sequence for s in series}),
         labels={k: int(k in positives) for k in space.diagnosis_keys},
         priority=space.priority_of(positives),
         referrals=space.referrals_of(positives),
         subject=dict(phantom.subject),
+        phantom=phantom,
     )
 
+
+def generate_study(
+    seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
+    max_series: int = 8, full_resolution: bool = False,
+) -> SyntheticStudy:
+    """Generate study ``index`` of the data set drawn with ``seed``: ``plan_study``, then its images.
+
+    Args:
+        seed: data-set seed.
+        index: study number within the data set (>= 0).
+        protocol_blind: protocol and series independent of the labels (see ``plan_study``).
+        spacing: phantom voxel size in mm (1.5 by default; coarser is faster, for tests).
+        keys: force these diagnosis keys instead of sampling them (``[]`` forces a normal study).
+        max_series: most series in the study (2..8).
+        full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
+
+    Returns:
+        The study with its simulated series and masks.
+    """
+    plan = plan_study(seed, index, protocol_blind=protocol_blind, spacing=spacing, keys=keys,
+                      max_series=max_series, full_resolution=full_resolution)
+    rng = study_streams(seed, index)["series"]
+    series: list[SimulatedSeries] = []
+    dwi: SimulatedSeries | None = None
+    for planned in plan.series:
+        geometry = None
+        if planned.kind == "ax_adc" and dwi is not None:
+            geometry = (dwi.affine, dwi.volume.shape)  # the ADC map shares its DWI's grid
+        volume, affine, masks = simulate_series(plan.phantom, planned.spec, rng, geometry=geometry)
+        series.append(SimulatedSeries(planned.name, planned.kind, planned.spec, volume, affine, masks))
+        if planned.kind == "ax_dwi":
+            dwi = series[-1]
+    metadata = {item.name: getattr(plan, item.name) for item in fields(StudyMetadata)}
+    return SyntheticStudy(**metadata, series=series)

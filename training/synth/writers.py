@@ -2,14 +2,15 @@
 
 Layout under the output folder (paths in the manifest are relative to it)::
 
-    manifest.jsonl                       one study per line (SPEC section 7), in study order
+    manifest.jsonl                       one study per line (docs/design.md §7), in study order
     studies/<study_id>/<NN>_<name>.nii.gz       one int16 NIfTI per series   (--format nifti)
     studies/<study_id>/<NN>_<name>/IM0000.dcm   one DICOM folder per series  (--format dicom)
     masks/<study_id>/<NN>_<name>.nii.gz  uint8 lesion masks on that series' grid, 4D: one channel per
                                          positive diagnosis, channel order in the manifest
 
 Masks live outside ``studies/`` so that loading a study folder with ``prima.io.load_study`` sees
-only images. Normal studies have no mask files and ``lesion_masks == {}``.
+only images. Normal studies have no mask files and ``lesion_masks == {}``. A metadata-only data set
+(``write_dataset(metadata_only=True)``) has only ``manifest.jsonl`` and ``synth_config.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from prima.io import write_dicom_series
-from training.synth.study import SimulatedSeries, SyntheticStudy, generate_study
+from prima.manifest import LesionMask, SeriesEntry, StudyEntry, manifest_line
+from training.synth.study import (
+    DEFAULT_PROTOCOL_BLIND,
+    PROTOCOL_BLIND_SPLITS,
+    SimulatedSeries,
+    StudyPlan,
+    SyntheticStudy,
+    generate_study,
+    is_protocol_blind,
+    plan_study,
+    study_split,
+)
 
 FORMATS = ("nifti", "dicom")
 
@@ -35,6 +47,12 @@ def series_stem(position: int, name: str) -> str:
     """File-system-safe, ordered stem of a series, e.g. ``03_AX_T2_FLAIR``."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "series"
     return f"{position:02d}_{slug}"
+
+
+def series_path(root: Path, study_id: str, position: int, name: str, fmt: str) -> Path:
+    """Where ``write_study`` puts a series: a NIfTI file or a DICOM folder under ``root/studies/<study_id>``."""
+    stem = series_stem(position, name)
+    return root / "studies" / study_id / (f"{stem}.nii.gz" if fmt == "nifti" else stem)
 
 
 def to_int16(volume: np.ndarray) -> np.ndarray:
@@ -60,8 +78,9 @@ def _write_masks(series: SimulatedSeries, path: Path) -> list[str] | None:
     return keys
 
 
-def write_study(study: SyntheticStudy, out_dir: str | Path, fmt: str = "nifti", *, uid_seed: str | None = None) -> dict:
-    """Write ``study``'s series and masks under ``out_dir`` and return its manifest record.
+def write_study(study: SyntheticStudy, out_dir: str | Path, fmt: str = "nifti", *,
+                uid_seed: str | None = None) -> StudyEntry:
+    """Write ``study``'s series and masks under ``out_dir`` and return its manifest entry.
 
     Args:
         study: the generated study.
@@ -75,18 +94,17 @@ def write_study(study: SyntheticStudy, out_dir: str | Path, fmt: str = "nifti", 
     study_dir = root / "studies" / study.study_id
     mask_dir = root / "masks" / study.study_id
     study_dir.mkdir(parents=True, exist_ok=True)
-    series_records, mask_records = [], {}
+    series_entries, lesion_masks = [], {}
     study_uid = None
     if fmt == "dicom":
         study_uid = generate_uid() if uid_seed is None else generate_uid(entropy_srcs=[uid_seed, study.study_id])
     for position, series in enumerate(study.series, start=1):
         stem = series_stem(position, series.name)
         stored = to_int16(series.volume)
+        path = series_path(root, study.study_id, position, series.name, fmt)
         if fmt == "nifti":
-            path = study_dir / f"{stem}.nii.gz"
             _save_nifti(stored, series.affine, path)
         else:
-            path = study_dir / stem
             write_dicom_series(
                 stored, series.affine, path,
                 series_description=series.name,
@@ -98,18 +116,12 @@ def write_study(study: SyntheticStudy, out_dir: str | Path, fmt: str = "nifti", 
                 uid_seed=None if uid_seed is None else f"{uid_seed}-{study.study_id}-{position}",
                 extra_tags=_acquisition_tags(series),
             )
-        series_records.append({
-            "name": series.name,
-            "path": path.relative_to(root).as_posix(),
-            "sequence": series.spec.sequence,
-            "plane": series.spec.plane,
-        })
+        series_entries.append(SeriesEntry(series.name, path, series.spec.sequence, series.spec.plane))
         if any(m.any() for m in series.masks.values()):
             mask_dir.mkdir(parents=True, exist_ok=True)
             mask_path = mask_dir / f"{stem}.nii.gz"
-            keys = _write_masks(series, mask_path)
-            mask_records[series.name] = {"path": mask_path.relative_to(root).as_posix(), "keys": keys}
-    return manifest_record(study, series_records, mask_records)
+            lesion_masks[series.name] = LesionMask(mask_path, tuple(_write_masks(series, mask_path)))
+    return manifest_entry(study, tuple(series_entries), lesion_masks)
 
 
 def _acquisition_tags(series: SimulatedSeries) -> dict[str, object]:
@@ -128,6 +140,7 @@ def _acquisition_tags(series: SimulatedSeries) -> dict[str, object]:
 
 
 def _round_floats(value):
+    """JSON-ready plain values with floats rounded to 4 decimals (stable, readable manifests)."""
     if isinstance(value, float):
         return round(value, 4)
     if isinstance(value, dict):
@@ -141,48 +154,100 @@ def _round_floats(value):
     return value
 
 
-def manifest_record(study: SyntheticStudy, series: list[dict], lesion_masks: dict) -> dict:
-    """The SPEC section 7 manifest line of ``study`` (plus findings, protocol and subject details)."""
-    return _round_floats({
-        "study_id": study.study_id,
-        "patient_id": study.patient_id,
-        "split": study.split,
-        "study_description": study.study_description,
-        "series": series,
-        "report": study.report,
-        "labels": study.labels,
-        "priority": study.priority,
-        "referrals": study.referrals,
-        "lesion_masks": lesion_masks,
-        "findings": [
-            {"key": f.key, "location": f.location, "size_mm": float(f.size_mm), "attributes": f.attributes}
-            for f in study.findings
-        ],
-        "protocol": study.protocol,
-        "vendor": study.vendor,
-        "subject": study.subject,
-    })
+def manifest_entry(study: SyntheticStudy | StudyPlan, series: tuple[SeriesEntry, ...],
+                   lesion_masks: dict[str, LesionMask] | None) -> StudyEntry:
+    """The manifest entry of ``study`` (``prima.manifest``), with the engine's findings, protocol,
+    vendor and protocol-blind flag kept as extra fields.
+
+    Args:
+        study: a generated study, or a plan (metadata only).
+        series: its series entries, in study order.
+        lesion_masks: series name -> mask file ({} for no lesion; None when not written).
+
+    Returns:
+        The entry ``prima.manifest.manifest_line`` writes.
+    """
+    return StudyEntry(
+        study_id=study.study_id,
+        patient_id=study.patient_id,
+        split=study.split,
+        study_description=study.study_description,
+        series=series,
+        report=study.report,
+        labels=dict(study.labels),
+        priority=study.priority,
+        referrals=tuple(study.referrals),
+        lesion_masks=lesion_masks,
+        subject=_round_floats(study.subject),
+        extra=_round_floats({
+            "findings": [
+                {"key": f.key, "location": f.location, "size_mm": float(f.size_mm), "attributes": f.attributes}
+                for f in study.findings
+            ],
+            "protocol": study.protocol,
+            "vendor": study.vendor,
+            "protocol_blind": study.protocol_blind,
+        }),
+    )
 
 
-def manifest_line(record: dict) -> str:
-    """One JSON line, byte-stable for equal records."""
-    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "), default=str) + "\n"
+def plan_entry(plan: StudyPlan, out_dir: str | Path, fmt: str = "nifti") -> StudyEntry:
+    """The manifest entry of a planned study without writing anything: series paths name the files
+    ``write_study`` would write, and lesion masks are unknown (None).
+
+    Args:
+        plan: from ``study.plan_study``.
+        out_dir: data-set root the paths are under.
+        fmt: ``"nifti"`` or ``"dicom"`` (the paths' form).
+
+    Returns:
+        The entry; its metadata, labels and report equal those of the generated study.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    series = tuple(SeriesEntry(s.name, series_path(Path(out_dir), plan.study_id, position, s.name, fmt),
+                               s.spec.sequence, s.spec.plane)
+                   for position, s in enumerate(plan.series, start=1))
+    return manifest_entry(plan, series, None)
 
 
-def write_one(seed: int, index: int, out: str, fmt: str, spacing: float, max_series: int) -> dict:
-    """Generate and write study ``index``; returns its manifest record (runs in a worker process)."""
-    study = generate_study(seed, index, spacing=spacing, max_series=max_series)
+def write_one(seed: int, index: int, out: str, fmt: str, spacing: float, max_series: int, protocol_blind: str,
+              metadata_only: bool) -> StudyEntry:
+    """Generate and write study ``index`` (or only plan it); returns its manifest entry (runs in a worker)."""
+    blind = is_protocol_blind(protocol_blind, study_split(seed, index))
+    if metadata_only:
+        return plan_entry(plan_study(seed, index, protocol_blind=blind, spacing=spacing, max_series=max_series),
+                          out, fmt)
+    study = generate_study(seed, index, protocol_blind=blind, spacing=spacing, max_series=max_series)
     return write_study(study, out, fmt, uid_seed=f"seed{seed}")
 
 
 def write_dataset(
     n: int, out: str | Path, *, seed: int = 0, fmt: str = "nifti", workers: int = 1, spacing: float = 1.5,
-    max_series: int = 8, progress: bool = True,
+    max_series: int = 8, protocol_blind: str = DEFAULT_PROTOCOL_BLIND, metadata_only: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Generate ``n`` studies under ``out`` with ``workers`` spawned processes; returns the manifest path.
 
     Studies are written as workers finish them and listed in the manifest in study order; each study
     depends only on ``(seed, index)``, so the output is identical for any number of workers.
+
+    Args:
+        n: number of studies.
+        out: data-set root (created if missing).
+        seed: data-set seed.
+        fmt: ``"nifti"`` or ``"dicom"``.
+        workers: worker processes (1 = in this process).
+        spacing: phantom voxel size in mm.
+        max_series: most series per study (2..8).
+        protocol_blind: which splits are drawn protocol-blind (``study.PROTOCOL_BLIND_SPLITS``): "heldout"
+            (val and test; train follows the indication), "all" or "none".
+        metadata_only: write only ``manifest.jsonl`` (``plan_entry``: no images or masks; series paths
+            name the files a full run would write), e.g. to measure ``training.metadata_baseline``.
+        progress: show a progress bar.
+
+    Returns:
+        The path of ``manifest.jsonl``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -190,16 +255,19 @@ def write_dataset(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if protocol_blind not in PROTOCOL_BLIND_SPLITS:
+        raise ValueError(f"protocol_blind must be one of {sorted(PROTOCOL_BLIND_SPLITS)}, got {protocol_blind!r}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    config = {"n": n, "seed": seed, "format": fmt, "spacing": spacing, "max_series": max_series}
+    config = {"n": n, "seed": seed, "format": fmt, "spacing": spacing, "max_series": max_series,
+              "protocol_blind": protocol_blind, "metadata_only": metadata_only}
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n")
     manifest = root / "manifest.jsonl"
-    args = [(seed, i, str(root), fmt, spacing, max_series) for i in range(n)]
+    args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only) for i in range(n)]
     with manifest.open("w", encoding="utf-8") as f, tqdm(total=n, unit="study", disable=not progress) as bar:
         if workers == 1:
             for a in args:
-                f.write(manifest_line(write_one(*a)))
+                f.write(manifest_line(write_one(*a), root))
                 bar.update()
             return manifest
         context = multiprocessing.get_context("spawn")
@@ -211,7 +279,7 @@ def write_dataset(
                 while next_submit < n and next_submit < index + 2 * workers:
                     pending[next_submit] = pool.submit(write_one, *args[next_submit])
                     next_submit += 1
-                f.write(manifest_line(pending.pop(index).result()))
+                f.write(manifest_line(pending.pop(index).result(), root))
                 f.flush()
                 bar.update()
     return manifest

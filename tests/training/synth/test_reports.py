@@ -1,18 +1,21 @@
-"""Report writer: every diagnosis is named in its sentence, items are itemised and varied, normal
-studies get a normal sentence."""
+"""Report writer: every diagnosis is named in its sentence, items are itemised and varied, one item per
+lesion, no item mentions a sequence the study did not acquire, normal studies get a normal sentence."""
 
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
 
 from prima.labels import default_label_space
 from training.synth.anatomy import make_subject
-from training.synth.pathology import apply_findings
+from training.synth.pathology import GLIOMA, SUBTYPES, apply_findings, reported_findings
 from training.synth.phantom import Finding
-from training.synth.reports import NORMAL_REPORTS, TEMPLATES, describe, format_size, write_report
+from training.synth.reports import NORMAL_REPORTS, TEMPLATES, describe, format_size, shown_by, write_report
+from training.synth.sequences import SEQUENCES
+from training.synth.study import plan_study
 
 KEYS = default_label_space().diagnosis_keys
 
@@ -73,19 +76,26 @@ def test_every_label_has_templates_and_words():
 @pytest.mark.parametrize("key", KEYS)
 def test_report_names_the_finding_in_every_variant(key, findings_by_key):
     finding = next(f for f in findings_by_key[key] if f.key == key)
-    sentences = {describe(finding, np.random.default_rng(seed)) for seed in range(30)}
-    for sentence in sentences:
-        assert any(w in sentence.lower() for w in REPORT_WORDS[key]), sentence
-        assert "{" not in sentence and "}" not in sentence, sentence
-    assert len(sentences) >= 2, f"{key}: no variation in phrasing"
+    for sequences in (SEQUENCES, ()):  # every series, or none that shows anything particular
+        sentences = {describe(finding, np.random.default_rng(seed), sequences) for seed in range(30)}
+        for sentence in sentences:
+            assert any(w in sentence.lower() for w in REPORT_WORDS[key]), sentence
+            assert "{" not in sentence and "}" not in sentence, sentence
+    assert len({describe(finding, np.random.default_rng(seed), SEQUENCES) for seed in range(30)}) >= 2, (
+        f"{key}: no variation in phrasing")
+
+
+def test_every_diagnosis_has_a_template_that_needs_no_particular_sequence():
+    for key, templates in TEMPLATES.items():
+        assert any(shown_by(t, ()) for t in templates), key
 
 
 def test_report_is_itemised_shuffled_and_mentions_sizes(findings_by_key):
     findings = findings_by_key["tumor_adult_high_grade_glioma"]
-    reports = {write_report(findings, np.random.default_rng(s)) for s in range(20)}
+    reports = {write_report(findings, np.random.default_rng(s), SEQUENCES) for s in range(20)}
     for report in reports:
         lines = report.splitlines()
-        assert len(lines) == len(findings)
+        assert len(lines) == len(findings) - 1  # the implied glioma label is the same lesion
         assert [line.split(".")[0] for line in lines] == [str(i + 1) for i in range(len(lines))]
     first_items = {r.splitlines()[0] for r in reports}
     assert len(first_items) > 1  # item order and phrasing vary
@@ -94,11 +104,56 @@ def test_report_is_itemised_shuffled_and_mentions_sizes(findings_by_key):
 
 
 def test_normal_study_report():
-    texts = {write_report([], np.random.default_rng(s)) for s in range(40)}
+    texts = {write_report([], np.random.default_rng(s), SEQUENCES) for s in range(40)}
     assert texts <= set(NORMAL_REPORTS) and len(texts) > 3
 
 
 def test_format_size_and_unknown_key():
     assert format_size(23.4) == "2.3 cm" and format_size(7.2) == "7 mm"
     with pytest.raises(ValueError):
-        describe(Finding("nonexistent", "left frontal lobe", 5.0), np.random.default_rng(0))
+        describe(Finding("nonexistent", "left frontal lobe", 5.0), np.random.default_rng(0), SEQUENCES)
+    with pytest.raises(ValueError):
+        describe(Finding("spine_syrinx", "cervical spinal cord", 5.0), np.random.default_rng(0), ["t3"])
+
+
+# What an item may say only when the study acquired one of these sequences (written out here from the
+# clinical rule, independently of reports.SEQUENCE_TERMS).
+NEEDS = (
+    (r"enhanc", {"t1_post", "mprage_post"}),
+    (r"diffusion|\bADC\b|\bDWI\b", {"dwi", "adc"}),
+    (r"\bSWI\b|susceptibility|blooming|microbleed|microhemorrhage", {"swi", "t2star"}),
+    (r"FLAIR", {"flair"}),
+    (r"\bT1\b", {"t1", "mprage"}),
+    (r"\bT2\b(?!\*)", {"t2"}),
+)
+
+
+def check_report(plan) -> None:
+    acquired = {s.spec.sequence for s in plan.series}
+    lines = plan.report.splitlines() if plan.findings else []
+    for line in lines:
+        for pattern, showing in NEEDS:
+            if re.search(pattern, line, re.IGNORECASE):
+                assert acquired & showing, f"{line!r} but the study acquired only {sorted(acquired)}"
+    keys = {f.key for f in plan.findings}
+    covered = [k for k, subtypes in SUBTYPES.items() if k in keys and keys & set(subtypes)]
+    assert len(lines) == len(plan.findings) - len(covered)  # one item per lesion
+
+
+def test_generated_reports_mention_only_acquired_sequences_one_item_per_lesion():
+    # The cheap metadata-only path (coarse phantom): sampled studies, indication-driven and blind, and
+    # every diagnosis forced into a blind study (often without its key sequences).
+    for index in range(150):
+        check_report(plan_study(11, index, spacing=6.0, protocol_blind=index % 2 == 0))
+    for index, key in enumerate(KEYS):
+        for blind in (True, False):
+            plan = plan_study(12, index, spacing=6.0, keys=[key], protocol_blind=blind)
+            check_report(plan)
+            assert any(w in plan.report.lower() for w in REPORT_WORDS[key])  # the diagnosis is still named
+
+
+def test_graded_glioma_is_one_item(findings_by_key):
+    findings = findings_by_key["tumor_adult_high_grade_glioma"]
+    assert {GLIOMA, "tumor_adult_high_grade_glioma"} <= {f.key for f in findings}
+    assert GLIOMA not in {f.key for f in reported_findings(findings)}
+    assert [f.key for f in reported_findings(findings_by_key[GLIOMA])].count(GLIOMA) == 1  # ungraded: its own item

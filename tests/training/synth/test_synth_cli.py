@@ -27,8 +27,21 @@ def test_output_is_identical_for_one_and_two_workers(tmp_path):
     records = [json.loads(line) for line in lines]
     assert [r["study_id"] for r in records] == ["S0000000", "S0000001", "S0000002"]
     for record in records:
+        assert record["protocol_blind"] == (record["split"] != "train")  # default: held-out splits blind
         for series in record["series"]:
             assert (tmp_path / "one" / series["path"]).is_file()
+    config = json.loads((tmp_path / "one" / "synth_config.json").read_text())
+    assert config["protocol_blind"] == "heldout" and config["metadata_only"] is False
+
+
+@pytest.mark.parametrize("setting", ["all", "none"])
+def test_metadata_only_manifest_records_the_protocol_blind_setting(tmp_path, setting):
+    assert main(["--n", "12", "--seed", "3", "--spacing", "6", "--metadata-only", "--protocol-blind", setting,
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [r["protocol_blind"] for r in records] == [setting == "all"] * 12
+    assert not (tmp_path / "studies").exists()  # no images
+    assert json.loads((tmp_path / "synth_config.json").read_text())["protocol_blind"] == setting
 
 
 def test_module_entry_point_runs(tmp_path):
@@ -44,7 +57,7 @@ def test_module_entry_point_runs(tmp_path):
     assert list((out / record["series"][0]["path"]).glob("*.dcm"))
 
 
-@pytest.mark.parametrize("bad", [["--n", "0"], ["--workers", "0"], ["--format", "png"]])
+@pytest.mark.parametrize("bad", [["--n", "0"], ["--workers", "0"], ["--format", "png"], ["--protocol-blind", "x"]])
 def test_bad_arguments_exit_with_usage_error(tmp_path, bad):
     with pytest.raises(SystemExit) as error:
         main([*bad, "--out", str(tmp_path)])

@@ -1,4 +1,5 @@
-"""Study assembly: determinism, normal studies, labels/priority/referrals, protocol choice and splits."""
+"""Study assembly: determinism, normal studies, labels/priority/referrals, protocol choice, protocol-blind
+studies, truncation and splits."""
 
 from __future__ import annotations
 
@@ -8,8 +9,18 @@ import numpy as np
 import pytest
 
 from prima.labels import default_label_space
+from training.synth.pathology import KEY_SEQUENCES
 from training.synth.protocols import PROTOCOLS, SERIES_KINDS, choose_protocol, draw_series_kinds, wanted_sequences
-from training.synth.study import generate_study, study_streams, _split_of
+from training.synth.sequences import POST_CONTRAST
+from training.synth.study import (
+    PROTOCOL_BLIND_SPLITS,
+    generate_study,
+    is_protocol_blind,
+    plan_study,
+    study_split,
+    study_streams,
+    _split_of,
+)
 
 SPACING = 3.0
 
@@ -102,3 +113,77 @@ def test_contrast_series_only_in_contrast_protocols(protocol):
         has_post = any(SERIES_KINDS[k][0] in ("t1_post", "mprage_post") for k in kinds)
         # Contrast protocols always acquire a post-contrast series; the others never do.
         assert has_post == PROTOCOLS[protocol].contrast
+
+
+def metadata(plan) -> tuple:
+    """What a study's manifest says about how it was acquired."""
+    return (plan.protocol, plan.vendor, plan.study_description,
+            [(s.name, s.kind, s.spec) for s in plan.series])
+
+
+def test_plan_is_the_generated_study_without_images():
+    plan = plan_study(1, 3, spacing=SPACING, keys=["tumor_adult_high_grade_glioma"], protocol_blind=True)
+    study = generate_study(1, 3, spacing=SPACING, keys=["tumor_adult_high_grade_glioma"], protocol_blind=True)
+    assert metadata(plan) == (study.protocol, study.vendor, study.study_description,
+                              [(s.name, s.kind, s.spec) for s in study.series])
+    assert (plan.split, plan.report, plan.labels, plan.findings, plan.subject, plan.protocol_blind) == (
+        study.split, study.report, study.labels, study.findings, study.subject, study.protocol_blind)
+
+
+def test_protocol_blind_metadata_does_not_depend_on_the_diagnoses():
+    # Same study, different forced diagnoses: a blind study's protocol, description, vendor and
+    # series (names, kinds, count, parameters) are identical; an indication-driven one follows them.
+    forced = ([], ["tumor_adult_schwannoma"], ["sellar_pituitary_adenoma"], ["vascular_ischemic_lacunar_stroke"],
+              ["developmental_heterotopia", "vascular_malformation_cerebral_aneurysm"])
+    for index in range(6):
+        blind = [plan_study(7, index, spacing=6.0, keys=keys, protocol_blind=True) for keys in forced]
+        assert all(metadata(p) == metadata(blind[0]) for p in blind)
+        assert len({p.split for p in blind}) == 1
+    driven = {plan_study(7, i, spacing=6.0, keys=["tumor_adult_schwannoma"]).protocol for i in range(12)}
+    assert "iac" in driven  # the affinity is still there when not blind
+
+
+def test_split_labels_and_findings_do_not_depend_on_the_mode():
+    for index in range(12):
+        blind, driven = (plan_study(2, index, spacing=6.0, protocol_blind=b) for b in (True, False))
+        assert blind.split == driven.split == study_split(2, index)
+        assert (blind.labels, blind.findings, blind.subject) == (driven.labels, driven.findings, driven.subject)
+
+
+def test_protocol_blind_settings():
+    assert PROTOCOL_BLIND_SPLITS["heldout"] == {"val", "test"}
+    assert [is_protocol_blind("heldout", s) for s in ("train", "val", "test")] == [False, True, True]
+    assert all(is_protocol_blind("all", s) for s in ("train", "val", "test"))
+    assert not any(is_protocol_blind("none", s) for s in ("train", "val", "test"))
+    with pytest.raises(ValueError):
+        is_protocol_blind("sometimes", "test")
+
+
+def is_post(kind: str) -> bool:
+    return SERIES_KINDS[kind][0] in POST_CONTRAST
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_truncation_keeps_contrast_and_adc_with_dwi_and_drops_extras_first(protocol):
+    wanted = wanted_sequences([KEY_SEQUENCES["tumor_adult_high_grade_glioma"], ("ssfp", "swi", "mprage", "t2")])
+    spec = PROTOCOLS[protocol]
+    optional = {k for k in spec.optional if not is_post(k)}
+    for seed in range(60):
+        for max_series in range(2, 9):
+            kept = draw_series_kinds(np.random.default_rng(seed), spec, wanted, max_series=max_series)
+            assert 2 <= len(kept) <= max_series
+            if spec.contrast:  # the required post-contrast slot is never dropped
+                assert any(k in kept for g in spec.required for k in g if is_post(k))
+            assert ("ax_adc" in kept) == ("ax_dwi" in kept) or len(kept) == 2
+            if any(not set(g) & set(kept) for g in spec.required):
+                assert not optional & set(kept)  # optional extras go before required series
+
+
+def test_truncation_prefers_keeping_the_adc_with_its_dwi():
+    brain_wo = PROTOCOLS["brain_wo"]  # required: FLAIR, T2, DWI (+ ADC)
+    seed = next(s for s in range(100)
+                if draw_series_kinds(np.random.default_rng(s), brain_wo, {}) == ["ax_flair", "ax_t2", "ax_dwi", "ax_adc"])
+    assert draw_series_kinds(np.random.default_rng(seed), brain_wo, {}, max_series=3) == ["ax_flair", "ax_dwi", "ax_adc"]
+    assert draw_series_kinds(np.random.default_rng(seed), brain_wo, {}, max_series=2) == ["ax_flair", "ax_t2"]
+    with pytest.raises(ValueError):
+        draw_series_kinds(np.random.default_rng(0), brain_wo, {}, max_series=1)

@@ -3,6 +3,7 @@ lesion masks written beside the series line up with the lesion in the loaded ima
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -18,8 +19,9 @@ from training.synth.anatomy import make_subject
 from training.synth.phantom import Finding, Tissue
 from training.synth.protocols import make_series_spec
 from training.synth.sequences import simulate_series
-from training.synth.study import SimulatedSeries, SyntheticStudy, generate_study
-from training.synth.writers import manifest_line, to_int16, write_study
+from training.synth.study import SimulatedSeries, SyntheticStudy, generate_study, plan_study
+from prima.manifest import manifest_line, read_manifest
+from training.synth.writers import plan_entry, to_int16, write_study
 
 SPACING = 3.0
 
@@ -69,13 +71,12 @@ def contrast_inside_vs_around(array: np.ndarray, mask: np.ndarray) -> float:
 
 @pytest.mark.parametrize("fmt", ["nifti", "dicom"])
 def test_round_trip_planes_values_and_mask_alignment(study, tmp_path, fmt):
-    record = write_study(study, tmp_path, fmt, uid_seed="test")
+    entry = write_study(study, tmp_path, fmt, uid_seed="test")
     loaded = load_study(tmp_path / "studies" / study.study_id)
     assert loaded.skipped == []
     by_name = {s.name: s for s in loaded.series}
     # DICOM names come from SeriesDescription, NIfTI names from the file stem.
-    expected = [s.name if fmt == "dicom" else nifti_stem(tmp_path / e["path"])
-                for s, e in zip(study.series, record["series"])]
+    expected = [s.name if fmt == "dicom" else nifti_stem(e.path) for s, e in zip(study.series, entry.series)]
     assert sorted(by_name) == sorted(expected)
     for series, name in zip(study.series, expected):
         got = by_name[name]
@@ -85,9 +86,9 @@ def test_round_trip_planes_values_and_mask_alignment(study, tmp_path, fmt):
         np.testing.assert_allclose(got.array, want, atol=0.5)
         np.testing.assert_allclose(got.affine, want_affine, atol=1e-3)
         # The mask written beside the series lands on the lesion of the loaded image.
-        mask_info = record["lesion_masks"][series.name]
-        assert mask_info["keys"] == ["tumor_adult_low_grade_glioma"]
-        mask_image = nib.load(tmp_path / mask_info["path"])
+        mask_info = entry.lesion_masks[series.name]
+        assert mask_info.keys == ("tumor_adult_low_grade_glioma",)
+        mask_image = nib.load(mask_info.path)
         assert mask_image.get_data_dtype() == np.uint8
         np.testing.assert_allclose(mask_image.affine, series.affine, atol=1e-4)
         mask, _ = reorient(np.asarray(mask_image.dataobj)[..., 0], mask_image.affine)
@@ -101,13 +102,17 @@ def test_round_trip_planes_values_and_mask_alignment(study, tmp_path, fmt):
 
 
 def test_manifest_record_follows_the_spec(study, tmp_path):
-    record = write_study(study, tmp_path, "nifti")
-    line = manifest_line(record)
+    entry = write_study(study, tmp_path, "nifti")
+    line = manifest_line(entry, tmp_path)
     assert line.endswith("\n") and "\n" not in line[:-1]
     parsed = json.loads(line)
     for key in ("study_id", "patient_id", "split", "study_description", "series", "report", "labels",
-                "priority", "referrals", "lesion_masks"):
+                "priority", "referrals", "lesion_masks", "subject", "findings", "protocol", "vendor",
+                "protocol_blind"):
         assert key in parsed
+    assert all(set(s) == {"name", "path", "sequence", "plane"} for s in parsed["series"])
+    (tmp_path / "manifest.jsonl").write_text(line)
+    assert read_manifest(tmp_path / "manifest.jsonl") == [entry]  # the library reads back what the engine wrote
     assert len(parsed["labels"]) == 52 and sum(parsed["labels"].values()) == 1
     assert parsed["priority"] == "medium" and parsed["referrals"] == ["ns_oncology"]
     for entry in parsed["series"]:
@@ -115,17 +120,29 @@ def test_manifest_record_follows_the_spec(study, tmp_path):
         assert image.get_data_dtype() == np.int16
 
 
+@pytest.mark.parametrize("fmt", ["nifti", "dicom"])
+def test_planned_entry_is_the_written_entry_without_masks(tmp_path, fmt):
+    # The metadata-only path agrees with the full one by construction: same plan, same manifest line.
+    args = dict(spacing=SPACING, keys=["tumor_adult_meningioma"], protocol_blind=True)
+    written = write_study(generate_study(5, 2, **args), tmp_path, fmt, uid_seed="test")
+    planned = plan_entry(plan_study(5, 2, **args), tmp_path, fmt)
+    assert written.lesion_masks and planned.lesion_masks is None
+    assert dataclasses.replace(written, lesion_masks=None) == planned
+    assert all(s.path.exists() for s in written.series)
+    assert written.extra["protocol_blind"] is True
+
+
 def test_default_study_writes_and_loads_as_dicom(tmp_path):
     # The default path end to end once: 1.5 mm phantom, sampled diagnoses, DICOM export, prima.io load.
     study = generate_study(0, 1)
-    record = write_study(study, tmp_path, "dicom", uid_seed="seed0")
+    entry = write_study(study, tmp_path, "dicom", uid_seed="seed0")
     loaded = load_study(tmp_path / "studies" / study.study_id)
     assert loaded.description == study.study_description
     assert [s.name for s in loaded.series] == [s.name for s in study.series]
     assert [s.plane for s in loaded.series] == [s.spec.plane for s in study.series]
-    assert set(record["lesion_masks"]) <= {s.name for s in study.series}
+    assert set(entry.lesion_masks) <= {s.name for s in study.series}
     if not any(study.labels.values()):
-        assert record["lesion_masks"] == {} and not (tmp_path / "masks").exists()
+        assert entry.lesion_masks == {} and not (tmp_path / "masks").exists()
 
 
 @pytest.mark.parametrize("key", ["tumor_adult_meningioma", "vascular_ischemic_large_vessel_stroke",
@@ -138,15 +155,15 @@ def test_pathology_lesion_stands_out_on_its_key_sequence_after_dicom_round_trip(
     study = next(s for s in (generate_study(2, i, spacing=SPACING, keys=[key]) for i in range(8))
                  if any(x.spec.sequence == key_sequence and x.masks.get(key) is not None and x.masks[key].any()
                         for x in s.series))
-    record = write_study(study, tmp_path, "dicom", uid_seed="test")
+    entry = write_study(study, tmp_path, "dicom", uid_seed="test")
     loaded = {s.name: s for s in load_study(tmp_path / "studies" / study.study_id).series}
     checked = 0
     for series in study.series:
-        if series.spec.sequence != key_sequence or series.name not in record["lesion_masks"]:
+        if series.spec.sequence != key_sequence or series.name not in entry.lesion_masks:
             continue
-        info = record["lesion_masks"][series.name]
-        image = nib.load(tmp_path / info["path"])
-        mask, _ = reorient(np.asarray(image.dataobj)[..., info["keys"].index(key)], image.affine)
+        info = entry.lesion_masks[series.name]
+        image = nib.load(info.path)
+        mask, _ = reorient(np.asarray(image.dataobj)[..., info.keys.index(key)], image.affine)
         got = loaded[series.name]
         assert mask.shape == got.array.shape
         ratio = contrast_inside_vs_around(got.array, mask.astype(bool))

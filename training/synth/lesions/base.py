@@ -217,6 +217,16 @@ class Ctx:
             else:
                 view *= np.exp(w * np.log(f))
 
+    def at_least_centre(self, box: Box, mask: np.ndarray, center) -> np.ndarray:
+        """``mask``, or else the box voxel nearest ``center``: a lesion smaller than a coarse grid's
+        voxels still has one (and so a label, a mask and a finding)."""
+        if mask.any():
+            return mask
+        mask = mask.copy()
+        mask[tuple(np.clip(np.round(self.voxel(center)).astype(int) - [s.start for s in box.slices], 0,
+                           np.array(box.shape) - 1))] = True
+        return mask
+
     def add_mask(self, key: str, box: Box, mask: np.ndarray) -> None:
         full = self.phantom.lesion_masks.setdefault(key, np.zeros(self.phantom.shape, bool))
         full[box.slices] |= mask
@@ -297,7 +307,11 @@ def warp_intracranial(ctx: Ctx, displacement, lo_world, hi_world) -> np.ndarray:
     p.labels[box.slices][inside] = labels_new[inside]
     for mask in p.lesion_masks.values():
         moved = ndimage.map_coordinates(mask.astype(np.uint8), vox, order=0, mode="nearest").astype(bool)
-        mask[box.slices][inside] = moved[inside]
+        view = mask[box.slices]
+        moving = int(view[inside].sum())
+        if moving and moving == int(mask.sum()) and not moved[inside].any():
+            continue  # a lesion smaller than a coarse grid's voxel would fall between samples: it stays put
+        view[inside] = moved[inside]
     magnitude = np.zeros(p.shape, np.float32)
     magnitude[box.slices] = np.where(inside, np.linalg.norm(d, axis=0), 0.0)
     return magnitude

@@ -59,10 +59,7 @@ def paint_mass(ctx: Ctx, key: str, center, radius: float, core: dict, *, pattern
     radii = tuple(radius * e for e in elongation)
     box, r = ctx.blob(center, radii, irregularity, margin=1.4)
     allowed = np.isin(ctx.labels(box), restrict)
-    lesion = (r < 1.0) & allowed
-    if not lesion.any():  # a lesion always has its centre voxel
-        lesion[tuple(np.clip(np.round(ctx.voxel(center)).astype(int) - [s.start for s in box.slices], 0,
-                             np.array(box.shape) - 1))] = True
+    lesion = ctx.at_least_centre(box, (r < 1.0) & allowed, center)
     soft = np.clip((1.08 - r) / 0.16, 0, 1) * allowed
     ctx.paint(box, np.maximum(soft, lesion), core)
     if pattern == "ring":

@@ -60,7 +60,7 @@ def lacunar_stroke(ctx: Ctx, key: str = "vascular_ischemic_lacunar_stroke") -> N
         c = hemispheric_point(ctx, (Tissue.WM,), deep=True)
     d = ctx.rng.uniform(3, 15)
     box, r = ctx.blob(c, (d / 2, d / 2, d / 1.6), 0.1)
-    m = r < 1
+    m = ctx.at_least_centre(box, r < 1, c)
     acute = ctx.rng.random() < 0.6
     if acute:
         ctx.scale_props(box, m, {"adc": ctx.rng.uniform(0.45, 0.7), "t2": 1.3})
