@@ -190,7 +190,7 @@ def evaluate(model: VQVAE, patch_set: PatchSet, out: Path, consistency_patches: 
                     "psnr_db": patch_psnrs(patch_set.patches[kept_samples], recons[kept_samples]).tolist()},
         "provenance": provenance or {},
     }
-    result["figure"] = str(reconstruction_figure(patch_set, recons, out / "reconstructions.png", seed=seed))
+    result["figure"] = reconstruction_figure(patch_set, recons, out / "reconstructions.png", seed=seed).name
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
