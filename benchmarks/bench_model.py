@@ -23,31 +23,10 @@ import subprocess
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from timing import DTYPES, add_dtypes_option, choose_dtypes, matmul_gflops, median_seconds
+from timing import DTYPES, add_dtypes_option, choose_dtypes, counted_flops, matmul_gflops, median_seconds
 
 from prima.precision import autocast
-
-
-def forward_flops(visual, batch) -> int:
-    """FLOPs of one forward: matmuls counted by FlopCounterMode plus the attention products
-    (4 * B * H * T^2 * head_dim per call), which the counter does not see for CPU SDPA."""
-    from prima.models.transformer import Attention
-
-    attention = []
-
-    def hook(module, args, output):
-        x = args[0]
-        head_dim = module.to_qkv.out_features // 3 // module.heads
-        attention.append(4 * x.shape[0] * module.heads * x.shape[1] ** 2 * head_dim)
-
-    handles = [m.register_forward_hook(hook) for m in visual.modules() if isinstance(m, Attention)]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        visual(batch)
-    for h in handles:
-        h.remove()
-    return counter.get_total_flops() + sum(attention)
 
 
 def bench_model(name: str, series: int, tokens: int, runs: int, threads: int, dtypes: list[str],
@@ -61,7 +40,7 @@ def bench_model(name: str, series: int, tokens: int, runs: int, threads: int, dt
     model = PrimaCLIP(get_model_config(name)).eval()
     study = [(torch.randn(tokens, 289), f"AX T{i}") for i in range(series)]
     batch = model.pack([study], ["MRI BRAIN WITH AND WITHOUT CONTRAST"])
-    flops = forward_flops(model.visual, batch)
+    flops = counted_flops(model.visual, lambda: model.visual(batch))
     result = {"model": name, "flops": flops, "rss_start_mb": rss_start / 1024, "times": {}, "ceiling": {}}
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]

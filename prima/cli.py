@@ -1,25 +1,54 @@
-"""The ``prima`` command line. Subcommands are added by later features (``predict``, ...)."""
+"""The ``prima`` command line: ``inspect``, ``predict``, ``explain``, ``embed``, ``predict-batch`` (docs/cli.md).
+
+Heavy modules (torch, the model) are imported inside the commands that need them, so ``prima inspect``
+and ``prima --help`` stay fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from prima.errors import PrimaError
+from prima.errors import PrimaError, ReleaseError
+
+if TYPE_CHECKING:  # the model modules load torch, which `prima inspect` and `--help` do without
+    from prima.explain import Explanation
+    from prima.predict import Prediction
+    from prima.tokens import SeriesTokens
+
+# The release the repository ships (added by the training work); ``PRIMA_WEIGHTS`` or ``--weights`` win over it.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "weights" / "prima-lite"
+WEIGHTS_ENV = "PRIMA_WEIGHTS"
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _fmt_spacing(spacing: Sequence[float]) -> str:
     return " x ".join(f"{v:.3g}" for v in spacing)
 
 
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, header first."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    return ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [headers, *rows]]
+
+
+def _study_source(paths: Sequence[str]) -> str | Sequence[str]:
+    """One path as itself (a folder or zip), several as a list (NIfTI or loose DICOM files)."""
+    return paths if len(paths) > 1 else paths[0]
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from prima.io import load_study
     from prima.preprocess import PreprocessConfig, preprocess_series
 
-    study = load_study(args.study if len(args.study) > 1 else args.study[0])
+    study = load_study(_study_source(args.study))
     config = PreprocessConfig(in_plane_size=args.in_plane_size, min_slice_spacing_mm=args.min_slice_spacing)
     rows = []
     for series in study.series:
@@ -47,15 +76,206 @@ def _inspect(args: argparse.Namespace) -> int:
         if args.preprocessed:
             cells += [" x ".join(map(str, row["preprocessed_shape"])), _fmt_spacing(row["preprocessed_spacing_mm"])]
         table.append(cells)
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for cells in table:
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    print("\n".join(_table(headers, table)))
     if skipped:
         print(f"\nSkipped ({len(skipped)}):")
         for item in skipped:
             print(f"  {item['name']}: {item['reason']}  [{item['source']}]")
     return 0
+
+
+def _weights(args: argparse.Namespace) -> str:
+    """``--weights``, else ``$PRIMA_WEIGHTS``, else the repository's release; a clear error without any."""
+    if args.weights:
+        return args.weights
+    if os.environ.get(WEIGHTS_ENV):
+        return os.environ[WEIGHTS_ENV]
+    if DEFAULT_WEIGHTS.is_dir():
+        return str(DEFAULT_WEIGHTS)
+    raise ReleaseError(f"no model weights: pass --weights PATH (a release folder) or --weights "
+                       f"hf://owner/repo[@revision], or set {WEIGHTS_ENV}; the repository ships no release at "
+                       f"{DEFAULT_WEIGHTS} yet")
+
+
+def _prob(logit: float) -> float:
+    return 1.0 / (1.0 + math.exp(-logit))
+
+
+def _prediction_lines(prediction: Prediction, top: int) -> list[str]:
+    """The readable report of a ``prima.predict.Prediction``: study, series, differential, priority,
+    referrals, timings. Thresholds are shown as probabilities so they compare with ``prob``."""
+    model = prediction.model
+    lines = [f"Study: {prediction.study['description'] or '(no description)'}",
+             f"Model: {model['name']}" + (f" @ {model['revision']}" if model["revision"] else ""), ""]
+    lines += _table(["series", "plane", "tokens kept"],
+                    [[s.name, s.plane, f"{s.tokens_kept:,} of {s.tokens_total:,}"] for s in prediction.series])
+    if prediction.skipped:
+        lines += ["", f"Skipped ({len(prediction.skipped)}):"]
+        lines += [f"  {s['name']}: {s['reason']}" for s in prediction.skipped]
+    positives = prediction.positives
+    shown = prediction.differential[: max(top, len(positives))]
+    lines += ["", f"Differential: top {len(shown)} of {len(prediction.diagnoses)}, {len(positives)} positive (*)"]
+    lines += _table(["", "diagnosis", "key", "prob", "threshold"],
+                    [["*" if d.positive else "", d.name, d.key, f"{d.prob:.3f}", f"{_prob(d.threshold):.3f}"]
+                     for d in shown])
+    probs = ", ".join(f"{tier} {p:.2f}" for tier, p in prediction.priority.probs.items())
+    referrals = [f"{r.name} ({r.key})" for r in prediction.referrals if r.positive]
+    lines += ["", f"Priority: {prediction.priority.tier} ({probs})",
+              f"Referrals: {', '.join(referrals) if referrals else 'none'}",
+              "Timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in prediction.timings_s.items())]
+    return lines
+
+
+def _explanation_lines(explanation: Explanation, tokens: SeriesTokens) -> list[str]:
+    """The readable summary of a LIME explanation: what was explained, how well the surrogate fits, and
+    the tokens that pushed the output up most (grid coordinates and the voxel block they cover)."""
+    lines = ["", f"Explanation: {explanation.target} ({explanation.target_kind}) on series {explanation.series!r}",
+             f"  output {explanation.base_value:.4f}, surrogate R^2 {explanation.r2:.3f}, "
+             f"{explanation.num_samples} samples, kernel width {explanation.kernel_width}, seed {explanation.seed}, "
+             f"{explanation.elapsed_s:.1f} s",
+             f"  top {len(explanation.top_k)} of {len(explanation.weights)} tokens (weight, patch-grid coordinate):"]
+    lines += [f"    {explanation.weights[i]:+.4f}  {tuple(int(c) for c in explanation.coords[i])}"
+              for i in explanation.top_k]
+    return lines
+
+
+def _write_heatmap(path: str, explanation: Explanation, tokens: SeriesTokens) -> Path:
+    """The explanation's heatmap as NIfTI on the series' preprocessed grid (opens over the series in viewers)."""
+    import nibabel as nib
+    import numpy as np
+
+    from prima.explain import heatmap
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(heatmap(explanation, tokens).astype(np.float32), np.asarray(tokens.affine)), str(out))
+    return out
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if args.embedding and args.out is None:
+        raise ValueError("--embedding needs --out: the embedding is written to the prediction JSON")
+    if args.top < 0:
+        raise ValueError(f"--top must be >= 0, got {args.top}")
+    if args.explain is None and (args.series is not None or args.heatmap is not None):
+        raise ValueError("--series and --heatmap go with --explain KEY")
+    from tqdm import tqdm
+
+    from prima.distributed import resolve_device
+    from prima.predict import predict, ready_release
+
+    device = resolve_device(args.device)
+    release = ready_release(_weights(args), device)
+    with tqdm(total=100, file=sys.stderr, bar_format="{desc:<40.40}{percentage:3.0f}%|{bar}| {elapsed}") as bar:
+        def progress(fraction: float, stage: str) -> None:
+            bar.set_description_str(stage, refresh=False)
+            bar.update(round(100 * fraction) - bar.n)
+
+        prediction = predict(_study_source(args.study), release, device=device, precision=args.precision,
+                             return_embedding=args.embedding, progress=progress)
+    lines = _prediction_lines(prediction, args.top)
+    if args.explain is not None:
+        from prima.explain import explain
+
+        explanation = explain(prediction.tokens, release, args.explain, 0 if args.series is None else args.series,
+                              num_samples=args.samples, seed=args.seed, device=device, precision=args.precision)
+        tokens = prediction.tokens.series[explanation.series_index]
+        prediction.explanations.append(explanation.to_dict())
+        lines += _explanation_lines(explanation, tokens)
+        if args.heatmap is not None:
+            lines.append(f"Heatmap (NIfTI on the preprocessed series grid): {_write_heatmap(args.heatmap, explanation, tokens)}")
+    print("\n".join(lines))
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(prediction.to_json() + "\n", encoding="utf-8")
+        print(f"Prediction JSON: {out}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from prima.distributed import resolve_device
+    from prima.explain import explain
+    from prima.io import load_study
+    from prima.predict import ready_release
+    from prima.tokens import tokenize_study
+
+    device = resolve_device(args.device)
+    release = ready_release(_weights(args), device)
+    tokens = tokenize_study(load_study(_study_source(args.study)), release)
+    explanation = explain(tokens, release, args.target, 0 if args.series is None else args.series,
+                          num_samples=args.samples, seed=args.seed, device=device, precision=args.precision)
+    series_tokens = tokens.series[explanation.series_index]
+    lines = _explanation_lines(explanation, series_tokens)[1:]
+    if args.heatmap is not None:
+        lines.append(f"Heatmap (NIfTI on the preprocessed series grid): "
+                     f"{_write_heatmap(args.heatmap, explanation, series_tokens)}")
+    print("\n".join(lines))
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(explanation.to_dict(), indent=1) + "\n", encoding="utf-8")
+        print(f"Explanation JSON: {out}")
+    return 0
+
+
+def _series_choice(text: str) -> str | int:
+    """A series given on the command line: a position when it is a number, else a name."""
+    return int(text) if text.isdigit() else text
+
+
+def _add_explain_options(parser: argparse.ArgumentParser) -> None:
+    """LIME options shared by ``predict --explain`` and ``explain``."""
+    parser.add_argument("--series", metavar="NAME", type=_series_choice,
+                        help="the series to explain, by name or position (0 = first; default: the first series)")
+    parser.add_argument("--samples", type=int, metavar="N", help="LIME samples (default: 3000 on a GPU, 1000 on a CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds LIME's samples (default 0)")
+    parser.add_argument("--heatmap", metavar="HEATMAP.nii.gz",
+                        help="write the heatmap as NIfTI on the preprocessed series grid")
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from prima.batch import DEFAULT_WORKERS, embed_manifest, ids_path
+
+    summary = embed_manifest(args.manifest, args.out, _weights(args), splits=args.splits,
+                             workers=DEFAULT_WORKERS if args.workers is None else args.workers, device=args.device,
+                             precision=args.precision)
+    if summary.is_main:
+        print(f"{args.out} + {ids_path(Path(args.out))}: {summary.describe()}")
+    return 0
+
+
+def _predict_batch(args: argparse.Namespace) -> int:
+    from prima.batch import DEFAULT_WORKERS, predict_manifest
+
+    summary = predict_manifest(args.manifest, args.out, _weights(args), splits=args.splits,
+                               workers=DEFAULT_WORKERS if args.workers is None else args.workers, device=args.device,
+                               precision=args.precision, return_embedding=args.embedding)
+    if summary.is_main:
+        print(f"{args.out}: {summary.describe()}")
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that runs the model."""
+    parser.add_argument("--weights", metavar="WEIGHTS",
+                        help=f"release folder or hf://owner/repo[@revision] (default: ${WEIGHTS_ENV}, else the "
+                             "repository's assets/weights/prima-lite)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when present, else CPU")
+    # the choices of prima.precision.PRECISIONS, not imported here: it pulls in torch, and --help should not
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+
+
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the manifest commands (``embed``, ``predict-batch``)."""
+    parser.add_argument("manifest", help="manifest.jsonl (docs/design.md section 7)")
+    parser.add_argument("--splits", nargs="+", choices=("train", "val", "test"),
+                        help="only these splits (default: all)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="processes that load studies and cut them into patches (default: min(4, CPU cores); "
+                             "0: this process)")
+    _add_model_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +291,41 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--min-slice-spacing", type=float, default=4.0,
                          help="minimum through-plane spacing (mm) for --preprocessed")
     inspect.set_defaults(handler=_inspect)
+
+    predict = commands.add_parser("predict", help="diagnoses, priority and referrals of one study")
+    predict.add_argument("study", nargs="+", help="study folder, .zip, NIfTI file(s) or loose DICOM files")
+    predict.add_argument("--out", metavar="PRED.json", help="also write the prediction JSON here")
+    predict.add_argument("--embedding", action="store_true",
+                         help="include the study embedding in the JSON (needs --out)")
+    predict.add_argument("--top", type=int, default=10, metavar="N",
+                         help="diagnoses to list: the top N of the differential, and every positive (default 10)")
+    predict.add_argument("--explain", metavar="KEY",
+                         help="also explain this diagnosis or referral key (or 'priority') with LIME")
+    _add_explain_options(predict)
+    _add_model_options(predict)
+    predict.set_defaults(handler=_predict)
+
+    explain = commands.add_parser("explain", help="LIME over the volume tokens of one series for one output")
+    explain.add_argument("study", nargs="+", help="study folder, .zip, NIfTI file(s) or loose DICOM files")
+    explain.add_argument("--target", required=True, metavar="KEY",
+                         help="a diagnosis or referral key, or 'priority'")
+    explain.add_argument("--out", metavar="EXPLANATION.json", help="also write the explanation JSON here")
+    _add_explain_options(explain)
+    _add_model_options(explain)
+    explain.set_defaults(handler=_explain)
+
+    embed = commands.add_parser("embed", help="study embeddings of every study of a manifest (.npy + ids)")
+    embed.add_argument("--out", required=True, metavar="EMBEDDINGS.npy",
+                       help="(N, D) float32 rows in manifest order; the study ids go to <stem>.ids.json beside it")
+    _add_batch_options(embed)
+    embed.set_defaults(handler=_embed)
+
+    batch = commands.add_parser("predict-batch", help="predictions of every study of a manifest (JSON lines)")
+    batch.add_argument("--out", required=True, metavar="PREDS.jsonl",
+                       help="one prediction JSON per line, with its study_id, in manifest order")
+    batch.add_argument("--embedding", action="store_true", help="include each study embedding")
+    _add_batch_options(batch)
+    batch.set_defaults(handler=_predict_batch)
     return parser
 
 

@@ -48,3 +48,18 @@ def guarded_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     created = set(outside_after) - set(outside_before)
     # Only files the test itself placed under its inputs folder may appear.
     assert all(p.parts[0] == "inputs" for p in created), f"files written outside the temp area: {created}"
+
+
+@pytest.fixture(scope="session")
+def random_release_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prima-lite release with random weights and the shipped volume tokenizer (built once)."""
+    from helpers.releases import write_random_release
+
+    return write_random_release(tmp_path_factory.mktemp("random_release"))
+
+
+@pytest.fixture(scope="session")
+def random_release(random_release_path: Path):
+    from prima.release import load_release
+
+    return load_release(random_release_path)

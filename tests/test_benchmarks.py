@@ -24,6 +24,9 @@ MODEL_SMOKE = ("bench_model.py", "--models", "prima-lite", "--series", "2", "--t
                "--threads", "1", "--ceiling-size", "256")
 TOKENIZER_SMOKE = ("bench_volume_tokenizer.py", "--widths", "lite", "--batch", "2", "--runs", "1", "--threads", "1",
                    "--ceiling-size", "256")
+PREDICT_SMOKE = ("bench_predict.py", "--models", "prima-lite", "--series", "2", "--runs", "1", "--threads", "1")
+LIME_SMOKE = ("bench_lime.py", "--models", "prima-lite", "--series", "2", "--samples", "16", "--serial", "2", "--runs",
+              "1", "--threads", "1", "--ceiling-size", "256")
 SKIPPED = "bf16: skipped:"
 
 # An AVX2-only CPU, emulated on any x86 one: torch dispatches AVX2 kernels and oneDNN may not use
@@ -84,3 +87,15 @@ def test_benchmarks_skip_bf16_on_a_cpu_without_native_bf16():
     assert [row[2] for row in model_rows(model)] == ["fp32"]
     tokenizer = run_benchmark(*TOKENIZER_SMOKE, env=env, timeout=120)
     assert SKIPPED in tokenizer and tokenizer.count("x ceiling") == 1 and "bf16: 256" not in tokenizer
+
+
+def test_predict_benchmark_splits_the_time_and_compares_the_naive_path():
+    out = run_benchmark(*PREDICT_SMOKE)
+    (row,) = model_rows(out)
+    assert row[-1].endswith("x") and "speedup = naive path" in out
+
+
+def test_lime_benchmark_compares_batched_and_serial():
+    out = run_benchmark(*LIME_SMOKE)
+    (row,) = model_rows(out)
+    assert row[3] == "16" and row[-3].endswith("x") and row[-1].endswith("%")

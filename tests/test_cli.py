@@ -55,3 +55,86 @@ def test_console_script_runs(tmp_path):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["series"][0]["name"] == "anatomical"
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "normal_dwi.zip"
+
+
+def test_predict_prints_the_table_and_writes_the_json(random_release_path, tmp_path, capsys):
+    out = tmp_path / "pred.json"
+    argv = ["predict", str(EXAMPLE), "--weights", str(random_release_path), "--out", str(out), "--device", "cpu",
+            "--precision", "fp32"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(out.read_text())
+    lines = captured.out.splitlines()
+    assert lines[0] == f"Study: {doc['study']['description']}" and lines[1] == "Model: prima-lite"
+    for series in doc["series"]:
+        assert any(line.split() == [series["name"], series["plane"], str(series["tokens_kept"]), "of",
+                                    f"{series['tokens_total']:,}"] for line in lines)
+    positives = [d for d in doc["diagnoses"] if d["positive"]]
+    listed = lines[lines.index(next(l for l in lines if l.startswith("Differential:"))) + 2:][: max(10, len(positives))]
+    assert [line.split()[-3] for line in listed] == doc["differential"][: len(listed)]
+    assert sum(line.startswith("*") for line in listed) == len(positives)
+    assert f"Priority: {doc['priority']['tier']} (" in captured.out
+    assert any(line.startswith("Referrals: ") for line in lines)
+    assert any(line.startswith("Timings: load") for line in lines)
+    assert "embedding" not in doc and "100%" in captured.err  # the progress bar ran to the end on stderr
+
+
+def test_predict_takes_the_weights_from_the_environment(random_release_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRIMA_WEIGHTS", str(random_release_path))
+    assert main(["predict", str(EXAMPLE), "--top", "0", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Differential:"))
+    shown = lines[header + 2 : lines.index("", header)]
+    assert shown == [line for line in shown if line.startswith("*")]  # --top 0: only the positives
+
+
+def test_predict_without_weights_says_how_to_give_them(monkeypatch, tmp_path, capsys):
+    import prima.cli
+
+    monkeypatch.setattr(prima.cli, "DEFAULT_WEIGHTS", tmp_path / "no-release")
+    monkeypatch.delenv("PRIMA_WEIGHTS", raising=False)
+    assert main(["predict", str(EXAMPLE)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("prima predict: error: no model weights")
+    assert "--weights" in err and "hf://owner/repo" in err and "PRIMA_WEIGHTS" in err
+
+
+def test_predict_embedding_needs_out(capsys):
+    assert main(["predict", str(EXAMPLE), "--embedding"]) == 2
+    assert "--embedding needs --out" in capsys.readouterr().err
+
+
+def test_predict_explain_adds_the_explanation_and_its_heatmap(random_release_path, tmp_path, capsys):
+    import nibabel as nib
+
+    out, heat = tmp_path / "pred.json", tmp_path / "heat.nii.gz"
+    argv = ["predict", str(EXAMPLE), "--weights", str(random_release_path), "--out", str(out), "--device", "cpu",
+            "--explain", "vascular_ischemic_large_vessel_stroke", "--series", "1", "--samples", "64",
+            "--heatmap", str(heat)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    (explanation,) = json.loads(out.read_text())["explanations"]
+    assert explanation["target"] == "vascular_ischemic_large_vessel_stroke" and explanation["num_samples"] == 64
+    assert explanation["series_index"] == 1 and f"on series {explanation['series']!r}" in printed
+    image = nib.load(heat)
+    doc = json.loads(out.read_text())
+    assert list(image.shape) == doc["series"][1]["shape"]  # the preprocessed grid of the explained series
+    assert float(abs(image.get_fdata()).max()) > 0
+
+
+def test_explain_command_writes_the_explanation_json(random_release_path, tmp_path, capsys):
+    out = tmp_path / "explanation.json"
+    assert main(["explain", str(EXAMPLE), "--target", "priority", "--samples", "32", "--weights",
+                 str(random_release_path), "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["target_kind"] == "priority" and doc["series_index"] == 0 and len(doc["weights"]) == len(doc["coords"])
+    assert main(["explain", str(EXAMPLE), "--target", "no_such_key", "--weights", str(random_release_path)]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+
+
+def test_series_without_explain_is_refused(capsys):
+    assert main(["predict", str(EXAMPLE), "--series", "AX DWI"]) == 2
+    assert "go with --explain" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def test_only_kept_patches_are_encoded_with_the_config_preprocessing(series, vol
     encoded = []
     original = volume_tokenizer.codes
     monkeypatch.setattr(volume_tokenizer, "codes", lambda patches: encoded.append(len(patches)) or original(patches))
-    tokens = tokenize_series(series, volume_tokenizer, config, batch_size=50)
+    tokens = tokenize_series(series, volume_tokenizer, config, batch_size=50, precision="fp32")
 
     ready = preprocess_series(series, config.preprocess)  # the config's section, not the defaults
     patches, coords = patchify(ready.array, ready.through_axis)

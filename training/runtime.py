@@ -16,30 +16,28 @@ The same command runs on one CPU, one GPU or under ``torchrun`` on several GPUs 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import math
-import os
 import random
 import re
 import subprocess
 import time
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from prima.config import config_from_dict
+from prima.distributed import DistributedContext, distributed  # noqa: F401  (the stages' entry point)
 from prima.errors import ConfigError
 
 CHECKPOINT_FILE = "last.pt"
@@ -124,65 +122,7 @@ def config_dict(config: Any) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Processes and devices.
-
-@dataclass(frozen=True)
-class DistributedContext:
-    """Where this process sits: one process, or one of ``world_size`` launched by torchrun."""
-
-    rank: int  # global rank, 0 on a single process
-    world_size: int  # number of processes
-    local_rank: int  # rank on this node (picks the GPU)
-    device: torch.device  # the device this process computes on
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on any rank (e.g. a time limit), so all stop together."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor(float(flag), device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values pass through."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    return device
-
-
-@contextlib.contextmanager
-def distributed(device: str = "auto") -> Iterator[DistributedContext]:
-    """Join the process group torchrun set up (``WORLD_SIZE`` > 1), else run as one process.
-
-    NCCL on GPUs, gloo on CPUs; each process computes on ``cuda:<LOCAL_RANK>`` (GPU) or the CPU. The
-    group is torn down on exit.
-    """
-    kind = resolve_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        yield DistributedContext(0, 1, 0, torch.device(kind))
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if kind == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    try:
-        target = torch.device(f"cuda:{local_rank}" if kind == "cuda" else "cpu")
-        yield DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, target)
-    finally:
-        dist.destroy_process_group()
-
+# Processes (prima.distributed: one process, or DDP under torchrun) and seeds.
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed Python, NumPy and torch; ranks get distinct streams (``seed + rank``) for their own draws."""

@@ -26,18 +26,14 @@ import torch
 from tqdm import tqdm
 
 from prima.config import PrimaConfig
+from prima.distributed import resolve_device
 from prima.errors import StudyLoadError
 from prima.factory import get_model_config
 from prima.manifest import load_entry_study, manifest_digest, read_manifest
+from prima.precision import autocast_dtype
 from prima.release import load_volume_tokenizer
 from prima.tokens import SeriesTokens, StudyTokens, code_dtype, tokenize_series
-from training.runtime import (
-    add_config_arguments,
-    cache_key,
-    distributed,
-    file_digest,
-    load_stage_config,
-)
+from training.runtime import add_config_arguments, cache_key, distributed, file_digest, load_stage_config
 
 CACHE_VERSION = 1
 INDEX_FILE = "index.json"
@@ -59,6 +55,7 @@ class TokenCacheConfig:
     min_fraction: float | None = None  # background threshold to encode at (default: the model config's);
     #                                    lower lets training re-filter at thresholds above it
     batch_size: int = 256  # patches per VQ-VAE call
+    precision: str = "auto"  # the encoder's precision (prima.precision); predictions that should match use the same
     device: str = "auto"  # auto (CUDA when visible), cpu or cuda
     threads: int | None = None  # torch CPU threads per process
 
@@ -68,7 +65,8 @@ def cache_folder(config: TokenCacheConfig, settings: PrimaConfig) -> Path:
     key = cache_key(version=CACHE_VERSION, manifest=manifest_digest(config.manifest), splits=sorted(config.splits),
                     preprocess=dataclasses.asdict(settings.preprocess),
                     volume_tokenizer=dataclasses.asdict(settings.volume_tokenizer),
-                    weights=file_digest(config.volume_tokenizer), min_fraction=config.min_fraction)
+                    weights=file_digest(config.volume_tokenizer), min_fraction=config.min_fraction,
+                    precision=str(autocast_dtype(resolve_device(config.device), config.precision)))
     return Path(config.out) / key
 
 
@@ -136,7 +134,8 @@ def build_token_cache(config: TokenCacheConfig, progress: bool = True) -> Path:
             for series in loaded.series:
                 writer.add(study.study_id, tokenize_series(series, volume_tokenizer, settings,
                                                            min_fraction=config.min_fraction,
-                                                           batch_size=config.batch_size))
+                                                           batch_size=config.batch_size,
+                                                           precision=config.precision))
         writer.close(skipped)
         context.barrier()
         if context.is_main:

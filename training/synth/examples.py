@@ -10,7 +10,6 @@ files are reproducible; the total stays under the 10 MB the project allows for e
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass

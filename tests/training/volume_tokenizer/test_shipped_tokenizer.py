@@ -15,7 +15,7 @@ from nilearn.datasets import load_mni152_template
 from prima.factory import get_model_config
 from prima.io import load_study
 from prima.release import VOLUME_TOKENIZER_FILE, load_volume_tokenizer, volume_tokenizer_provenance
-from prima.tokens import kept_patch_indices, series_patches
+from prima.tokens import filter_patches, series_patches
 from training.runtime import file_digest
 from training.volume_tokenizer.evaluate import SAMPLES_FILE, patch_psnrs, reconstruct, reconstruction_metrics
 
@@ -62,8 +62,7 @@ def test_template_patches_reconstruct_above_26_db(volume_tokenizer, tmp_path):
     path = tmp_path / "AX_T1.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32), template.affine), path)
     config = get_model_config("prima-lite")
-    patches = series_patches(load_study(path).series[0], config)
-    kept = patches.patches[kept_patch_indices(patches, config)]
+    kept = filter_patches(series_patches(load_study(path).series[0], config), config).patches
     recons, codes = reconstruct(volume_tokenizer, kept)
     metrics = reconstruction_metrics(kept, recons)
     assert metrics["psnr_db"] > 26.0, metrics

@@ -1,0 +1,252 @@
+"""``prima.predict``: a loaded study (or its path) and a release -> the prediction the app and the CLI show.
+
+    release = prima.load_release("assets/weights/prima-lite")     # load once, reuse for every study
+    prediction = prima.predict("study.zip", release)
+    prediction.to_json()                                          # docs/design.md section 7
+
+The path: ``prima.tokens.tokenize_study`` (only kept patches encoded) -> the hViT (sequence ViT per
+series, study ViT) -> the task heads. ``device="auto"`` uses CUDA when present; ``precision="auto"``
+computes in bf16 on CUDA and on CPUs with native bf16, in fp32 otherwise (``prima.precision``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from prima.distributed import resolve_device
+from prima.errors import ReleaseError
+from prima.io import Study, load_study
+from prima.io.orientation import voxel_spacing
+from prima.models.name_encoder import encode_names
+from prima.precision import autocast, autocast_dtype
+from prima.release import Release, load_release
+from prima.spaces import on_gpu
+from prima.tokens import StudyTokens, tokenize_series
+
+# progress(fraction done in [0, 1], what is happening now): the app shows a bar, the CLI a tqdm bar.
+Progress = Callable[[float, str], None]
+
+# Share of the progress bar each stage takes (tokenizing dominates on a CPU).
+_LOAD_SHARE, _TOKENS_SHARE = 0.1, 0.8
+
+
+@dataclass
+class LabelScore:
+    """One diagnosis or referral output."""
+
+    key: str  # machine name, e.g. "tumor_adult_meningioma"
+    name: str  # display name, e.g. "Meningioma"
+    logit: float  # raw head output
+    prob: float  # sigmoid(logit)
+    threshold: float  # operating threshold in logit units (from the release)
+    positive: bool  # logit > threshold
+
+
+@dataclass
+class PriorityScore:
+    tier: str  # the most probable tier: "low", "medium" or "high"
+    probs: dict[str, float]  # softmax probability of every tier
+
+
+@dataclass
+class SeriesInfo:
+    """What the model saw of one series."""
+
+    name: str  # series name as loaded (SeriesDescription or file name)
+    plane: str  # acquisition plane
+    shape: list[int]  # voxels after preprocessing (L, P, S axes)
+    spacing_mm: list[float]  # voxel size after preprocessing
+    tokens_kept: int  # tokens that passed the background filter (the only ones encoded)
+    tokens_total: int  # patches of the whole grid
+
+
+@dataclass
+class Prediction:
+    """The prediction of one study (docs/design.md section 7). ``to_json()`` carries no patient
+    identifiers: only the study description, series names and the model's outputs."""
+
+    study: dict  # {"description": ...}
+    series: list[SeriesInfo]
+    skipped: list[dict]  # series that could not be loaded: {"name", "reason"}
+    diagnoses: list[LabelScore]  # every diagnosis, in the model's output order
+    priority: PriorityScore
+    referrals: list[LabelScore]  # every referral, in the model's output order
+    model: dict  # {"name", "revision"}
+    timings_s: dict[str, float]  # seconds per stage: load, tokens, model, total
+    embedding: list[float] | None = None  # the study embedding (return_embedding=True)
+    explanations: list[dict] = field(default_factory=list)  # LIME results added by prima.explain
+    # What the model read (never in the JSON): prima.explain reuses it instead of tokenizing again.
+    tokens: StudyTokens | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def differential(self) -> list[LabelScore]:
+        """Diagnoses sorted by how far their logit exceeds the operating threshold, highest first."""
+        return sorted(self.diagnoses, key=lambda d: d.logit - d.threshold, reverse=True)
+
+    @property
+    def positives(self) -> list[LabelScore]:
+        return [d for d in self.differential if d.positive]
+
+    def diagnosis(self, key: str) -> LabelScore:
+        for score in self.diagnoses:
+            if score.key == key:
+                return score
+        raise KeyError(f"unknown diagnosis {key!r}; known: {', '.join(d.key for d in self.diagnoses)}")
+
+    def to_dict(self) -> dict:
+        doc = asdict(dataclasses.replace(self, tokens=None))
+        doc.pop("tokens")
+        doc["differential"] = [d.key for d in self.differential]
+        if self.embedding is None:
+            doc.pop("embedding")
+        if not self.explanations:
+            doc.pop("explanations")
+        return doc
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+_LOADED: dict[tuple[str, str], Release] = {}
+
+
+def get_release(source: Release | str | Path, device: str | torch.device = "auto") -> Release:
+    """A release ready on ``device``: a ``Release`` is moved there; a folder or ``hf://`` URI is loaded
+    once per process and device and then reused (no reload per study)."""
+    target = resolve_device(device)
+    if isinstance(source, Release):
+        for module in (source.model, source.volume_tokenizer, source.heads):
+            if module is not None:
+                module.to(target)
+        return source
+    key = (str(source), str(target))
+    if key not in _LOADED:
+        _LOADED[key] = load_release(source, device=target)
+    return _LOADED[key]
+
+
+def _label_scores(keys: Sequence[str], names: Sequence[str], logits: Tensor, thresholds: Tensor) -> list[LabelScore]:
+    return [LabelScore(key, name, float(logit), 1.0 / (1.0 + math.exp(-float(logit))), float(threshold),
+                       bool(logit > threshold))
+            for key, name, logit, threshold in zip(keys, names, logits.tolist(), thresholds.tolist())]
+
+
+def series_vectors(release: Release, tokens: StudyTokens, dtype: torch.dtype | None) -> Tensor:
+    """(S, series_dim) sequence-ViT vectors of every series of a study, one padded batch."""
+    model = release.model
+    batch = model.pack([[(series.features, series.name) for series in tokens.series]], [tokens.description])
+    device = model.logit_scale.device
+    with torch.no_grad(), autocast(device, dtype):
+        return model.visual.encode_series(batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask).float()
+
+
+def study_embedding(release: Release, vectors: Tensor, description: str | None, dtype: torch.dtype | None) -> Tensor:
+    """(B, study_dim) study embeddings from (B, S, series_dim) series vectors (all present)."""
+    model = release.model
+    device = model.logit_scale.device
+    ids, mask = encode_names([description] * len(vectors), model.config.vision.study.description.max_length)
+    series_mask = torch.ones(vectors.shape[:2], dtype=torch.bool, device=device)
+    with torch.no_grad(), autocast(device, dtype):
+        return model.visual.encode_study(vectors.to(device), series_mask, ids.to(device), mask.to(device)).float()
+
+
+def ready_release(release: Release | str | Path, device: str | torch.device = "auto") -> Release:
+    """``get_release`` plus the check that the release can predict (it ships a volume tokenizer and heads)."""
+    release = get_release(release, device)
+    missing = [name for name, part in (("volume tokenizer", release.volume_tokenizer), ("task heads", release.heads))
+               if part is None]
+    if missing:
+        raise ReleaseError(f"release {release.path} cannot predict: it ships no {' and no '.join(missing)}")
+    return release
+
+
+def predict_tokens(tokens: StudyTokens, release: Release, *, precision: str = "auto",
+                   return_embedding: bool = False) -> Prediction:
+    """The prediction of an already tokenized study (``prima.tokens.tokenize_study``) on the release's
+    device. ``skipped`` is empty and ``timings_s`` holds the model time only; ``predict`` fills both."""
+    if not tokens.series:
+        raise ValueError("the study has no tokenized series to predict from")
+    target = release.model.logit_scale.device
+    dtype = autocast_dtype(target, precision)
+    started = time.perf_counter()
+    embedding = study_embedding(release, series_vectors(release, tokens, dtype)[None], tokens.description, dtype)
+    with torch.no_grad(), autocast(target, dtype):
+        heads = release.heads(embedding)
+    elapsed = time.perf_counter() - started
+    space = release.config.label_space
+    priority_probs = heads.priority_logits[0].float().softmax(-1).cpu().tolist()
+    return Prediction(
+        study={"description": tokens.description},
+        series=[SeriesInfo(t.name, t.plane, list(t.shape), [round(float(v), 4) for v in voxel_spacing(t.affine)], len(t),
+                           len(t.fractions)) for t in tokens.series],
+        skipped=[],
+        diagnoses=_label_scores(space.diagnosis_keys, [d.name for d in space.diagnoses],
+                                heads.diagnosis_logits[0].float().cpu(), release.heads.diagnosis_thresholds.cpu()),
+        priority=PriorityScore(space.priority_tiers[max(range(len(priority_probs)), key=priority_probs.__getitem__)],
+                               dict(zip(space.priority_tiers, priority_probs))),
+        referrals=_label_scores(space.referral_keys, space.referral_names, heads.referral_logits[0].float().cpu(),
+                                release.heads.referral_thresholds.cpu()),
+        model={"name": release.config.name, "revision": release.revision},
+        timings_s={"model": round(elapsed, 4)},
+        embedding=embedding[0].cpu().tolist() if return_embedding else None,
+        tokens=tokens,
+    )
+
+
+@on_gpu
+def predict(
+    study: Study | str | Path | Sequence[str | Path],
+    release: Release | str | Path,
+    *,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    return_embedding: bool = False,
+    progress: Progress | None = None,
+) -> Prediction:
+    """Predict the 52 diagnoses, the priority tier and the referrals of one study.
+
+    Args:
+        study: a loaded ``prima.io.Study``, or what ``prima.io.load_study`` accepts (folder, zip, NIfTI
+            file(s), loose DICOM files).
+        release: a loaded ``Release``, or a release folder / ``hf://owner/repo`` (loaded once, reused).
+        device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or a ``torch.device``.
+        precision: "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "fp32" or "bf16".
+        return_embedding: include the study embedding in the prediction.
+        progress: called with (fraction done, stage description) as the work advances.
+
+    Raises:
+        StudyLoadError: the study cannot be loaded (``NoUsableSeriesError`` when no series is usable).
+        ReleaseError: the release cannot be loaded or lacks the volume tokenizer or the task heads.
+    """
+    report = progress or (lambda fraction, stage: None)
+    started = time.perf_counter()
+    release = ready_release(release, device)
+    timings: dict[str, float] = {}
+    if not isinstance(study, Study):
+        report(0.0, "loading the study")
+        study = load_study(study)
+        timings["load"] = time.perf_counter() - started
+    tokens_at = time.perf_counter()
+    series_tokens = []
+    for index, series in enumerate(study.series):
+        report(_LOAD_SHARE + _TOKENS_SHARE * index / len(study.series), f"tokenizing {series.name}")
+        series_tokens.append(tokenize_series(series, release.volume_tokenizer, release.config, precision=precision))
+    timings["tokens"] = time.perf_counter() - tokens_at
+    report(_LOAD_SHARE + _TOKENS_SHARE, "running the model")
+    prediction = predict_tokens(StudyTokens(study.description, series_tokens), release, precision=precision,
+                                return_embedding=return_embedding)
+    prediction.skipped = [{"name": s.name, "reason": s.reason} for s in study.skipped]
+    timings["model"] = prediction.timings_s["model"]
+    timings["total"] = time.perf_counter() - started
+    prediction.timings_s = {key: round(value, 4) for key, value in timings.items()}
+    report(1.0, "done")
+    return prediction

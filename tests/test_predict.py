@@ -1,0 +1,98 @@
+"""prima.predict: the prediction of a whole study from any release (random weights here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prima.errors import NoUsableSeriesError, ReleaseError
+from prima.io import load_study
+from prima.predict import get_release, predict, series_vectors
+from prima.release import load_release, save_release
+from prima.tokens import tokenize_study
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load_study(EXAMPLES / "normal_dwi.zip")
+
+
+@pytest.fixture(scope="module")
+def prediction(study, random_release):
+    return predict(study, random_release, device="cpu", precision="fp32", return_embedding=True)
+
+
+def test_prediction_json_schema(prediction, random_release, study):
+    doc = json.loads(prediction.to_json())
+    assert set(doc) == {"study", "series", "skipped", "diagnoses", "priority", "referrals", "model", "timings_s",
+                        "embedding", "differential"}
+    space = random_release.config.label_space
+    assert [d["key"] for d in doc["diagnoses"]] == list(space.diagnosis_keys)
+    assert [r["key"] for r in doc["referrals"]] == list(space.referral_keys)
+    for score in doc["diagnoses"] + doc["referrals"]:
+        assert set(score) == {"key", "name", "logit", "prob", "threshold", "positive"}
+        assert score["prob"] == pytest.approx(1 / (1 + math.exp(-score["logit"])))
+        assert score["positive"] == (score["logit"] > score["threshold"])
+    margins = {d["key"]: d["logit"] - d["threshold"] for d in doc["diagnoses"]}
+    assert doc["differential"] == sorted(margins, key=margins.get, reverse=True)
+    assert set(doc["priority"]["probs"]) == {"low", "medium", "high"}
+    assert sum(doc["priority"]["probs"].values()) == pytest.approx(1.0)
+    assert doc["priority"]["tier"] == max(doc["priority"]["probs"], key=doc["priority"]["probs"].get)
+    assert [s["name"] for s in doc["series"]] == [s.name for s in study.series]
+    assert all(0 < s["tokens_kept"] <= s["tokens_total"] for s in doc["series"])
+    assert doc["study"] == {"description": study.description}  # nothing that identifies the patient
+    assert doc["model"] == {"name": "prima-lite", "revision": None}
+    assert set(doc["timings_s"]) == {"tokens", "model", "total"}
+    assert len(doc["embedding"]) == random_release.model.visual.study_dim
+
+
+def test_split_path_equals_the_full_forward(study, random_release, prediction):
+    tokens = tokenize_study(study, random_release, precision="fp32")
+    model = random_release.model
+    batch = model.pack([[(t.features, t.name) for t in tokens.series]], [tokens.description])
+    with torch.no_grad():
+        embedding, vectors = model.visual(batch)
+        logits = random_release.heads(embedding).diagnosis_logits[0]
+    torch.testing.assert_close(vectors, series_vectors(random_release, tokens, None), rtol=1e-5, atol=1e-5)
+    got = torch.tensor([d.logit for d in prediction.diagnoses])
+    torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bitwise_deterministic_on_cpu(study, random_release, prediction):
+    again = predict(study, random_release, device="cpu", precision="fp32", return_embedding=True)
+    assert [d.logit for d in again.diagnoses] == [d.logit for d in prediction.diagnoses]
+    assert again.embedding == prediction.embedding
+
+
+def test_precision_does_not_change_the_top_five(study, random_release, prediction):
+    bf16 = predict(study, random_release, device="cpu", precision="bf16")
+    assert [d.key for d in bf16.differential[:5]] == [d.key for d in prediction.differential[:5]]
+
+
+def test_a_path_is_loaded_once_and_progress_is_reported(random_release_path):
+    assert get_release(random_release_path, "cpu") is get_release(random_release_path, "cpu")
+    seen = []
+    result = predict(EXAMPLES / "normal_dwi.zip", random_release_path, device="cpu",
+                     progress=lambda fraction, stage: seen.append((fraction, stage)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert any(stage.startswith("tokenizing") for _, stage in seen) and "load" in result.timings_s
+
+
+def test_release_without_heads_or_study_without_series_raise(random_release, tmp_path):
+    save_release(tmp_path, random_release.model, report_tokenizer=random_release.report_tokenizer,
+                 volume_tokenizer=random_release.volume_tokenizer)
+    with pytest.raises(ReleaseError, match="no task heads"):
+        predict(EXAMPLES / "normal_dwi.zip", load_release(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NoUsableSeriesError):
+        predict(empty, random_release)
+    assert np.isfinite([d.logit for d in predict(EXAMPLES / "normal_dwi.zip", random_release).diagnoses]).all()
