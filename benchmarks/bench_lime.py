@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from timing import DTYPES, counted_flops, machine_line, matmul_gflops, median_seconds
-from workloads import write_release, write_study
+from workloads import study_workdir, write_release
 
 from prima.explain import DEFAULT_BATCH_SIZE, explain, keep_masks, masked_outputs
 from prima.io import load_study
@@ -90,13 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_line(args.threads, args.device))
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        study_path = write_study(workdir / "study", args.series)
-        header = (f"{'model':<12} {'precision':<14} {'tokens':>6} {'samples':>7} {'batched s':>9} {'serial s':>9} "
-                  f"{'speedup':>8} {'GFLOP/s':>8} {'of ceiling':>10}")
-        print(header)
-        print("-" * len(header))
+    header = (f"{'model':<12} {'precision':<14} {'tokens':>6} {'samples':>7} {'batched s':>9} {'serial s':>9} "
+              f"{'speedup':>8} {'GFLOP/s':>8} {'of ceiling':>10}")
+    with study_workdir(args.series, header) as (workdir, study_path):
         for name in args.models:
             r = bench(name, study_path, workdir, args.samples, args.serial, args.runs, args.device, args.ceiling_size)
             ceiling = f"{r['of_ceiling']:.0%}" if "of_ceiling" in r else "n/a"

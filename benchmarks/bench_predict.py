@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from timing import machine_line
-from workloads import write_release, write_study
+from workloads import study_workdir, write_release
 
 from prima.io import load_study
 from prima.precision import autocast_dtype
@@ -75,13 +74,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_line(args.threads, args.device))
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        study_path = write_study(workdir / "study", args.series)
-        header = (f"{'model':<12} {'precision':<14} {'series':>6} {'tokens kept':>12} {'load s':>7} {'tokens s':>9} "
-                  f"{'model s':>8} {'total s':>8} {'naive s':>8} {'speedup':>8}")
-        print(header)
-        print("-" * len(header))
+    header = (f"{'model':<12} {'precision':<14} {'series':>6} {'tokens kept':>12} {'load s':>7} {'tokens s':>9} "
+              f"{'model s':>8} {'total s':>8} {'naive s':>8} {'speedup':>8}")
+    with study_workdir(args.series, header) as (workdir, study_path):
         for name in args.models:
             result = bench(name, study_path, workdir, args.runs, args.device)
             t = result["predict_s"]

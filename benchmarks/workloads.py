@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -35,3 +38,15 @@ def write_release(folder: Path, name: str) -> Path:
     volume_tokenizer = load_volume_tokenizer(SHIPPED_LITE) if name == "prima-lite" else create_volume_tokenizer(config)
     return save_release(folder, create_model(config), report_tokenizer=train_report_tokenizer(["No abnormality."] * 4, 280),
                         volume_tokenizer=volume_tokenizer, heads=create_heads(config))
+
+
+@contextlib.contextmanager
+def study_workdir(series: int, header: str) -> Iterator[tuple[Path, Path]]:
+    """A temporary folder holding the synthetic study (``write_study``); prints ``header`` and its rule
+    once the study is written, so the table starts right after the slow part. Yields (folder, study)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        study_path = write_study(workdir / "study", series)
+        print(header)
+        print("-" * len(header))
+        yield workdir, study_path

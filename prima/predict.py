@@ -30,7 +30,7 @@ from prima.models.name_encoder import encode_names
 from prima.precision import autocast, autocast_dtype
 from prima.release import Release, load_release
 from prima.spaces import on_gpu
-from prima.tokens import StudyTokens, tokenize_series
+from prima.tokens import StudyTokens, tokenize_study
 
 # progress(fraction done in [0, 1], what is happening now): the app shows a bar, the CLI a tqdm bar.
 Progress = Callable[[float, str], None]
@@ -236,14 +236,11 @@ def predict(
         study = load_study(study)
         timings["load"] = time.perf_counter() - started
     tokens_at = time.perf_counter()
-    series_tokens = []
-    for index, series in enumerate(study.series):
-        report(_LOAD_SHARE + _TOKENS_SHARE * index / len(study.series), f"tokenizing {series.name}")
-        series_tokens.append(tokenize_series(series, release.volume_tokenizer, release.config, precision=precision))
+    tokens = tokenize_study(study, release, precision=precision, on_series=lambda index, name: report(
+        _LOAD_SHARE + _TOKENS_SHARE * index / len(study.series), f"tokenizing {name}"))
     timings["tokens"] = time.perf_counter() - tokens_at
     report(_LOAD_SHARE + _TOKENS_SHARE, "running the model")
-    prediction = predict_tokens(StudyTokens(study.description, series_tokens), release, precision=precision,
-                                return_embedding=return_embedding)
+    prediction = predict_tokens(tokens, release, precision=precision, return_embedding=return_embedding)
     prediction.skipped = [{"name": s.name, "reason": s.reason} for s in study.skipped]
     timings["model"] = prediction.timings_s["model"]
     timings["total"] = time.perf_counter() - started

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -202,13 +203,15 @@ def tokenize_series(series: Series, volume_tokenizer: VQVAE, config: PrimaConfig
 
 
 def tokenize_study(study: Study, release, *, min_fraction: float | None = None,
-                   batch_size: int = ENCODE_BATCH_SIZE, precision: str = "auto") -> StudyTokens:
+                   batch_size: int = ENCODE_BATCH_SIZE, precision: str = "auto",
+                   on_series: Callable[[int, str], None] | None = None) -> StudyTokens:
     """The tokens of every series of a loaded study with a release's volume tokenizer and config.
 
     Args:
         study: ``prima.io.load_study`` output.
         release: a ``prima.release.Release`` that ships a volume tokenizer.
         min_fraction, batch_size, precision: as in :func:`tokenize_series`.
+        on_series: called with (index, name) before each series is tokenized (progress reports).
 
     Raises:
         ValueError: the release has no volume tokenizer or the study no series.
@@ -217,6 +220,10 @@ def tokenize_study(study: Study, release, *, min_fraction: float | None = None,
         raise ValueError(f"release {release.path} ships no volume tokenizer, so it cannot tokenize studies")
     if not study.series:
         raise ValueError(f"study {study.source!r} has no usable series")
-    tokens = [tokenize_series(series, release.volume_tokenizer, release.config, min_fraction=min_fraction,
-                              batch_size=batch_size, precision=precision) for series in study.series]
+    tokens = []
+    for index, series in enumerate(study.series):
+        if on_series is not None:
+            on_series(index, series.name)
+        tokens.append(tokenize_series(series, release.volume_tokenizer, release.config, min_fraction=min_fraction,
+                                      batch_size=batch_size, precision=precision))
     return StudyTokens(study.description, tokens)
