@@ -56,7 +56,17 @@ class PatientDiscriminationLoss(nn.Module):
 
     Series without a real token (dropped by series dropout) all get the same embedding, which would
     make them spurious positives and negatives of each other; ``series_valid`` leaves them out.
+
+    Under ``torch.distributed`` (as ``ClipLoss``) every process's series are negatives of the others', so
+    processes with equal shares of a global batch compute the loss of that batch on one process.
+
+    Args:
+        gather: gather series across processes when a process group is initialised.
     """
+
+    def __init__(self, gather: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
 
     def forward(
         self, series_features: Tensor, series_study: Tensor, logit_scale: Tensor, series_valid: Tensor | None = None
@@ -77,20 +87,45 @@ class PatientDiscriminationLoss(nn.Module):
         """
         if series_features.shape[0] != series_study.shape[0]:
             raise ValueError(f"{series_features.shape[0]} series but {series_study.shape[0]} study indices")
-        if series_valid is not None:
-            if series_valid.shape != series_study.shape:
-                raise ValueError(f"series_valid has shape {tuple(series_valid.shape)}, expected "
-                                 f"{tuple(series_study.shape)}")
-            if not series_valid.any():
-                return (series_features.sum() + logit_scale) * 0.0
-            series_features, series_study = series_features[series_valid], series_study[series_valid]
-        logits = logit_scale * series_features @ series_features.T
-        same = series_study[:, None] == series_study[None, :]
+        if series_valid is None:
+            series_valid = torch.ones_like(series_study, dtype=torch.bool)
+        elif series_valid.shape != series_study.shape:
+            raise ValueError(f"series_valid has shape {tuple(series_valid.shape)}, expected "
+                             f"{tuple(series_study.shape)}")
+        if not series_valid.any():
+            return (series_features.sum() + logit_scale) * 0.0
+        anchors, anchor_study = series_features[series_valid], series_study[series_valid]
+        others, other_study, other_valid = series_features, series_study, series_valid
+        if self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            others, other_study, other_valid = _gather_series(series_features, series_study, series_valid)
+            anchor_study = anchor_study + dist.get_rank() * _STUDY_OFFSET
+        logits = (logit_scale * anchors @ others.T).masked_fill(~other_valid[None, :], float("-inf"))
+        same = anchor_study[:, None] == other_study[None, :]
         per_series = torch.logsumexp(logits, dim=1) - torch.logsumexp(logits.masked_fill(~same, float("-inf")), dim=1)
-        studies, series_to_study, counts = torch.unique(series_study, return_inverse=True, return_counts=True)
+        studies, series_to_study, counts = torch.unique(anchor_study, return_inverse=True, return_counts=True)
         per_study = torch.zeros(len(studies), dtype=per_series.dtype, device=per_series.device)
         per_study = per_study.index_add(0, series_to_study, per_series) / counts
         return per_study.mean()
+
+
+_STUDY_OFFSET = 1 << 40  # added to a process's study indices so that studies of different processes differ
+
+
+def _gather_series(features: Tensor, study: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every process's series (padded to the largest count, padding marked invalid), features
+    differentiable for the local slice, study indices made globally unique."""
+    count = torch.tensor([features.shape[0]], device=features.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    padding = int(max(c.item() for c in counts)) - features.shape[0]
+    padded = F.pad(features, (0, 0, 0, padding))
+    global_study = F.pad(study + dist.get_rank() * _STUDY_OFFSET, (0, padding), value=-1)
+    padded_valid = F.pad(valid.to(torch.uint8), (0, padding), value=0)  # gloo gathers no bool tensors
+    studies = [torch.empty_like(global_study) for _ in counts]
+    valids = [torch.empty_like(padded_valid) for _ in counts]
+    dist.all_gather(studies, global_study)
+    dist.all_gather(valids, padded_valid)
+    return _gather(padded), torch.cat(studies), torch.cat(valids).bool()
 
 
 def positive_weights(labels: Tensor, max_weight: float = 1000.0) -> Tensor:

@@ -80,7 +80,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for item in fields(cls):
         element, nargs = _flag_type(hints[item.name])
         flag = "--" + item.name.replace("_", "-")
-        help_text = comments.get(item.name, "")
+        help_text = comments.get(item.name, "").replace("%", "%%")  # argparse %-formats help texts
         if element is bool:
             parser.add_argument(flag, dest=item.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=help_text)

@@ -1,8 +1,9 @@
 """Generate a synthetic data set: ``python -m training.synth --n 2000 --out data/synth --seed 0``.
 
-Studies are generated in parallel (spawned worker processes) and written as they finish; the
-manifest lists them in study order, and every study depends only on ``(seed, index)``, so the output
-is identical for any ``--workers``.
+Studies are generated in parallel (spawned worker processes, by default one per available core) and
+written as they finish; the manifest lists them in study order, and every study depends only on
+``(seed, index)``, so the output is identical for any ``--workers``. After writing, the positives per
+label per split are printed (minimum, median and the rarest labels), for the release log.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from training.synth.study import DEFAULT_PROTOCOL_BLIND, PROTOCOL_BLIND_SPLITS
-from training.synth.writers import FORMATS, write_dataset
+from training.synth.writers import FORMATS, available_cores, label_count_summary, label_counts, write_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/synth"), help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="data-set seed")
     parser.add_argument("--format", choices=FORMATS, default="nifti", help="series file format")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"worker processes (default: one per available core, here {available_cores()})")
     parser.add_argument("--spacing", type=float, default=1.5, help="phantom voxel size in mm (coarser = faster)")
     parser.add_argument("--max-series", type=int, default=8, help="most series per study (2-8)")
     parser.add_argument("--protocol-blind", choices=sorted(PROTOCOL_BLIND_SPLITS), default=DEFAULT_PROTOCOL_BLIND,
@@ -30,17 +32,22 @@ def main(argv: list[str] | None = None) -> int:
                              "(val and test; train follows the indication), all or none")
     parser.add_argument("--metadata-only", action="store_true",
                         help="write only manifest.jsonl, without images (e.g. for training.metadata_baseline)")
+    parser.add_argument("--balance", type=float, default=0.0,
+                        help="label balancing of the primary diagnosis: 0 = clinical frequencies, 1 = uniform "
+                             "over the 52 labels, weights ** (1 - balance) in between")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         manifest = write_dataset(a.n, a.out, seed=a.seed, fmt=a.format, workers=a.workers, spacing=a.spacing,
                                  max_series=a.max_series, protocol_blind=a.protocol_blind,
-                                 metadata_only=a.metadata_only, progress=not a.no_progress)
+                                 metadata_only=a.metadata_only, progress=not a.no_progress, balance=a.balance)
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - start
     print(f"{a.n} studies in {elapsed:.1f} s ({60.0 * a.n / elapsed:.1f} studies/min) -> {manifest}", file=sys.stderr)
+    for line in label_count_summary(label_counts(manifest)):
+        print(line, file=sys.stderr)
     return 0
 
 

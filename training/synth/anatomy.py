@@ -13,10 +13,12 @@ All region rules are stated in MNI millimetres of the undeformed template; see `
 
 from __future__ import annotations
 
-import warnings
+import importlib.util
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -25,6 +27,16 @@ from training.synth.phantom import Phantom, Tissue
 # Template-space box (MNI mm, inclusive lower corner) that holds the head, skull and upper neck.
 BOX_LO = np.array([-96.0, -130.0, -100.0])
 BOX_HI = np.array([96.0, 96.0, 106.0])
+
+# The ICBM152 2009 maps nilearn bundles; nilearn.datasets.load_mni152_{template,gm_template,wm_template}
+# read these files and rescale them to 0..1. Reading them directly skips importing nilearn.datasets,
+# which pulls in scikit-learn and scipy.stats (~2 s in every worker process).
+TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+BRAIN_MASK_THRESHOLD = 0.2  # on the rescaled T1: nilearn.datasets.load_mni152_brain_mask's default
 
 # Anatomical points in MNI mm of the undeformed template; make_subject maps them into each
 # subject's world space (Phantom.landmarks) so pathology can place lesions without a template.
@@ -94,10 +106,26 @@ def world_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndar
     return np.meshgrid(*axes, indexing="ij", sparse=False)
 
 
-def _resample_template(image, affine: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
-    """Sample a nilearn image on an axis-aligned grid given by ``affine``/``shape`` (zero outside)."""
-    data = np.asarray(image.get_fdata(dtype=np.float32))
-    src_to_dst = np.linalg.inv(image.affine) @ affine
+def template_map(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One bundled ICBM152 map (a key of ``TEMPLATE_FILES``) scaled to a maximum of 1, as nilearn
+    loads it: ``(float32 array, voxel -> MNI mm affine)``.
+
+    Raises:
+        ModuleNotFoundError: nilearn (the data's wheel) is not installed.
+    """
+    spec = importlib.util.find_spec("nilearn")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the ICBM152 template ships in the nilearn wheel: pip install nilearn")
+    image = nib.load(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / TEMPLATE_FILES[name])
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    data /= data.max()
+    return data, image.affine
+
+
+def _resample_template(data: np.ndarray, data_affine: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
+                       order: int) -> np.ndarray:
+    """Sample a template map on an axis-aligned grid given by ``affine``/``shape`` (zero outside)."""
+    src_to_dst = np.linalg.inv(data_affine) @ affine
     return ndimage.affine_transform(
         data, src_to_dst[:3, :3], offset=src_to_dst[:3, 3], output_shape=shape, order=order, mode="constant", cval=0.0
     ).astype(np.float32)
@@ -126,16 +154,13 @@ def base_anatomy(spacing: float = 1.5) -> BaseAnatomy:
     """
     if not spacing > 0:
         raise ValueError(f"spacing must be > 0, got {spacing}")
-    from nilearn import datasets
-
     shape = tuple(int(np.floor((hi - lo) / spacing)) + 1 for lo, hi in zip(BOX_LO, BOX_HI))
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = BOX_LO
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = _resample_template(datasets.load_mni152_gm_template(resolution=1), affine, shape, 1)
-        wm = _resample_template(datasets.load_mni152_wm_template(resolution=1), affine, shape, 1)
-        brain = _resample_template(datasets.load_mni152_brain_mask(resolution=1), affine, shape, 1) > 0.5
+    gm = _resample_template(*template_map("gm"), affine, shape, 1)
+    wm = _resample_template(*template_map("wm"), affine, shape, 1)
+    t1, t1_affine = template_map("t1")
+    brain = _resample_template((t1 > BRAIN_MASK_THRESHOLD).astype(np.float32), t1_affine, affine, shape, 1) > 0.5
     x, y, z = world_grid(affine, shape)
 
     # Upper cervical cord: the template stops at z = -72 mm, so continue the medulla downward as an
@@ -161,7 +186,7 @@ def base_anatomy(spacing: float = 1.5) -> BaseAnatomy:
     labels[intracranial] = Tissue.CSF
     labels[intracranial & (wm >= gm) & (csf < 0.5)] = Tissue.WM
     labels[intracranial & (gm > wm) & (csf < 0.5)] = Tissue.CORTICAL_GM
-    depth = ndimage.distance_transform_edt(intracranial) * spacing
+    depth = ndimage.distance_transform_edt(intracranial) * spacing  # mm inside, 0 outside
 
     # Ventricles: CSF-dominant voxels deep in the brain, in the central region, in large components
     # (lateral + third ventricle) or in the midline of the posterior fossa (fourth ventricle).
@@ -192,7 +217,7 @@ def base_anatomy(spacing: float = 1.5) -> BaseAnatomy:
     labels[tissue_lab & infratentorial & ~brainstem] = Tissue.CEREBELLUM
 
     # Structures outside the intracranial mask that the shell must not overwrite.
-    sd = (_edt_mm(intracranial, spacing) - ndimage.distance_transform_edt(intracranial) * spacing).astype(np.float32)
+    sd = (_edt_mm(intracranial, spacing) - depth).astype(np.float32)
     pit = (((x - 0.0) / 6.0) ** 2 + ((y - 0.0) / 4.5) ** 2 + ((z + 32.0) / 3.5) ** 2) <= 1.0
     labels[pit & ~intracranial] = Tissue.PITUITARY
     # Superior sagittal sinus in the midline just outside the brain, over the convexity.
@@ -375,21 +400,29 @@ def make_subject(
     ]
     coords = np.stack(coords)
 
-    def warp(volume: np.ndarray, order: int, cval: float = 0.0) -> np.ndarray:
-        return ndimage.map_coordinates(volume, coords, order=order, mode="constant", cval=cval, prefilter=False)
+    def warp(volume: np.ndarray, order: int, cval: float = 0.0, at: np.ndarray | None = None) -> np.ndarray:
+        """``volume`` at the backward map of every voxel, or of the voxels where ``at`` is True (flat)."""
+        points = coords if at is None else coords[:, at]
+        return ndimage.map_coordinates(volume, points, order=order, mode="constant", cval=cval, prefilter=False)
 
     # Labels and orbit materials share one nearest-neighbour warp (labels < 16).
     packed = warp(labels0 + 16 * base.orbit.astype(np.int16), 0).astype(np.int16)
     labels, orbit = packed % 16, (packed // 16).astype(np.uint8)
-    gm, wm = warp(gm0, 1), warp(wm0, 1)
     sd = warp(base.signed_distance, 1, cval=float(base.signed_distance.max()))
-    # Inside the intracranial space the three fractions sum to one (ageing keeps that true).
-    csf = np.where(labels != Tissue.BACKGROUND, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32)
 
     # Extra-axial shell, by distance (mm) outside the intracranial surface, with a thickness that
     # varies smoothly over the head.
     thickness = 1.0 + smooth_random_field(rng, shape, 5, 0.15)
     skull_in = 1.5 * thickness
+
+    # Tissue fractions are read only in the labelled head and the CSF rim the shell adds below: warping
+    # them there alone skips two thirds of the grid (air, skull, scalp) and leaves every value used the same.
+    fractions_at = (labels != Tissue.BACKGROUND) | (sd <= skull_in)
+    gm, wm = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    gm[fractions_at], wm[fractions_at] = warp(gm0, 1, at=fractions_at), warp(wm0, 1, at=fractions_at)
+    # Inside the intracranial space the three fractions sum to one (ageing keeps that true).
+    csf = np.where(labels != Tissue.BACKGROUND, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0).astype(np.float32)
+
     skull_out = skull_in + params.skull_mm * thickness
     scalp_out = skull_out + params.scalp_mm * thickness
     outside = labels == Tissue.BACKGROUND
@@ -406,10 +439,9 @@ def make_subject(
     scalp_pos = np.clip((sd - skull_out) / np.maximum(scalp_out - skull_out, 1e-3), 0, 1)
 
     maps = _property_maps(rng, params, labels, gm, wm, csf, bone_pos, scalp_pos, orbit)
-    landmarks = {
-        name: _forward_point(np.array(p, dtype=np.float64), forward, coords, grid_affine, base.affine)
-        for name, p in TEMPLATE_LANDMARKS.items()
-    }
+    points = _forward_points(np.array(list(TEMPLATE_LANDMARKS.values()), dtype=np.float64), forward, coords,
+                             grid_affine, base.affine)
+    landmarks = dict(zip(TEMPLATE_LANDMARKS, points))
     return Phantom(
         affine=grid_affine,
         labels=labels,
@@ -419,26 +451,29 @@ def make_subject(
     )
 
 
-def _forward_point(
+def _forward_points(
     template_mm: np.ndarray, forward: np.ndarray, coords: np.ndarray, grid_affine: np.ndarray, base_affine: np.ndarray
-) -> np.ndarray:
-    """Subject world point (mm) that the backward map (affine + elastic) sends to ``template_mm``.
+) -> list[np.ndarray]:
+    """Subject world points (mm) that the backward map (affine + elastic) sends to ``template_mm`` (n, 3).
 
     Starts from the affine image and removes the elastic part by fixed-point iteration; the elastic
-    field is small and smooth, so a few steps reach sub-voxel accuracy.
+    field is small and smooth, so a few steps reach sub-voxel accuracy. Each step interpolates the
+    backward map at all points in one call per coordinate field (a call per point costs more than the
+    interpolation itself).
     """
     inv_grid = np.linalg.inv(grid_affine)
-    q = (forward @ np.array([*template_mm, 1.0]))[:3]
+    qs = [(forward @ np.array([*p, 1.0]))[:3] for p in template_mm]
     for _ in range(8):
-        v = (inv_grid @ np.array([*q, 1.0]))[:3]
-        t_vox = np.array([ndimage.map_coordinates(c, v[:, None], order=1, mode="nearest")[0] for c in coords])
-        t_mm = (base_affine @ np.array([*t_vox, 1.0]))[:3]
-        q = q + forward[:3, :3] @ (template_mm - t_mm)
-    return q
+        v = np.array([(inv_grid @ np.array([*q, 1.0]))[:3] for q in qs])
+        t_vox = np.stack([ndimage.map_coordinates(c, v.T, order=1, mode="nearest") for c in coords], axis=1)
+        t_mms = [(base_affine @ np.array([*t, 1.0]))[:3] for t in t_vox]
+        qs = [q + forward[:3, :3] @ (p - t_mm) for q, p, t_mm in zip(qs, template_mm, t_mms)]
+    return qs
 
 
-def _blend(values: dict[str, np.ndarray], weights: dict[str, np.ndarray], geometric: bool) -> np.ndarray:
-    total = sum(weights.values())
+def _blend(values: dict[str, np.ndarray], weights: dict[str, np.ndarray], total: np.ndarray,
+           geometric: bool) -> np.ndarray:
+    """Mix ``values`` by ``weights`` (``total`` = their sum): geometrically or linearly."""
     if geometric:
         return np.exp(sum(w * np.log(values[k]) for k, w in weights.items()) / total)
     return sum(w * values[k] for k, w in weights.items()) / total
@@ -466,27 +501,29 @@ def _property_maps(
         jitter[-1] = 1.0
         props[tissue] = np.asarray(means) * jitter
     props["csf"][0] = 1.0
-    maps = {name: np.zeros(labels.shape, np.float32) for name in PROPERTY_NAMES}
-    for i, name in enumerate(PROPERTY_NAMES):
-        maps[name][...] = props["background"][i]
+    maps = {name: np.full(labels.shape, props["background"][i], np.float32) for i, name in enumerate(PROPERTY_NAMES)}
 
     def fill(mask: np.ndarray, weights: dict[str, np.ndarray]) -> None:
+        total = sum(weights.values())
         for i, name in enumerate(PROPERTY_NAMES):
             values = {k: np.float32(props[k][i]) for k in weights}
-            geometric = name in ("t1", "t2", "t2star")
-            maps[name][mask] = _blend(values, weights, geometric)
+            maps[name][mask] = _blend(values, weights, total, geometric=name in ("t1", "t2", "t2star"))
 
+    # Mixing is done on the brain-space voxels only (a fifth of the grid); the rest is air, bone and scalp.
     brain_space = np.isin(labels, (*BRAIN_TISSUES, Tissue.CSF, Tissue.VENTRICLE))
+    inside = labels[brain_space]
     # The template's probability maps are smooth; a real voxel's signal mixes linearly, which one
     # set of relaxation times cannot express. Sharpening the fractions keeps mixed voxels close to
     # their dominant tissue so FLAIR still nulls sulcal CSF and ventricles stay pure CSF.
-    gm, wm, csf = gm**3, wm**3, csf**3
-    csf = np.where(((gm + wm + csf) < 1e-6) | (labels == Tissue.VENTRICLE), 1.0, csf)
-    gm = np.where(labels == Tissue.VENTRICLE, 0.0, gm)
-    wm = np.where(labels == Tissue.VENTRICLE, 0.0, wm)
-    deep = labels == Tissue.DEEP_GM
-    for grey, mask in (("gm", brain_space & ~deep), ("deep_gm", brain_space & deep)):
-        fill(mask, {grey: gm[mask] + 1e-6, "wm": wm[mask] + 1e-6, "csf": csf[mask] + 1e-6})
+    gm, wm, csf = gm[brain_space] ** 3, wm[brain_space] ** 3, csf[brain_space] ** 3
+    ventricle = inside == Tissue.VENTRICLE
+    csf = np.where(((gm + wm + csf) < 1e-6) | ventricle, 1.0, csf)
+    gm = np.where(ventricle, 0.0, gm)
+    wm = np.where(ventricle, 0.0, wm)
+    deep_grid = labels == Tissue.DEEP_GM
+    deep = deep_grid[brain_space]
+    for grey, mask, sub in (("gm", brain_space & ~deep_grid, ~deep), ("deep_gm", brain_space & deep_grid, deep)):
+        fill(mask, {grey: gm[sub] + 1e-6, "wm": wm[sub] + 1e-6, "csf": csf[sub] + 1e-6})
     bone = labels == Tissue.SKULL
     marrow = np.clip(1.0 - np.abs(bone_pos[bone] - 0.5) / 0.3, 0.0, 1.0)
     fill(bone, {"marrow": marrow + 1e-3, "cortical_bone": 1.0 - marrow + 1e-3})

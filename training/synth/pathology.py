@@ -190,17 +190,44 @@ def _closure(keys) -> list[str]:
     return sorted(out, key=order.index)
 
 
-def sample_diagnoses(rng: np.random.Generator) -> list[str]:
+def primary_weights(balance: float = 0.0) -> np.ndarray:
+    """Probabilities of the primary diagnosis of an abnormal study, in ``DIAGNOSES`` order.
+
+    Args:
+        balance: 0 draws with the clinical weights (``Diagnosis.weight``), 1 uniformly over all
+            labels, in between with ``weight ** (1 - balance)``: rare labels gain positives.
+
+    Returns:
+        Probabilities summing to 1.
+
+    Raises:
+        ValueError: ``balance`` outside [0, 1].
+    """
+    if not 0.0 <= balance <= 1.0:
+        raise ValueError(f"balance must be in [0, 1], got {balance}")
+    # x ** 1.0 == x exactly, so balance 0 gives the clinical probabilities bit for bit.
+    weights = np.array([d.weight for d in DIAGNOSES.values()]) ** (1.0 - balance)
+    return weights / weights.sum()
+
+
+def sample_diagnoses(rng: np.random.Generator, balance: float = 0.0) -> list[str]:
     """Diagnosis keys of one study (empty for about 40% of studies), co-occurrences included.
 
-    An abnormal study has one primary diagnosis (``DIAGNOSES`` weights), its causes, implications
-    and associations, and with ``INCIDENTAL_PROBABILITY`` an unrelated second finding.
+    An abnormal study has one primary diagnosis (``primary_weights(balance)``), its causes,
+    implications and associations, and with ``INCIDENTAL_PROBABILITY`` an unrelated second finding
+    (drawn with the clinical weights: balancing changes which label a study is about, not how often
+    incidental findings come along). ``balance`` changes only the probabilities of the primary draw,
+    which takes one uniform number either way, so balance 0 makes exactly the clinical draws.
+
+    Raises:
+        ValueError: ``balance`` outside [0, 1].
     """
+    primary_p = primary_weights(balance)
     if rng.random() < UNREMARKABLE_FRACTION:
         return []
     keys = list(DIAGNOSES)
     weights = np.array([DIAGNOSES[k].weight for k in keys])
-    primary = keys[int(rng.choice(len(keys), p=weights / weights.sum()))]
+    primary = keys[int(rng.choice(len(keys), p=primary_p))]
     chosen = [primary]
     if primary in CAUSES:
         causes = CAUSES[primary]

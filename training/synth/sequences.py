@@ -34,6 +34,7 @@ SEQUENCES = (
 )
 POST_CONTRAST = ("t1_post", "mprage_post")
 PLANES = ("axial", "coronal", "sagittal")
+PROFILE_TRUNCATE = 2.5  # the slice profile's Gaussian kernel reaches this many standard deviations
 
 # Voxel index axes (i = image column, j = image row, k = slice) as RAS+ unit vectors, following the
 # DICOM display convention (axial: columns run to the patient's left, rows to posterior).
@@ -145,8 +146,8 @@ def series_geometry(
     axes = rotation_matrix(tilt) @ PLANE_AXES[spec.plane]
     spacing = np.array([*spec.pixel_spacing, spec.slice_spacing])
 
-    brain = np.isin(phantom.labels, (*BRAIN_TISSUES, Tissue.VENTRICLE))
-    vox = np.argwhere(brain[::2, ::2, ::2]) * 2
+    # Every second voxel along each axis is enough to find the brain's extent and centre.
+    vox = np.argwhere(np.isin(phantom.labels[::2, ::2, ::2], (*BRAIN_TISSUES, Tissue.VENTRICLE))) * 2
     world = vox @ phantom.affine[:3, :3].T + phantom.affine[:3, 3]
     along = world @ axes[:, 2]
     lo, hi = along.min() - 3.0, along.max() + 3.0
@@ -180,19 +181,25 @@ def _target_point(phantom: Phantom, target: str) -> np.ndarray:
     return np.asarray(phantom.landmarks[target], dtype=np.float64)
 
 
+def _slice_blur(phantom: Phantom, affine: np.ndarray, thickness_mm: float) -> tuple[int, float] | None:
+    """``(phantom axis, sigma in voxels)`` of the slice profile of a series, None when too thin to matter."""
+    normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    axis_dirs = phantom.affine[:3, :3] / phantom.spacing
+    axis = int(np.argmax(np.abs(normal @ axis_dirs)))
+    sigma_vox = thickness_mm / 2.355 / float(phantom.spacing[axis])
+    return None if sigma_vox < 0.4 else (axis, sigma_vox)
+
+
 def slice_profile(volume: np.ndarray, phantom: Phantom, affine: np.ndarray, thickness_mm: float) -> np.ndarray:
     """Blur ``volume`` across the slice direction so one sample per slice integrates its thickness.
 
     The slice profile is a Gaussian whose FWHM equals the slice thickness, applied along the phantom
     axis closest to the slice normal (slice stacks are only a few degrees oblique).
     """
-    normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
-    axis_dirs = phantom.affine[:3, :3] / phantom.spacing
-    axis = int(np.argmax(np.abs(normal @ axis_dirs)))
-    sigma_vox = thickness_mm / 2.355 / float(phantom.spacing[axis])
-    if sigma_vox < 0.4:
+    blur = _slice_blur(phantom, affine, thickness_mm)
+    if blur is None:
         return volume
-    return ndimage.gaussian_filter1d(volume, sigma_vox, axis=axis, mode="constant", truncate=2.5)
+    return ndimage.gaussian_filter1d(volume, blur[1], axis=blur[0], mode="constant", truncate=PROFILE_TRUNCATE)
 
 
 def resample_to_series(
@@ -254,9 +261,26 @@ def bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: 
 
 def _rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.ndarray:
     """Magnitude of the signal plus complex Gaussian noise of standard deviation ``sigma``."""
-    real = signal + np.float32(sigma) * rng.standard_normal(signal.shape, dtype=np.float32)
-    imag = np.float32(sigma) * rng.standard_normal(signal.shape, dtype=np.float32)
-    return np.sqrt(real * real + imag * imag)
+    # In place: a series is millions of voxels, and temporaries cost as much as the arithmetic.
+    real = rng.standard_normal(signal.shape, dtype=np.float32)
+    real *= np.float32(sigma)
+    real += signal
+    imag = rng.standard_normal(signal.shape, dtype=np.float32)
+    imag *= np.float32(sigma)
+    real *= real
+    imag *= imag
+    real += imag
+    return np.sqrt(real, out=real)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The smallest block holding every True voxel of a 3D ``mask`` (None if it has none)."""
+    rows = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(rows) == 0:
+        return None
+    slab = mask[rows[0]:rows[-1] + 1]  # the other two extents need only the lesion's slab of the grid
+    extents = (rows, np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1))))
+    return tuple(slice(int(e[0]), int(e[-1]) + 1) for e in extents)
 
 
 def _resample_masks(phantom: Phantom, affine, shape, thickness_mm: float) -> dict[str, np.ndarray]:
@@ -267,15 +291,16 @@ def _resample_masks(phantom: Phantom, affine, shape, thickness_mm: float) -> dic
     """
     masks = {}
     inv_series = np.linalg.inv(affine)
+    blur = _slice_blur(phantom, affine, thickness_mm)
     for key, mask in phantom.lesion_masks.items():
-        idx = np.argwhere(mask)
-        if len(idx) == 0:
+        found = _bounding_box(mask)
+        if found is None:
             masks[key] = np.zeros(shape, bool)
             continue
         # Only resample the series sub-box the lesion can reach.
-        corners = np.array([[a, b, c] for a in (idx[:, 0].min() - 1, idx[:, 0].max() + 1)
-                            for b in (idx[:, 1].min() - 1, idx[:, 1].max() + 1)
-                            for c in (idx[:, 2].min() - 1, idx[:, 2].max() + 1)], float)
+        corners = np.array([[a, b, c] for a in (found[0].start - 1, found[0].stop)
+                            for b in (found[1].start - 1, found[1].stop)
+                            for c in (found[2].start - 1, found[2].stop)], float)
         world = corners @ phantom.affine[:3, :3].T + phantom.affine[:3, 3]
         sv = world @ inv_series[:3, :3].T + inv_series[:3, 3]
         lo = np.clip(np.floor(sv.min(0)).astype(int) - 1, 0, np.array(shape))
@@ -284,7 +309,16 @@ def _resample_masks(phantom: Phantom, affine, shape, thickness_mm: float) -> dic
         if np.all(hi > lo):
             sub_affine = affine.copy()
             sub_affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
-            profile = slice_profile(mask.astype(np.float32), phantom, affine, thickness_mm)
+            # The mask is zero outside its bounding box, so blurring the box (grown by the kernel's
+            # reach along the blurred axis) gives the whole grid's profile at a fraction of the cost.
+            box = list(found)
+            if blur is not None:
+                axis, sigma = blur
+                reach = int(PROFILE_TRUNCATE * sigma + 0.5)  # scipy's kernel radius
+                box[axis] = slice(max(box[axis].start - reach, 0), min(box[axis].stop + reach, mask.shape[axis]))
+            box = tuple(box)
+            profile = np.zeros(mask.shape, np.float32)
+            profile[box] = slice_profile(mask[box].astype(np.float32), phantom, affine, thickness_mm)
             frac = resample_to_series(profile, phantom.affine, sub_affine, tuple(hi - lo))
             peak = float(frac.max())
             if peak > 0.05:

@@ -17,7 +17,7 @@ import numpy as np
 
 from prima.labels import default_label_space
 from training.synth.anatomy import make_subject
-from training.synth.pathology import KEY_SEQUENCES, apply_findings, sample_diagnoses
+from training.synth.pathology import KEY_SEQUENCES, apply_findings, primary_weights, sample_diagnoses
 from training.synth.phantom import Finding, Phantom
 from training.synth.protocols import (
     VENDORS,
@@ -144,7 +144,7 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def plan_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
-    max_series: int = 8, full_resolution: bool = False,
+    max_series: int = 8, full_resolution: bool = False, balance: float = 0.0,
 ) -> StudyPlan:
     """Plan study ``index`` of the data set drawn with ``seed``: everything but the images.
 
@@ -161,12 +161,18 @@ def plan_study(
         keys: force these diagnosis keys instead of sampling them (``[]`` forces a normal study).
         max_series: most series in the study (2..8).
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
+        balance: label balancing of the sampled primary diagnosis, 0 (clinical frequencies) .. 1
+            (uniform over the labels); see ``pathology.primary_weights``. Ignored with ``keys``.
 
     Returns:
         The plan; ``generate_study`` with the same arguments simulates exactly these series.
+
+    Raises:
+        ValueError: ``max_series`` outside [2, 8], ``balance`` outside [0, 1] or unknown ``keys``.
     """
     if not 2 <= max_series <= 8:
         raise ValueError(f"max_series must be in [2, 8], got {max_series}")
+    primary_weights(balance)  # validates balance before any work
     space = default_label_space()
     if keys is not None:
         unknown = [k for k in keys if k not in space.diagnosis_keys]
@@ -175,7 +181,7 @@ def plan_study(
     rngs = study_streams(seed, index)
     split = _split_of(rngs["split"])
     phantom = make_subject(rngs["subject"], spacing=spacing)
-    requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"]))
+    requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"], balance))
     if requested:
         apply_findings(phantom, requested, rngs["pathology"])
     positives = sorted({f.key for f in phantom.findings} | set(requested), key=space.diagnosis_keys.index)
@@ -223,7 +229,7 @@ def plan_study(
 
 def generate_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
-    max_series: int = 8, full_resolution: bool = False,
+    max_series: int = 8, full_resolution: bool = False, balance: float = 0.0,
 ) -> SyntheticStudy:
     """Generate study ``index`` of the data set drawn with ``seed``: ``plan_study``, then its images.
 
@@ -235,12 +241,13 @@ def generate_study(
         keys: force these diagnosis keys instead of sampling them (``[]`` forces a normal study).
         max_series: most series in the study (2..8).
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
+        balance: label balancing of the sampled primary diagnosis (see ``plan_study``).
 
     Returns:
         The study with its simulated series and masks.
     """
     plan = plan_study(seed, index, protocol_blind=protocol_blind, spacing=spacing, keys=keys,
-                      max_series=max_series, full_resolution=full_resolution)
+                      max_series=max_series, full_resolution=full_resolution, balance=balance)
     rng = study_streams(seed, index)["series"]
     series: list[SimulatedSeries] = []
     dwi: SimulatedSeries | None = None

@@ -14,7 +14,7 @@ from prima.labels import default_label_space
 from training.synth.anatomy import make_subject
 from training.synth.lesions.base import BRAIN, INTRACRANIAL, Ctx
 from training.synth.pathology import (ASSOCIATED, DIAGNOSES, IMPLIES, KEY_SEQUENCES, UNREMARKABLE_FRACTION,
-                                      apply_findings, sample_diagnoses)
+                                      apply_findings, primary_weights, sample_diagnoses)
 from training.synth.phantom import Tissue
 
 KEYS = default_label_space().diagnosis_keys
@@ -181,3 +181,33 @@ def test_sample_diagnoses_frequencies_and_cooccurrence():
     with_catheter = [d for d in abnormal if d[0:] and "surgical_catheter" in d]
     rate = np.mean(["ventricular_ventriculomegaly" in d for d in with_catheter])
     assert rate > ASSOCIATED["surgical_catheter"][0][1] - 0.15, rate
+
+
+def test_primary_weights_go_from_clinical_to_uniform():
+    clinical = np.array([d.weight for d in DIAGNOSES.values()])
+    assert np.array_equal(primary_weights(0.0), clinical / clinical.sum())  # bit for bit: balance 0 = today
+    np.testing.assert_allclose(primary_weights(1.0), np.full(len(DIAGNOSES), 1 / len(DIAGNOSES)))
+    spread = [np.ptp(primary_weights(b)) for b in (0.0, 0.5, 1.0)]
+    assert spread[0] > spread[1] > spread[2]
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            primary_weights(bad)
+        with pytest.raises(ValueError):
+            sample_diagnoses(np.random.default_rng(0), bad)
+
+
+def test_balanced_sampling_raises_the_rarest_labels():
+    rarest = [k for k, d in DIAGNOSES.items() if d.weight == min(x.weight for x in DIAGNOSES.values())]
+    positives = {}
+    for balance in (0.0, 1.0):
+        rng = np.random.default_rng(1)
+        draws = [sample_diagnoses(rng, balance) for _ in range(20000)]
+        positives[balance] = Counter(k for d in draws for k in d)
+        # Balancing picks which label a study is about, not whether it is abnormal.
+        assert abs(sum(not d for d in draws) / len(draws) - UNREMARKABLE_FRACTION) < 0.03
+    # The four labels of the lowest clinical weight: ~920 positives at balance 0 and ~1180 at 1 (x1.25-1.4 over
+    # seeds, sd of the ratio ~0.05; associations dilute the x1.35 of the primary draw); the five most common
+    # labels drop to ~0.68 of theirs.
+    assert sum(positives[1.0][k] for k in rarest) > 1.12 * sum(positives[0.0][k] for k in rarest)
+    common = [k for k, d in DIAGNOSES.items() if d.weight == 3.0]
+    assert sum(positives[1.0][k] for k in common) < 0.8 * sum(positives[0.0][k] for k in common)

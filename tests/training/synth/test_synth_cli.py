@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from training.synth.__main__ import main
+from training.synth.writers import label_count_summary, label_counts
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -44,6 +45,15 @@ def test_metadata_only_manifest_records_the_protocol_blind_setting(tmp_path, set
     assert json.loads((tmp_path / "synth_config.json").read_text())["protocol_blind"] == setting
 
 
+def test_balance_is_recorded_and_label_counts_are_printed(tmp_path, capsys):
+    assert main(["--n", "10", "--seed", "3", "--spacing", "6", "--metadata-only", "--balance", "1", "--workers", "1",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "synth_config.json").read_text())["balance"] == 1.0
+    err = capsys.readouterr().err.splitlines()
+    summary = label_count_summary(label_counts(tmp_path / "manifest.jsonl"))
+    assert summary and err[-len(summary):] == summary  # the release log ends with the positives per split
+
+
 def test_module_entry_point_runs(tmp_path):
     out = tmp_path / "ds"
     result = subprocess.run(
@@ -57,7 +67,8 @@ def test_module_entry_point_runs(tmp_path):
     assert list((out / record["series"][0]["path"]).glob("*.dcm"))
 
 
-@pytest.mark.parametrize("bad", [["--n", "0"], ["--workers", "0"], ["--format", "png"], ["--protocol-blind", "x"]])
+@pytest.mark.parametrize("bad", [["--n", "0"], ["--workers", "0"], ["--format", "png"], ["--protocol-blind", "x"],
+                                 ["--balance", "2"]])
 def test_bad_arguments_exit_with_usage_error(tmp_path, bad):
     with pytest.raises(SystemExit) as error:
         main([*bad, "--out", str(tmp_path)])

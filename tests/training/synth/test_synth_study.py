@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from prima.labels import default_label_space
-from training.synth.pathology import KEY_SEQUENCES
+from training.synth.pathology import DIAGNOSES, KEY_SEQUENCES, UNREMARKABLE_FRACTION
 from training.synth.protocols import PROTOCOLS, SERIES_KINDS, choose_protocol, draw_series_kinds, wanted_sequences
 from training.synth.sequences import POST_CONTRAST
 from training.synth.study import (
@@ -23,6 +23,7 @@ from training.synth.study import (
 )
 
 SPACING = 3.0
+KEYS = default_label_space().diagnosis_keys
 
 
 def assert_same_study(a, b):
@@ -74,6 +75,8 @@ def test_unknown_keys_and_bad_arguments_raise():
         generate_study(0, 0, spacing=SPACING, max_series=9)
     with pytest.raises(ValueError):
         study_streams(-1, 0)
+    with pytest.raises(ValueError):
+        plan_study(0, 0, spacing=6.0, balance=1.5)
 
 
 def test_splits_are_drawn_80_10_10():
@@ -187,3 +190,24 @@ def test_truncation_prefers_keeping_the_adc_with_its_dwi():
     assert draw_series_kinds(np.random.default_rng(seed), brain_wo, {}, max_series=2) == ["ax_flair", "ax_t2"]
     with pytest.raises(ValueError):
         draw_series_kinds(np.random.default_rng(0), brain_wo, {}, max_series=1)
+
+
+def test_balanced_plans_have_more_positives_of_the_rare_labels():
+    # The abnormal studies of seed 0 (the first draw of the pathology stream decides, whatever the balance),
+    # planned on the 6 mm phantom with clinical and with uniform primary diagnoses.
+    indices = [i for i in range(300) if study_streams(0, i)["pathology"].random() >= UNREMARKABLE_FRACTION][:100]
+    weight = np.array([DIAGNOSES[k].weight for k in KEYS])
+    # Rare labels: at or below the median clinical weight, secondary findings (edema, mass effect, midline
+    # shift, herniation, painted from the other lesions) left out.
+    rare = (weight <= np.median(weight)) & np.array([DIAGNOSES[k].stage != 3 for k in KEYS])
+    labels, plans = {}, {}
+    for balance in (0.0, 1.0):
+        plans[balance] = [plan_study(0, i, spacing=6.0, balance=balance) for i in indices]
+        labels[balance] = np.array([[p.labels[k] for k in KEYS] for p in plans[balance]])
+    # Measured: 50 -> 60 positives of the 25 rare labels (seeds 1-4: 50 -> 62, 50 -> 70, 55 -> 60, 54 -> 59).
+    assert labels[1.0][:, rare].sum() > labels[0.0][:, rare].sum() + 5
+    # The clinical weight of the average positive falls (1.72 -> 1.67; 0.05-0.13 lower in seeds 0-4).
+    mean_weight = {b: (labels[b] * weight).sum() / labels[b].sum() for b in labels}
+    assert mean_weight[1.0] < mean_weight[0.0] - 0.03, mean_weight
+    # Only the pathology stream sees the setting: subject and split stay.
+    assert [(p.subject, p.split) for p in plans[0.0]] == [(p.subject, p.split) for p in plans[1.0]]

@@ -21,7 +21,8 @@ from training.synth.protocols import make_series_spec
 from training.synth.sequences import simulate_series
 from training.synth.study import SimulatedSeries, SyntheticStudy, generate_study, plan_study
 from prima.manifest import manifest_line, read_manifest
-from training.synth.writers import plan_entry, to_int16, write_study
+from training.synth.writers import (fortran_order, label_count_summary, label_counts, plan_entry, to_int16,
+                                    write_dataset, write_study)
 
 SPACING = 3.0
 
@@ -170,3 +171,43 @@ def test_pathology_lesion_stands_out_on_its_key_sequence_after_dicom_round_trip(
         assert abs(np.log(ratio)) > np.log(1.15), (key, series.name, ratio)
         checked += 1
     assert checked >= 1
+
+
+def test_label_counts_per_split_and_summary(tmp_path):
+    manifest = write_dataset(16, tmp_path, seed=2, workers=1, spacing=6.0, metadata_only=True, progress=False,
+                             balance=0.5)
+    assert json.loads((tmp_path / "synth_config.json").read_text())["balance"] == 0.5
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    counts = label_counts(manifest)
+    splits = [s for s in ("train", "val", "test") if any(r["split"] == s for r in records)]
+    assert list(counts) == splits
+    keys = default_label_space().diagnosis_keys
+    for split, per_label in counts.items():
+        assert list(per_label) == list(keys)  # every label, zeros included
+        assert per_label == {k: sum(r["labels"][k] for r in records if r["split"] == split) for k in keys}
+    assert sum(sum(c.values()) for c in counts.values()) == sum(sum(r["labels"].values()) for r in records) > 0
+    lines = label_count_summary(counts, fewest=2)
+    train = counts["train"]
+    rarest = sorted(train, key=train.get)[:2]
+    assert lines[0] == (f"train: positives per label min {min(train.values())}, "
+                        f"median {np.median(list(train.values())):g}; fewest: {rarest[0]} {train[rarest[0]]}, "
+                        f"{rarest[1]} {train[rarest[1]]}")
+    assert len(lines) == len(counts) and label_count_summary(counts, fewest=0)[0].endswith(
+        f"median {np.median(list(train.values())):g}")
+    with pytest.raises(ValueError):
+        label_count_summary(counts, fewest=-1)
+
+
+@pytest.mark.parametrize("bad", [dict(balance=-0.5), dict(balance=1.01), dict(workers=0), dict(n=0)])
+def test_write_dataset_rejects_bad_arguments(tmp_path, bad):
+    with pytest.raises(ValueError):
+        write_dataset(**{"n": 1, **bad}, out=tmp_path, spacing=6.0, metadata_only=True, progress=False)
+    assert not (tmp_path / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize("shape", [(70, 9, 5), (33, 4, 3, 2), (1, 2, 3)])
+def test_fortran_order_copies_without_changing_values(shape):
+    array = np.arange(np.prod(shape), dtype=np.int16).reshape(shape)
+    copied = fortran_order(array, block=8)
+    assert copied.flags.f_contiguous and copied.shape == shape
+    np.testing.assert_array_equal(copied, array)

@@ -1,0 +1,144 @@
+"""training.clip: a resumed run equals an uninterrupted one, two torchrun processes equal one, bad
+arguments are refused; training.study_data's sampling and augmentations are pure functions of their seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prima.factory import get_model_config
+from prima.labels import default_label_space
+from prima.manifest import read_manifest
+from prima.models.text import train_report_tokenizer
+from training.clip import ClipTrainConfig, load_clip, train
+from training.study_data import (
+    AugmentConfig,
+    global_batch,
+    label_targets,
+    rank_share,
+    sampling_weights,
+    step_rng,
+    study_inputs,
+    token_studies,
+)
+from training.token_cache import TokenCache
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = get_model_config("prima-lite").volume_tokenizer
+
+
+@pytest.fixture(scope="module")
+def report_tokenizer(tiny_dataset: Path, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("report_tokenizer") / "report_tokenizer.json"
+    train_report_tokenizer([s.report for s in read_manifest(tiny_dataset)], 400).save(path)
+    return path
+
+
+def _config(tiny_dataset, tiny_token_cache, report_tokenizer, out, **overrides) -> ClipTrainConfig:
+    settings = dict(manifest=str(tiny_dataset), token_cache=str(tiny_token_cache),
+                    report_tokenizer=str(report_tokenizer), out=str(out), steps=4, batch_size=4, warmup=1,
+                    max_tokens=48, eval_every=2, log_every=1, checkpoint_every=2, precision="fp32", device="cpu")
+    return ClipTrainConfig(**{**settings, **overrides})
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path):
+    whole = train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "whole"))
+    train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "parts", steps=2))
+    parts = train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "parts"))
+    first, second = load_file(whole), load_file(parts)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    summary = json.loads((tmp_path / "whole" / "clip.json").read_text())
+    assert summary["steps"] == 4 and [v["step"] for v in summary["validation"]] == [2, 4]
+    assert {"top1", "top5"} <= set(summary["validation"][-1]["image_to_text"])
+    model = load_clip(whole, "prima-lite")  # loads into the release's model config
+    assert not model.training
+
+
+def test_resume_refuses_another_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path):
+    from prima.errors import ConfigError
+
+    train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path, steps=2))
+    with pytest.raises(ConfigError, match="lr"):
+        train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path, lr=1e-2))
+
+
+def test_bad_arguments_raise(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="exceeds"):
+        train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "a", batch_size=64))
+    with pytest.raises(ValueError, match="token_dropout"):
+        _config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "b", token_dropout=1.5).augment()
+
+
+def test_two_torchrun_processes_give_the_loss_of_one(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path):
+    common = ["--manifest", str(tiny_dataset), "--token-cache", str(tiny_token_cache), "--report-tokenizer",
+              str(report_tokenizer), "--steps", "3", "--batch-size", "4", "--warmup", "1", "--max-tokens", "48",
+              "--eval-every", "100", "--log-every", "1", "--precision", "fp32", "--device", "cpu", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "training.clip", *common, "--out", str(tmp_path / "one")], check=True,
+                   cwd=REPO, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "training.clip", *common, "--out", str(tmp_path / "two")], check=True, cwd=REPO, env=env,
+                   capture_output=True)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(losses[0]) == 3
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_global_batches_are_seeded_without_duplicates_and_split_over_ranks():
+    probabilities = np.full(10, 0.1)
+    batch = global_batch(10, 6, probabilities, seed=1, step=5)
+    assert len(set(batch.tolist())) == 6
+    assert np.array_equal(batch, global_batch(10, 6, probabilities, seed=1, step=5))
+    assert not np.array_equal(batch, global_batch(10, 6, probabilities, seed=1, step=6))
+    shares = [rank_share(batch, rank, 2) for rank in (0, 1)]
+    assert sorted(np.concatenate(shares).tolist()) == sorted(batch.tolist())
+    with pytest.raises(ValueError, match="split"):
+        rank_share(batch, 0, 4)
+
+
+def test_abnormal_studies_are_upsampled(tiny_dataset, tiny_token_cache):
+    studies = token_studies(str(tiny_dataset), TokenCache(tiny_token_cache), ["train"])
+    probabilities = sampling_weights(studies, 3.0)
+    abnormal = np.array([s.abnormal for s in studies])
+    assert abnormal.any() and (~abnormal).any()
+    assert np.allclose(probabilities[abnormal] / probabilities[~abnormal][0], 3.0)
+    with pytest.raises(ValueError):
+        sampling_weights(studies, 0.0)
+
+
+def test_augmentations_are_a_pure_function_of_the_seed(tiny_dataset, tiny_token_cache):
+    (study, *_) = token_studies(str(tiny_dataset), TokenCache(tiny_token_cache), ["train"])
+    tokens = study.tokens()
+    augment = AugmentConfig(token_dropout=0.3, series_dropout=0.5, unk_name=0.5, filter_range=(0.05, 0.3),
+                            max_tokens=40)
+    first, description = study_inputs(tokens, augment, TOKENIZER, step_rng(0, 3, 7))
+    again, _ = study_inputs(tokens, augment, TOKENIZER, step_rng(0, 3, 7))
+    assert [name for _, name in first] == [name for _, name in again]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
+    assert 1 <= len(first) <= len(tokens.series) and all(1 <= len(f) <= 40 for f, _ in first)
+    plain, plain_description = study_inputs(tokens, AugmentConfig(token_dropout=0, series_dropout=0, unk_name=0,
+                                                                  unk_description=0), TOKENIZER, step_rng(0, 0, 0))
+    assert [name for _, name in plain] == [s.name for s in tokens.series] and plain_description == tokens.description
+    # without augmentation a series keeps what the inference filter keeps (the model config's threshold)
+    expected = [len(s.refilter(TOKENIZER.min_foreground_fraction, TOKENIZER.min_tokens)) for s in tokens.series]
+    assert [len(features) for features, _ in plain] == expected
+
+
+def test_label_targets_derive_priority_and_referrals(tiny_dataset):
+    space = default_label_space()
+    entries = read_manifest(tiny_dataset)
+    diagnoses, referrals, tiers = label_targets(entries, space)
+    for entry, row, referral_row, tier in zip(entries, diagnoses, referrals, tiers):
+        positives = [k for k, flag in zip(space.diagnosis_keys, row) if flag]
+        assert space.priority_tiers[tier] == space.priority_of(positives) == (entry.priority or "low")
+        assert [k for k, flag in zip(space.referral_keys, referral_row) if flag] == space.referrals_of(positives)

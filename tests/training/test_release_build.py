@@ -1,0 +1,88 @@
+"""training.release end to end on the tiny synthetic set: every stage writes what the next reads, the
+release loads with prima.load_release and predicts, and its model card holds the evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prima import load_release
+from prima.manifest import read_manifest
+from prima.predict import predict
+from training.release import ReleaseConfig, build, check_release_config
+from training.runtime import read_config_file
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_VOLUME_TOKENIZER = REPO / "assets/volume-tokenizer-lite/volume_tokenizer.safetensors"
+
+
+def tiny_release_config(manifest: Path, tmp_path: Path) -> ReleaseConfig:
+    return ReleaseConfig(
+        out=str(tmp_path / "release"), work=str(tmp_path / "work"), device="cpu", seed=0,
+        data={"manifest": str(manifest)}, volume_tokenizer={"weights": str(SHIPPED_VOLUME_TOKENIZER)},
+        token_cache={"min_fraction": 0.02, "precision": "fp32"},
+        report_lm={"steps": 3, "batch_size": 4, "warmup": 1, "eval_every": 3, "log_every": 1, "precision": "fp32"},
+        series_names={"steps": 3, "batch_size": 4, "max_tokens": 32, "warmup": 1, "eval_every": 3, "log_every": 1,
+                      "precision": "fp32"},
+        clip={"steps": 3, "batch_size": 4, "warmup": 1, "max_tokens": 32, "eval_every": 3, "log_every": 1,
+              "precision": "fp32"},
+        heads={"train_views": 2, "epochs": 3, "precision": "fp32"},
+        evaluate={"n_boot": 20, "lime_samples": 16, "lime_max": 2, "precision": "fp32"},
+        scaling={"fractions": [0.5]},
+    )
+
+
+def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_path):
+    folder = build(tiny_release_config(tiny_dataset, tmp_path), "python -m training.release --config tiny.yaml")
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert list(stages) == ["data", "token cache", "report LM", "series names", "clip", "heads", "assemble",
+                            "evaluate", "scaling"]
+    curve = json.loads((folder / "evaluation" / "scaling.json").read_text())
+    assert [p["fraction"] for p in curve] == [0.5, 1.0]
+    assert curve[0]["train_studies"] < curve[1]["train_studies"] == 8
+    release = load_release(folder)
+    assert release.heads is not None and release.volume_tokenizer is not None
+    entry = read_manifest(tiny_dataset, ["test"])[0]
+    prediction = predict([s.path for s in entry.series], release, device="cpu", precision="fp32")
+    assert len(prediction.diagnoses) == 52 and prediction.priority.tier in ("low", "medium", "high")
+    heads = json.loads((tmp_path / "work" / "heads" / "heads.json").read_text())
+    assert set(heads["best"]) == {"diagnosis", "referral", "priority"}
+    assert all(1 <= heads["best"][task]["epoch"] <= 3 for task in heads["best"] if heads["best"][task]["epoch"] > 0)
+    assert len(release.config.diagnosis_thresholds) == 52 and len(release.config.referral_thresholds) == 11
+    evaluation = json.loads((folder / "evaluation" / "eval.json").read_text())
+    assert evaluation["studies"] == 2 and evaluation["split"] == "test"
+    card = (folder / "README.md").read_text()
+    assert "not for clinical use" in card and "## Targets" in card
+    assert (folder / "evaluation" / "eval.md").read_text().strip() in card
+    assert (folder / "evaluation" / "reliability.png").stat().st_size > 1000
+    # a second build finds every stage done and rebuilds the same release
+    before = (folder / "model.safetensors").read_bytes()
+    build(tiny_release_config(tiny_dataset, tmp_path), "python -m training.release --config tiny.yaml")
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["release-lite.yaml", "release-paper.yaml"])
+def test_shipped_release_configs_name_only_known_fields(name):
+    check_release_config(read_config_file(REPO / "training" / "configs" / name))
+
+
+@pytest.mark.parametrize("stage", ["clip", "heads", "report_lm", "series_names", "token_cache", "evaluate",
+                                   "release", "volume_tokenizer.train"])
+def test_every_stage_command_explains_itself(stage):
+    result = subprocess.run([sys.executable, "-m", f"training.{stage}", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--" in result.stdout
+
+
+def test_a_typo_in_a_release_section_is_refused_before_any_work(tmp_path):
+    from prima.errors import ConfigError
+
+    doc = read_config_file(REPO / "training" / "configs" / "release-lite.yaml")
+    doc["clip"]["stpes"] = 10
+    with pytest.raises(ConfigError, match="stpes"):
+        check_release_config(doc)

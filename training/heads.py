@@ -1,0 +1,197 @@
+"""Task heads on frozen study embeddings: diagnoses, referrals and priority.
+
+    python -m training.heads --config training/configs/heads-lite.yaml
+
+The trained CLIP model embeds every train and validation study once (train studies also in
+``train_views`` augmented views); three 3-layer MLPs (``prima.models.heads.TaskHeads``) learn on those
+embeddings: diagnoses and referrals with positive-weighted BCE (``p_i = neg_i / pos_i``, paper), priority
+with cross-entropy. After every epoch each task is scored on validation (mean AUROC over labels; priority:
+mean one-vs-rest AUROC over tiers) and the best epoch of each task is kept (paper). Operating thresholds
+are then chosen per label on validation (``training.metrics.choose_threshold``, Youden's J by default).
+Writes ``<out>/heads.safetensors`` (thresholds included) and ``<out>/heads.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from prima.config import PrimaConfig
+from prima.factory import create_heads, get_model_config
+from prima.losses import positive_weights, priority_ce, weighted_bce
+from prima.models.heads import TaskHeads
+from prima.precision import autocast_dtype
+from prima.release import load_weights, module_state
+from training.clip import load_clip
+from training.metrics import auroc, choose_threshold
+from training.runtime import add_config_arguments, config_dict, git_commit, load_stage_config, seed_everything
+from training.study_data import AugmentConfig, label_targets, study_embeddings, token_studies
+from training.token_cache import TokenCache
+
+HEADS_FILE = "heads.safetensors"
+SUMMARY_FILE = "heads.json"
+TASKS = ("diagnosis", "referral", "priority")
+
+
+@dataclass
+class HeadsTrainConfig:
+    """One task-head run (``training/configs/heads-lite.yaml`` sets the lite release's)."""
+
+    manifest: str  # manifest.jsonl of the studies
+    token_cache: str  # token cache folder of that manifest
+    clip: str  # clip.safetensors from training.clip (frozen)
+    out: str  # run folder: heads.safetensors, heads.json
+    model: str = "prima-lite"  # model config of the CLIP weights and the heads
+    train_views: int = 4  # embeddings per training study: one as inference sees it + augmented views
+    series_dropout: float = 0.08  # augmentation of the extra views (as in CLIP training)
+    unk_name: float = 0.07  # chance a series name becomes unk in an extra view
+    token_dropout: float = 0.03  # fraction of tokens dropped in an extra view
+    epochs: int = 60  # passes over the training embeddings
+    batch_size: int = 64  # embeddings per step
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-2  # AdamW weight decay
+    threshold_rule: str = "youden"  # how operating thresholds are chosen on validation: youden or f1
+    embed_batch_size: int = 16  # studies per forward when embedding
+    precision: str = "auto"  # precision of the frozen hViT forward (prima.precision)
+    device: str = "cpu"  # cpu or cuda (the heads train in seconds; one process)
+    threads: int | None = None  # torch CPU threads
+    seed: int = 0  # seeds initialisation, batches and the augmented views
+
+
+def task_scores(heads: TaskHeads, embeddings: torch.Tensor, diagnoses: np.ndarray, referrals: np.ndarray,
+                tiers: np.ndarray) -> dict[str, float]:
+    """Validation score of each task: mean AUROC over scorable labels (priority: one-vs-rest per tier)."""
+    heads.eval()
+    with torch.no_grad():
+        output = heads(embeddings)
+    scores = {}
+    for task, logits, targets in (("diagnosis", output.diagnosis_logits, diagnoses),
+                                  ("referral", output.referral_logits, referrals),
+                                  ("priority", output.priority_logits, np.eye(output.priority_logits.shape[1])[tiers])):
+        values = [auroc(targets[:, c], logits[:, c].numpy()) for c in range(targets.shape[1])]
+        scored = [v for v in values if v is not None]
+        scores[task] = float(np.mean(scored)) if scored else float("nan")
+    heads.train()
+    return scores
+
+
+def embed(model, studies, config: HeadsTrainConfig, views: int) -> tuple[torch.Tensor, list[int]]:
+    """Study embeddings: view 0 without augmentation (what inference sees), then augmented views; returns
+    the stacked embeddings and the study index of each row."""
+    settings = model.config
+    dtype = autocast_dtype(next(model.parameters()).device, config.precision)
+    tokens = [s.tokens() for s in studies]
+    augment = AugmentConfig(token_dropout=config.token_dropout, series_dropout=config.series_dropout,
+                            unk_name=config.unk_name, unk_description=config.unk_name, shuffle_report_items=False)
+    rows, owners = [], []
+    for view in tqdm(range(views), desc="embedding studies", unit="view", leave=False):
+        if view == 0:
+            embedding, _ = study_embeddings(model, tokens, settings, batch_size=config.embed_batch_size, dtype=dtype)
+        else:
+            embedding, _ = study_embeddings(model, tokens, settings, augment=augment, seed=config.seed + view,
+                                            batch_size=config.embed_batch_size, dtype=dtype)
+        rows.append(embedding)
+        owners += list(range(len(studies)))
+    return torch.cat(rows), owners
+
+
+def train(config: HeadsTrainConfig) -> Path:
+    """Train the heads; returns the path of ``heads.safetensors``."""
+    if config.threshold_rule not in ("youden", "f1"):
+        raise ValueError(f"threshold_rule must be youden or f1, got {config.threshold_rule!r}")
+    if config.train_views < 1 or config.epochs < 1 or config.batch_size < 1:
+        raise ValueError("train_views, epochs and batch_size must be >= 1")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    settings = get_model_config(config.model)
+    space = settings.label_space
+    cache = TokenCache(config.token_cache)
+    train_studies = token_studies(config.manifest, cache, ["train"])
+    val_studies = token_studies(config.manifest, cache, ["val"])
+    if not train_studies or not val_studies:
+        raise ValueError(f"need cached train and val studies, got {len(train_studies)} and {len(val_studies)}")
+    model = load_clip(config.clip, config.model).to(config.device)
+    train_x, owners = embed(model, train_studies, config, config.train_views)
+    val_x, _ = embed(model, val_studies, config, 1)
+    train_d, train_r, train_t = (a[owners] for a in label_targets([s.entry for s in train_studies], space))
+    val_d, val_r, val_t = label_targets([s.entry for s in val_studies], space)
+
+    seed_everything(config.seed)
+    heads = create_heads(settings)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    diagnosis_weight = positive_weights(torch.from_numpy(train_d))
+    referral_weight = positive_weights(torch.from_numpy(train_r))
+    targets = [torch.from_numpy(a) for a in (train_d, train_r, train_t)]
+    generator = torch.Generator().manual_seed(config.seed)
+    best = {task: (-1.0, -1, None) for task in TASKS}
+    history = []
+    heads.train()
+    for epoch in tqdm(range(config.epochs), desc="heads", unit="epoch"):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start : start + config.batch_size]
+            output = heads(train_x[rows])
+            loss = (weighted_bce(output.diagnosis_logits, targets[0][rows], diagnosis_weight)
+                    + weighted_bce(output.referral_logits, targets[1][rows], referral_weight)
+                    + priority_ce(output.priority_logits, targets[2][rows]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scores = task_scores(heads, val_x, val_d, val_r, val_t)
+        history.append({"epoch": epoch + 1, "loss": float(loss.detach()), **{f"val_{k}_auroc": v for k, v in scores.items()}})
+        for task in TASKS:
+            if scores[task] > best[task][0]:
+                best[task] = (scores[task], epoch + 1, copy.deepcopy(getattr(heads, task).state_dict()))
+    for task in TASKS:  # a task that validation cannot score (one class only) keeps its last epoch
+        if best[task][2] is not None:
+            getattr(heads, task).load_state_dict(best[task][2])
+
+    heads.eval()
+    with torch.no_grad():
+        output = heads(val_x)
+    heads.diagnosis_thresholds.copy_(torch.tensor(
+        [choose_threshold(val_d[:, c], output.diagnosis_logits[:, c].numpy(), rule=config.threshold_rule)
+         for c in range(val_d.shape[1])]))
+    heads.referral_thresholds.copy_(torch.tensor(
+        [choose_threshold(val_r[:, c], output.referral_logits[:, c].numpy(), rule=config.threshold_rule)
+         for c in range(val_r.shape[1])]))
+    path = out / HEADS_FILE
+    save_file(module_state(heads), path, metadata={"format": "pt"})
+    summary = {"best": {task: {"val_auroc": best[task][0], "epoch": best[task][1]} for task in TASKS},
+               "train_studies": len(train_studies), "val_studies": len(val_studies), "history": history,
+               "seconds": time.perf_counter() - started, "commit": git_commit(), "config": config_dict(config)}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def load_heads(path: str | Path, settings: PrimaConfig) -> TaskHeads:
+    """Trained ``heads.safetensors`` (thresholds included) for the model config ``settings``, in eval mode."""
+    heads = create_heads(settings)
+    load_weights(heads, Path(path))
+    return heads.eval()
+
+
+def parse_args(argv: list[str] | None = None) -> HeadsTrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, HeadsTrainConfig)
+    return load_stage_config(HeadsTrainConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(train(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

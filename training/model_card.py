@@ -1,0 +1,135 @@
+"""The model card (``README.md`` of a release): what the model is, how it was made, how it scores."""
+
+from __future__ import annotations
+
+import json
+
+from prima.config import PrimaConfig
+
+# The issue's targets for the lite release, beside which the card states each measured figure.
+TARGETS = (
+    ("Diagnosis mean AUROC", ("diagnosis", "mean_auroc"), ">=", 0.90),
+    ("Lowest diagnosis AUROC", ("diagnosis", "min_auroc"), ">=", 0.75),
+    ("Referral mean AUROC", ("referral", "mean_auroc"), ">=", 0.85),
+    ("Priority correlation (Spearman)", ("priority", "spearman"), ">=", 0.69),
+    ("LIME top-3 localisation", ("lime_localisation", "top3_accuracy"), ">=", 0.90),
+)
+
+
+def _value(result: dict, path: tuple[str, ...]):
+    for key in path:
+        result = result.get(key) if isinstance(result, dict) else None
+    return result
+
+
+def target_rows(result: dict) -> list[str]:
+    """Markdown rows: target, measured value, met or not (the unk-names and baseline gaps included)."""
+    rows = []
+    for name, path, _, bound in TARGETS:
+        value = _value(result, path)
+        met = value is not None and value >= bound
+        rows.append(f"| {name} | >= {bound:.2f} | {'—' if value is None else f'{value:.3f}'} | "
+                    f"{'met' if met else '**not met**'} |")
+    full, unk = result["diagnosis"]["mean_auroc"], result["diagnosis_unk_names"]["mean_auroc"]
+    baseline = result["metadata_baseline"]["mean_auroc"]
+    if full is not None and unk is not None:
+        rows.append(f"| `unk`-names AUROC within 0.02 of the full one | <= 0.02 | {abs(full - unk):.3f} | "
+                    f"{'met' if abs(full - unk) <= 0.02 else '**not met**'} |")
+    if full is not None and baseline is not None:
+        rows.append(f"| Margin over the metadata-only baseline | >= 0.30 | {full - baseline:.3f} | "
+                    f"{'met' if full - baseline >= 0.30 else '**not met**'} |")
+    return rows
+
+
+def scaling_rows(curve: list[dict] | None) -> list[str]:
+    if not curve:
+        return ["No data-scaling curve was run for this release (`scaling.fractions` in the release config)."]
+    return ["Mean test diagnosis AUROC when CLIP and the heads are trained (same steps) on a fraction of the "
+            "training patients:", "", "| Fraction | Training studies | Mean AUROC | Labels scored | `unk` names |",
+            "|---|---|---|---|---|",
+            *(f"| {p['fraction']:g} | {p['train_studies']} | {_fmt(p['mean_auroc'])} | {p['labels_scored']} | "
+              f"{_fmt(p['unk_mean_auroc'])} |" for p in curve), "", "![Data scaling](evaluation/scaling.png)"]
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_markdown: str,
+               reliability_png: str, scaling: list[dict] | None = None) -> str:
+    """The release's README.md (Hugging Face model-card front matter included)."""
+    stages = provenance["stage_seconds"]
+    counts = provenance["label_counts"]
+    split_rows = []
+    for split in ("train", "val", "test"):
+        if split in counts:
+            positives = sorted(v for k, v in counts[split].items() if k != "studies")
+            split_rows.append(f"| {split} | {counts[split]['studies']} | {positives[0]} | "
+                              f"{positives[len(positives) // 2]} |")
+    return "\n".join([
+        "---",
+        "license: mit",
+        "library_name: prima",
+        "tags: [medical-imaging, mri, brain, vision-language, clip, lime, synthetic-data]",
+        "---",
+        "",
+        f"# {config.name}",
+        "",
+        "> **Research demo — not for clinical use.** Trained on synthetic studies only; not validated on real "
+        "patients.",
+        "",
+        "A Prima brain-MRI vision-language model: VQ-VAE volume tokens, a hierarchical ViT (sequence ViT per "
+        "series, study ViT per study) trained with CLIP against the reports and a patient-discrimination loss, "
+        "and MLP heads for 52 diagnoses, 11 referrals and a 3-tier worklist priority.",
+        "",
+        "## Intended use and limitations",
+        "",
+        "- Intended use: exploring the method, its explanations (LIME over volume tokens) and its software; "
+        "a starting point to retrain on a health system's own data.",
+        "- Trained only on synthetic studies made from one real anatomy (the ICBM152 2009 template bundled with "
+        "nilearn) deformed per subject, with simulated sequences, lesions and reports. Real scans differ in "
+        "anatomy, contrast, artefacts and disease appearance: expect much lower performance on them.",
+        "- The validation and test splits are protocol-blind (their series and descriptions do not follow the "
+        "findings), so the figures below do not come from reading the protocol; the metadata-only baseline and "
+        "the `unk`-names run show how much metadata alone carries.",
+        "- Not a medical device. Do not use for diagnosis or triage of patients.",
+        "",
+        "## Targets",
+        "",
+        "| Target | Bound | Measured | |",
+        "|---|---|---|---|",
+        *target_rows(result),
+        "",
+        evaluation_markdown.strip(),
+        "",
+        f"![Reliability diagram]({reliability_png})",
+        "",
+        "## Data scaling",
+        "",
+        *scaling_rows(scaling),
+        "",
+        "## Data",
+        "",
+        "Synthetic studies from `training.synth` (ICBM152 2009 template, nilearn), 2-8 series each, "
+        "indication-driven protocols in the training split, protocol-blind validation and test splits.",
+        "",
+        "| Split | Studies | Fewest positives of a label | Median positives |",
+        "|---|---|---|---|",
+        *split_rows,
+        "",
+        "## How it was made",
+        "",
+        "```",
+        provenance["command"],
+        "```",
+        "",
+        f"Commit: `{provenance['commit']}`. Stage times (seconds): "
+        + ", ".join(f"{name} {seconds:.0f}" for name, seconds in stages.items()) + ".",
+        "",
+        "Release config:",
+        "",
+        "```json",
+        json.dumps(provenance["config"], indent=1),
+        "```",
+        "",
+    ]) + "\n"
