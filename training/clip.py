@@ -13,15 +13,11 @@ studies (groups of up to 100). Resumes from ``<out>/last.pt``; writes ``<out>/cl
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
@@ -35,13 +31,13 @@ from prima.release import load_weights, module_state
 from training.metrics import retrieval_top_k
 from training.report_lm import load_text_tower
 from training.runtime import (
+    parse_stage_args,
+    print_on_main,
     CHECKPOINT_FILE,
     RunLog,
-    add_config_arguments,
     config_dict,
     distributed,
     git_commit,
-    load_stage_config,
     resume,
     save_checkpoint,
     seed_everything,
@@ -264,15 +260,11 @@ def train(config: ClipTrainConfig) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> ClipTrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, ClipTrainConfig)
-    return load_stage_config(ClipTrainConfig, parser.parse_args(argv))
+    return parse_stage_args(ClipTrainConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = train(parse_args(argv))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
+    print_on_main(train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from training.runtime import file_digest, git_commit
 from training.study_data import label_targets
 
 EVAL_JSON, EVAL_MARKDOWN, RELIABILITY_PNG = "eval.json", "eval.md", "reliability.png"
+ALL_SPLITS = "all"  # --split all: every study of the manifest (a test-only set such as a shifted one)
 
 # Diagnoses with a circumscribed lesion, the ones LIME localisation is scored on (diffuse or global
 # findings such as atrophy, ventriculomegaly, edema, mass effect or small vessel disease have no "inside").
@@ -136,8 +137,8 @@ def prediction_arrays(predictions: list[Prediction]) -> dict[str, np.ndarray]:
             "priority": np.array([[p.priority.probs[t] for t in p.priority.probs] for p in predictions])}
 
 
-def localise(entries: list[StudyEntry], tokens_list: list[StudyTokens], release: Release, *, num_samples: int, max_explanations: int,
-             seed: int, precision: str) -> dict:
+def localise(entries: list[StudyEntry], tokens_list: list[StudyTokens], release: Release, *, num_samples: int,
+             max_explanations: int, seed: int, precision: str) -> dict:
     """LIME top-3 localisation on positive studies of focal diagnoses with lesion masks."""
     space = release.config.label_space
     records = []
@@ -168,6 +169,14 @@ def localise(entries: list[StudyEntry], tokens_list: list[StudyTokens], release:
     return {"top3_accuracy": float(np.mean([r["hit"] for r in scored])) if scored else None,
             "explanations": len(scored), "outside_field_of_view": len(records) - len(scored),
             "candidates": len(candidates), "num_samples": num_samples, "per_label": per_label, "records": records}
+
+
+def baseline_on(entries: list[StudyEntry], split: str) -> dict:
+    """The metadata-only baseline fitted on the manifest's train split and scored on ``split``; empty when the
+    manifest has no train split to fit on (e.g. a test-only shifted set) or every study is scored."""
+    if split == ALL_SPLITS or split == "train" or not any(e.split == "train" for e in entries):
+        return {"mean_auroc": None, "per_label": {}, "n_train": 0}
+    return metadata_baseline(entries, split=split)
 
 
 def score(entries: list[StudyEntry], outputs: dict[str, np.ndarray], unk_outputs: dict[str, np.ndarray],
@@ -205,8 +214,8 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
     out.mkdir(parents=True, exist_ok=True)
     all_entries = read_manifest(manifest)
     entries, tokens_list, full, unk, skipped = [], [], [], [], []
-    for entry in tqdm([e for e in all_entries if e.split == split], desc=f"predicting {split}", unit="study",
-                      disable=not progress):
+    for entry in tqdm([e for e in all_entries if split == ALL_SPLITS or e.split == split],
+                      desc=f"predicting {split}", unit="study", disable=not progress):
         try:
             tokens = tokenize_study(load_entry_study(entry), release, precision=precision)
         except (StudyLoadError, ValueError) as error:
@@ -225,7 +234,7 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
     prompts = text_features(release, [f"{d.name}." for d in space.diagnoses], dtype)
     result = {"split": split, "studies": len(entries), "skipped": skipped,
               **score(entries, prediction_arrays(full), prediction_arrays(unk), images, reports, prompts, space,
-                      metadata_baseline(all_entries, split=split), n_boot=n_boot, seed=seed)}
+                      baseline_on(all_entries, split), n_boot=n_boot, seed=seed)}
     result["lime_localisation"] = localise(entries, tokens_list, release, num_samples=lime_samples,
                                            max_explanations=lime_max, seed=seed, precision=precision)
     reliability_diagram(result["calibration"], out / RELIABILITY_PNG, f"{release.config.name}: diagnoses, {split}")
@@ -255,13 +264,14 @@ def summary_rows(result: dict) -> list[dict]:
          "value": result["diagnosis"]["mean_auroc"]},
         {"metric": "Diagnosis mean AUROC, series names and description `unk`",
          "value": result["diagnosis_unk_names"]["mean_auroc"]},
-        {"metric": "Metadata-only baseline mean AUROC (same split)", "value": result["metadata_baseline"]["mean_auroc"]},
+        {"metric": "Metadata-only baseline mean AUROC (same split)",
+         "value": result["metadata_baseline"]["mean_auroc"]},
         {"metric": "Lowest diagnosis AUROC", "value": result["diagnosis"]["min_auroc"]},
         {"metric": "Referral mean AUROC (11)", "value": result["referral"]["mean_auroc"]},
         {"metric": "Priority: Spearman correlation of the priority score with the tier",
          "value": result["priority"]["spearman"]},
-        {"metric": "Retrieval top-1 (groups of 100), study -> report", "value": result["retrieval"]["image_to_text"]["top1"]},
-        {"metric": "Retrieval top-5 (groups of 100), study -> report", "value": result["retrieval"]["image_to_text"]["top5"]},
+        *({"metric": f"Retrieval top-{k} (groups of 100), study -> report",
+           "value": result["retrieval"]["image_to_text"][f"top{k}"]} for k in (1, 5)),
         {"metric": "Zero-shot mean AUROC (prompt = display name)", "value": result["zero_shot"]["mean_auroc"]},
         {"metric": f"LIME top-3 localisation ({lime['explanations']} explanations)", "value": lime["top3_accuracy"]},
         {"metric": "Calibration: expected calibration error", "value": result["calibration"]["ece"]},
@@ -298,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("release", help="release folder or hf://owner/repo")
     parser.add_argument("manifest", type=Path, help="manifest.jsonl (its train split fits the metadata baseline)")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test; all: every study)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <release>/evaluation)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC CIs")
     parser.add_argument("--lime-samples", type=int, default=500, help="LIME perturbations per explanation")

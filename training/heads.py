@@ -13,7 +13,6 @@ Writes ``<out>/heads.safetensors`` (thresholds included) and ``<out>/heads.json`
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -33,7 +32,7 @@ from prima.precision import autocast_dtype
 from prima.release import load_weights, module_state
 from training.clip import load_clip
 from training.metrics import auroc, choose_threshold
-from training.runtime import add_config_arguments, config_dict, git_commit, load_stage_config, seed_everything
+from training.runtime import config_dict, git_commit, parse_stage_args, print_on_main, seed_everything
 from training.study_data import AugmentConfig, label_targets, study_embeddings, token_studies
 from training.token_cache import TokenCache
 
@@ -112,6 +111,10 @@ def train(config: HeadsTrainConfig) -> Path:
         raise ValueError("train_views, epochs and batch_size must be >= 1")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    path, summary_path = out / HEADS_FILE, out / SUMMARY_FILE
+    if path.exists() and summary_path.exists() and (
+            json.loads(summary_path.read_text(encoding="utf-8"))["config"] == config_dict(config)):
+        return path  # trained before with this config (the run is deterministic)
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
@@ -150,7 +153,8 @@ def train(config: HeadsTrainConfig) -> Path:
             loss.backward()
             optimizer.step()
         scores = task_scores(heads, val_x, val_d, val_r, val_t)
-        history.append({"epoch": epoch + 1, "loss": float(loss.detach()), **{f"val_{k}_auroc": v for k, v in scores.items()}})
+        history.append({"epoch": epoch + 1, "loss": float(loss.detach()),
+                        **{f"val_{k}_auroc": v for k, v in scores.items()}})
         for task in TASKS:
             if scores[task] > best[task][0]:
                 best[task] = (scores[task], epoch + 1, copy.deepcopy(getattr(heads, task).state_dict()))
@@ -167,12 +171,11 @@ def train(config: HeadsTrainConfig) -> Path:
     heads.referral_thresholds.copy_(torch.tensor(
         [choose_threshold(val_r[:, c], output.referral_logits[:, c].numpy(), rule=config.threshold_rule)
          for c in range(val_r.shape[1])]))
-    path = out / HEADS_FILE
     save_file(module_state(heads), path, metadata={"format": "pt"})
     summary = {"best": {task: {"val_auroc": best[task][0], "epoch": best[task][1]} for task in TASKS},
                "train_studies": len(train_studies), "val_studies": len(val_studies), "history": history,
                "seconds": time.perf_counter() - started, "commit": git_commit(), "config": config_dict(config)}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return path
 
 
@@ -184,13 +187,11 @@ def load_heads(path: str | Path, settings: PrimaConfig) -> TaskHeads:
 
 
 def parse_args(argv: list[str] | None = None) -> HeadsTrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, HeadsTrainConfig)
-    return load_stage_config(HeadsTrainConfig, parser.parse_args(argv))
+    return parse_stage_args(HeadsTrainConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(train(parse_args(argv)))
+    print_on_main(train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -44,19 +44,34 @@ def target_rows(result: dict) -> list[str]:
 def scaling_rows(curve: list[dict] | None) -> list[str]:
     if not curve:
         return ["No data-scaling curve was run for this release (`scaling.fractions` in the release config)."]
-    return ["Mean test diagnosis AUROC when CLIP and the heads are trained (same steps) on a fraction of the "
-            "training patients:", "", "| Fraction | Training studies | Mean AUROC | Labels scored | `unk` names |",
-            "|---|---|---|---|---|",
-            *(f"| {p['fraction']:g} | {p['train_studies']} | {_fmt(p['mean_auroc'])} | {p['labels_scored']} | "
-              f"{_fmt(p['unk_mean_auroc'])} |" for p in curve), "", "![Data scaling](evaluation/scaling.png)"]
+    return ["Mean test diagnosis AUROC when CLIP and the heads are trained on a fraction of the training "
+            "patients (same test split):", "",
+            "| Fraction | Training studies | CLIP steps | Mean AUROC | Labels scored | `unk` names |",
+            "|---|---|---|---|---|---|",
+            *(f"| {p['fraction']:g} | {p['train_studies']} | {p['clip_steps']} | {_fmt(p['mean_auroc'])} | "
+              f"{p['labels_scored']} | {_fmt(p['unk_mean_auroc'])} |" for p in curve), "",
+            "![Data scaling](evaluation/scaling.png)"]
 
 
 def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def shifted_rows(result: dict, shifted: dict | None) -> list[str]:
+    if shifted is None:
+        return ["No shifted test set was evaluated for this release (`shifted` in the release config)."]
+    rows = [("Diagnosis mean AUROC", "diagnosis"), ("Diagnosis mean AUROC, `unk` names", "diagnosis_unk_names"),
+            ("Referral mean AUROC", "referral")]
+    return ["A test-only synthetic set whose head pose, deformation, bias field, noise, resolution and contrast are "
+            "drawn outside the training ranges (`training.synth --shift`):", "",
+            f"| Metric | In-range test ({result['studies']} studies) | Shifted ({shifted['studies']} studies) |",
+            "|---|---|---|",
+            *(f"| {name} | {_fmt(result[key]['mean_auroc'])} | {_fmt(shifted[key]['mean_auroc'])} |"
+              for name, key in rows)]
+
+
 def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_markdown: str,
-               reliability_png: str, scaling: list[dict] | None = None) -> str:
+               reliability_png: str, scaling: list[dict] | None = None, shifted: dict | None = None) -> str:
     """The release's README.md (Hugging Face model-card front matter included)."""
     stages = provenance["stage_seconds"]
     counts = provenance["label_counts"]
@@ -103,6 +118,10 @@ def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_m
         evaluation_markdown.strip(),
         "",
         f"![Reliability diagram]({reliability_png})",
+        "",
+        "## Beyond the training ranges",
+        "",
+        *shifted_rows(result, shifted),
         "",
         "## Data scaling",
         "",

@@ -38,9 +38,9 @@ from prima.release import load_volume_tokenizer, save_release, volume_tokenizer_
 from training import clip as clip_stage
 from training import heads as heads_stage
 from training import report_lm, series_names
-from training.evaluate import EVAL_MARKDOWN, RELIABILITY_PNG, evaluate
+from training.evaluate import EVAL_JSON, EVAL_MARKDOWN, RELIABILITY_PNG, evaluate
 from training.model_card import model_card
-from training.runtime import file_digest, git_commit, read_config_file
+from training.runtime import cache_key, file_digest, git_commit, read_config_file, weights_digest
 from training.synth.writers import write_dataset
 from training.token_cache import TokenCacheConfig, build_token_cache
 from training.volume_tokenizer import train as volume_tokenizer_stage
@@ -69,18 +69,21 @@ class ReleaseConfig:
     clip: dict = field(default_factory=dict)  # training.clip fields
     heads: dict = field(default_factory=dict)  # training.heads fields
     evaluate: dict = field(default_factory=dict)  # training.evaluate options: n_boot, lime_samples, lime_max
-    scaling: dict = field(default_factory=dict)  # {fractions: [0.125, 0.25, 0.5]}: the data-scaling curve
+    shifted: dict = field(default_factory=dict)  # {n, shift, seed}: a test set drawn outside the training ranges
+    scaling: dict = field(default_factory=dict)  # {fractions: [0.125, ...], steps: same | proportional}: the curve
 
 
 EVALUATE_OPTIONS = ("n_boot", "lime_samples", "lime_max", "precision")
-_SYNTH_OPTIONS = ("n", "seed", "fmt", "workers", "spacing", "max_series", "protocol_blind", "balance", "manifest")
+_SYNTH_OPTIONS = ("n", "seed", "fmt", "workers", "spacing", "max_series", "protocol_blind", "balance", "shift",
+                  "manifest")
 
 
 def check_release_config(doc: dict) -> ReleaseConfig:
     """The release config of a parsed file, every section checked against its stage's fields before any
     work starts (a typo should not surface after an hour of synthesis). Raises ``ConfigError``."""
     config = config_from_dict(ReleaseConfig, doc, "release config")
-    known = {"data": _SYNTH_OPTIONS, "evaluate": EVALUATE_OPTIONS, "scaling": ("fractions",),
+    known = {"data": _SYNTH_OPTIONS, "evaluate": EVALUATE_OPTIONS,
+             "shifted": ("n", "shift", "seed", "spacing", "max_series"), "scaling": ("fractions", "steps"),
              "volume_tokenizer": ("weights", *(f.name for f in dataclasses.fields(
                  volume_tokenizer_stage.VolumeTokenizerTrainConfig))),
              "token_cache": [f.name for f in dataclasses.fields(TokenCacheConfig)],
@@ -125,15 +128,19 @@ def synthesise(config: ReleaseConfig, work: Path) -> Path:
     """The release's manifest: the given one, or a synthetic data set (written once)."""
     if "manifest" in config.data:
         return Path(config.data["manifest"])
-    folder = work / "data"
+    return synthesise_once(work / "data", {"seed": config.seed, **config.data})
+
+
+def synthesise_once(folder: Path, settings: dict) -> Path:
+    """``training.synth`` into ``folder`` with ``settings`` (``n`` and ``write_dataset``'s keywords), unless
+    ``done.json`` says it was done with the same settings; returns the manifest."""
     manifest = folder / "manifest.jsonl"
-    settings = {"seed": config.seed, **config.data}
     done = folder / "done.json"
     if done.exists() and json.loads(done.read_text()) == settings:
         return manifest
-    n = settings.pop("n")
-    write_dataset(n, folder, **settings)
-    done.write_text(json.dumps({"n": n, **settings}), encoding="utf-8")
+    options = dict(settings)
+    write_dataset(options.pop("n"), folder, **options)
+    done.write_text(json.dumps(settings), encoding="utf-8")
     return manifest
 
 
@@ -192,10 +199,10 @@ def build(config: ReleaseConfig, command: str) -> Path:
 
     timer.run("assemble", lambda: assemble(out, clip_path, heads_path))
     options = {"n_boot": 1000, "lime_samples": 500, "lime_max": 150, **config.evaluate}
-    result = timer.run("evaluate", lambda: evaluate(out, manifest, split="test", out=out / EVALUATION_FOLDER,
-                                                    device=config.device, seed=config.seed, **options))
+    result = timer.run("evaluate", lambda: evaluate_once(out, manifest, out / EVALUATION_FOLDER,
+                                                         device=config.device, seed=config.seed, **options))
 
-    def write_card(curve: list[dict] | None) -> None:
+    def write_card(curve: list[dict] | None, shifted: dict | None) -> None:
         """provenance.json and README.md, written once the release is evaluated (again with the scaling curve)."""
         provenance = {
             "command": command, "commit": git_commit(), "config": dataclasses.asdict(config),
@@ -211,29 +218,56 @@ def build(config: ReleaseConfig, command: str) -> Path:
         evaluation_markdown = (out / EVALUATION_FOLDER / EVAL_MARKDOWN).read_text(encoding="utf-8")
         (out / "README.md").write_text(model_card(get_model_config(config.model), result, provenance,
                                                   evaluation_markdown, f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}",
-                                                  curve), encoding="utf-8")
+                                                  curve, shifted), encoding="utf-8")
 
-    write_card(None)  # the release is usable now; the scaling curve below takes as long again
+    shifted = None
+    if config.shifted:
+        def shifted_evaluation() -> dict:
+            settings = {"seed": config.seed + 1, "shift": 1.0, "protocol_blind": "all", **config.shifted}
+            shifted_manifest = synthesise_once(work / "shifted", settings)
+            return evaluate_once(out, shifted_manifest, out / EVALUATION_FOLDER / "shifted", split="all",
+                                 device=config.device, seed=config.seed, **{**options, "lime_max": 0})
+
+        shifted = timer.run("shifted test set", shifted_evaluation)
+    write_card(None, shifted)  # the release is usable now; the scaling curve below takes as long again
     if config.scaling.get("fractions"):
+        proportional = config.scaling.get("steps", "same") == "proportional"
+
         def point(fraction: float) -> dict:
-            """CLIP and heads again on a fraction of the training patients (same steps), scored on test."""
+            """CLIP and heads again on a fraction of the training patients, scored on test: with the same
+            number of CLIP steps, or (``steps: proportional``) the same number of epochs."""
             folder = work / "scaling" / f"{fraction:g}"
             subset = subset_manifest(manifest, fraction, config.seed, folder / "manifest.jsonl")
-            clip_weights = clip_stage.train(dataclasses.replace(clip_config, manifest=str(subset),
-                                                                out=str(folder / "clip")))
+            steps = max(1, round(fraction * clip_config.steps)) if proportional else clip_config.steps
+            clip_weights = clip_stage.train(dataclasses.replace(
+                clip_config, manifest=str(subset), out=str(folder / "clip"), steps=steps,
+                warmup=min(clip_config.warmup, max(1, steps // 5)), eval_every=max(1, steps)))
             heads_weights = heads_stage.train(dataclasses.replace(heads_config, manifest=str(subset), clip=str(
                 clip_weights), out=str(folder / "heads")))
-            scored = evaluate(assemble(folder / "release", clip_weights, heads_weights), manifest, split="test",
-                              out=folder / "evaluation", device=config.device, seed=config.seed,
-                              **{**options, "n_boot": 0, "lime_max": 0})
-            return scaling_point(fraction, subset, scored)
+            scored = evaluate_once(assemble(folder / "release", clip_weights, heads_weights), manifest,
+                                   folder / "evaluation", device=config.device, seed=config.seed,
+                                   **{**options, "n_boot": 0, "lime_max": 0})
+            return {**scaling_point(fraction, subset, scored), "clip_steps": steps}
 
-        curve = timer.run("scaling", lambda: [*(point(f) for f in sorted(config.scaling["fractions"]) if f < 1),
-                                              scaling_point(1.0, manifest, result)])
+        full = {**scaling_point(1.0, manifest, result), "clip_steps": clip_config.steps}
+        curve = timer.run("scaling", lambda: [*(point(f) for f in sorted(config.scaling["fractions"]) if f < 1), full])
         write_scaling(curve, out / EVALUATION_FOLDER)
-        write_card(curve)
+        write_card(curve, shifted)
     print(f"release written to {out} ({json.dumps(timer.times)})", file=sys.stderr)
     return out
+
+
+def evaluate_once(release: Path, manifest: Path, folder: Path, split: str = "test", **options: Any) -> dict:
+    """``training.evaluate`` on the test split, or its earlier result when the release files, the manifest
+    and the options are the ones it was computed with (a resumed release does not evaluate twice)."""
+    key = cache_key(manifest=file_digest(manifest), split=split, options=options, weights={
+        path.name: weights_digest(path) for path in sorted(release.glob("*.safetensors"))})
+    key_file = folder / "eval.key"
+    if key_file.exists() and key_file.read_text() == key and (folder / EVAL_JSON).exists():
+        return json.loads((folder / EVAL_JSON).read_text(encoding="utf-8"))
+    result = evaluate(release, manifest, split=split, out=folder, **options)
+    key_file.write_text(key, encoding="utf-8")
+    return result
 
 
 def subset_manifest(manifest: Path, fraction: float, seed: int, path: Path) -> Path:

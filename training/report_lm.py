@@ -14,13 +14,11 @@ with :func:`load_text_tower`) and a ``<out>/report_lm.json`` summary.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +41,14 @@ from prima.precision import PRECISIONS, autocast, autocast_dtype
 from prima.release import REPORT_TOKENIZER_FILE, load_weights, module_state
 from training.report_items import shuffle_items
 from training.runtime import (
+    parse_stage_args,
+    print_on_main,
     CHECKPOINT_FILE,
     RunLog,
-    add_config_arguments,
     cache_key,
     config_dict,
     distributed,
     git_commit,
-    load_stage_config,
     resume,
     save_checkpoint,
     seed_everything,
@@ -258,9 +256,7 @@ def load_text_tower(path: str | Path, config: TextConfig, device: torch.device |
 
 
 def parse_args(argv: list[str] | None = None) -> ReportLMConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, ReportLMConfig)
-    return load_stage_config(ReportLMConfig, parser.parse_args(argv))
+    return parse_stage_args(ReportLMConfig, argv, __doc__)
 
 
 def train(config: ReportLMConfig) -> Path:
@@ -370,9 +366,7 @@ def train(config: ReportLMConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = train(parse_args(argv))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
+    print_on_main(train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -114,6 +115,20 @@ def load_stage_config(cls: type[ConfigT], args: argparse.Namespace) -> ConfigT:
         return config_from_dict(cls, doc, str(args.config) if getattr(args, "config", None) else cls.__name__)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{cls.__name__}: {exc}; set it in the config file or with its flag") from exc
+
+
+def parse_stage_args(cls: type[ConfigT], argv: list[str] | None, doc: str | None) -> ConfigT:
+    """A stage's command line: ``--config FILE`` and one flag per field of ``cls``; the first line of the
+    stage module's docstring ``doc`` describes the command."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    add_config_arguments(parser, cls)
+    return load_stage_config(cls, parser.parse_args(argv))
+
+
+def print_on_main(path: Path) -> None:
+    """Print a stage's output path once (the main process under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
 
 
 def config_dict(config: Any) -> dict:
@@ -242,6 +257,21 @@ def file_digest(path: str | Path) -> str:
     with Path(path).open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(path: str | Path) -> str:
+    """SHA-256 of a safetensors file's tensors and metadata, independent of how the file orders them (its
+    header is not byte-stable: safetensors writes a metadata map in hash order)."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as weights:
+        digest.update(json.dumps(weights.metadata() or {}, sort_keys=True).encode("utf-8"))
+        for key in sorted(weights.keys()):
+            tensor = weights.get_tensor(key)
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode("utf-8"))
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -25,10 +25,8 @@ trained weights under ``PrimaVisual``'s key names, read by ``load_series_names``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,13 +49,13 @@ from prima.precision import PRECISIONS, autocast, autocast_dtype
 from prima.release import module_state
 from prima.tokens import SeriesTokens
 from training.runtime import (
+    parse_stage_args,
+    print_on_main,
     CHECKPOINT_FILE,
     RunLog,
-    add_config_arguments,
     config_dict,
     distributed,
     git_commit,
-    load_stage_config,
     resume,
     save_checkpoint,
     seed_everything,
@@ -298,9 +296,7 @@ def load_series_names(path: str | Path, visual: PrimaVisual) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> SeriesNamesConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, SeriesNamesConfig)
-    return load_stage_config(SeriesNamesConfig, parser.parse_args(argv))
+    return parse_stage_args(SeriesNamesConfig, argv, __doc__)
 
 
 def train(config: SeriesNamesConfig) -> Path:
@@ -414,9 +410,7 @@ def train(config: SeriesNamesConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = train(parse_args(argv))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
+    print_on_main(train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import pytest
 
 from training.volume_tokenizer.mni_manifest import build_mni_manifest
 
-_SHIPPED_VOLUME_TOKENIZER = Path(__file__).resolve().parents[2] / "assets/volume-tokenizer-lite/volume_tokenizer.safetensors"
+_SHIPPED_VOLUME_TOKENIZER = (Path(__file__).resolve().parents[2] / "assets" / "volume-tokenizer-lite"
+                             / "volume_tokenizer.safetensors")
 
 
 @pytest.fixture(scope="session")

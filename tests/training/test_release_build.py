@@ -32,7 +32,8 @@ def tiny_release_config(manifest: Path, tmp_path: Path) -> ReleaseConfig:
               "precision": "fp32"},
         heads={"train_views": 2, "epochs": 3, "precision": "fp32"},
         evaluate={"n_boot": 20, "lime_samples": 16, "lime_max": 2, "precision": "fp32"},
-        scaling={"fractions": [0.5]},
+        shifted={"n": 2, "spacing": 6.0, "max_series": 3},
+        scaling={"fractions": [0.5], "steps": "proportional"},
     )
 
 
@@ -40,10 +41,14 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     folder = build(tiny_release_config(tiny_dataset, tmp_path), "python -m training.release --config tiny.yaml")
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert list(stages) == ["data", "token cache", "report LM", "series names", "clip", "heads", "assemble",
-                            "evaluate", "scaling"]
+                            "evaluate", "shifted test set", "scaling"]
+    shifted = json.loads((folder / "evaluation" / "shifted" / "eval.json").read_text())
+    assert shifted["split"] == "all" and shifted["studies"] == 2
+    assert json.loads((tmp_path / "work" / "shifted" / "synth_config.json").read_text())["shift"] == 1.0
     curve = json.loads((folder / "evaluation" / "scaling.json").read_text())
     assert [p["fraction"] for p in curve] == [0.5, 1.0]
     assert curve[0]["train_studies"] < curve[1]["train_studies"] == 8
+    assert [p["clip_steps"] for p in curve] == [2, 3]  # proportional: the same epochs
     release = load_release(folder)
     assert release.heads is not None and release.volume_tokenizer is not None
     entry = read_manifest(tiny_dataset, ["test"])[0]
@@ -59,10 +64,12 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert "not for clinical use" in card and "## Targets" in card
     assert (folder / "evaluation" / "eval.md").read_text().strip() in card
     assert (folder / "evaluation" / "reliability.png").stat().st_size > 1000
-    # a second build finds every stage done and rebuilds the same release
+    # a second build finds every stage done (nothing is trained or evaluated again) and the same release
     before = (folder / "model.safetensors").read_bytes()
+    evaluated = (folder / "evaluation" / "eval.json").stat().st_mtime_ns
     build(tiny_release_config(tiny_dataset, tmp_path), "python -m training.release --config tiny.yaml")
     assert (folder / "model.safetensors").read_bytes() == before
+    assert (folder / "evaluation" / "eval.json").stat().st_mtime_ns == evaluated
 
 
 @pytest.mark.parametrize("name", ["release-lite.yaml", "release-paper.yaml"])

@@ -124,3 +124,20 @@ def test_single_process_context() -> None:
     with pytest.raises(ValueError, match="device"):
         with distributed("tpu"):
             pass
+
+
+def test_weights_digest_ignores_the_order_safetensors_writes_metadata_in(tmp_path):
+    from safetensors.torch import save_file
+
+    from training.runtime import weights_digest
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64), "scale": torch.tensor(2.5)}
+    metadata = {f"key{i}": str(i) for i in range(8)}
+    digests = set()
+    for n in range(6):  # several writes: the header's map order may differ, the content does not
+        path = tmp_path / f"w{n}.safetensors"
+        save_file(tensors, path, metadata=metadata)
+        digests.add(weights_digest(path))
+    assert len(digests) == 1
+    save_file({**tensors, "a": tensors["a"] + 1}, tmp_path / "other.safetensors", metadata=metadata)
+    assert weights_digest(tmp_path / "other.safetensors") not in digests

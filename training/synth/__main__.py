@@ -35,13 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--balance", type=float, default=0.0,
                         help="label balancing of the primary diagnosis: 0 = clinical frequencies, 1 = uniform "
                              "over the 52 labels, weights ** (1 - balance) in between")
+    parser.add_argument("--shift", type=float, default=0.0,
+                        help="draw pose, size, deformation, contrast, bias, noise and resolution this many range "
+                             "widths beyond the training ranges (0-1; 0 = training), for a shifted test set")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         manifest = write_dataset(a.n, a.out, seed=a.seed, fmt=a.format, workers=a.workers, spacing=a.spacing,
                                  max_series=a.max_series, protocol_blind=a.protocol_blind,
-                                 metadata_only=a.metadata_only, progress=not a.no_progress, balance=a.balance)
+                                 metadata_only=a.metadata_only, progress=not a.no_progress, balance=a.balance,
+                                 shift=a.shift)
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - start

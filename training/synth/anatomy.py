@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from training.synth.phantom import Phantom, Tissue
+from training.synth.shift import beyond, beyond_normal, check_shift
 
 # Template-space box (MNI mm, inclusive lower corner) that holds the head, skull and upper neck.
 BOX_LO = np.array([-96.0, -130.0, -100.0])
@@ -301,26 +302,52 @@ class SubjectParams:
     property_jitter: float  # relative per-subject variation of tissue properties
 
 
-def draw_subject_params(rng: np.random.Generator, age: float | None = None) -> SubjectParams:
-    """Draw the parameters of one subject. ``age`` (years) fixes the age instead of drawing it."""
+# Training distributions of the factors a shifted data set moves (``training.synth.shift``).
+ROTATION_SD_DEG = (5.0, 2.5, 3.0)  # head rotation about x, y, z
+TRANSLATION_SD_MM = (3.0, 6.0, 8.0)  # head position
+SIZE_RANGE = (0.93, 1.07)  # global head size factor (before the children's smaller heads)
+AXIS_SCALE_RANGE = (0.97, 1.03)  # per-axis size factor (the head's proportions, never shifted)
+ELASTIC_RANGE_MM = (1.0, 3.0)  # SD of the elastic displacement control points
+PROPERTY_JITTER_RANGE = (0.02, 0.06)  # relative per-subject variation of tissue properties
+
+
+def draw_subject_params(rng: np.random.Generator, age: float | None = None, shift: float = 0.0) -> SubjectParams:
+    """Draw the parameters of one subject.
+
+    Args:
+        rng: source of every draw.
+        age: years; fixes the age instead of drawing it.
+        shift: 0 draws the training distribution; > 0 moves pose (rotation, position, global size),
+            elastic deformation and property jitter outside their training ranges (``training.synth.shift``),
+            with the same draws.
+
+    Raises:
+        ValueError: ``age`` outside [0, 110] or a bad ``shift``.
+    """
+    check_shift(shift)
     if age is None:
         age = float(rng.choice([rng.uniform(2, 18), rng.uniform(18, 90)], p=[0.15, 0.85]))
     if not 0 <= age <= 110:
         raise ValueError(f"age must be in [0, 110] years, got {age}")
     ageing = float(np.clip((age - 45.0) / 40.0, 0.0, 1.0))
-    size = rng.uniform(0.93, 1.07) * (0.9 + 0.1 * min(age, 12.0) / 12.0)
+    size = beyond(rng.uniform(*SIZE_RANGE), *SIZE_RANGE, shift, "both") * (0.9 + 0.1 * min(age, 12.0) / 12.0)
+    # Drawn in this order whatever the shift: the shifted data set differs only in the moved factors.
+    sex = str(rng.choice(["F", "M"]))
+    rotation = beyond_normal(rng.normal(0.0, ROTATION_SD_DEG), ROTATION_SD_DEG, shift)
+    axis_scale = rng.uniform(*AXIS_SCALE_RANGE, size=3)  # the head's proportions: not shifted
+    translation = beyond_normal(rng.normal(0.0, TRANSLATION_SD_MM), TRANSLATION_SD_MM, shift)
     return SubjectParams(
         age=age,
-        sex=str(rng.choice(["F", "M"])),
-        rotation_deg=tuple(float(v) for v in rng.normal(0.0, [5.0, 2.5, 3.0])),
-        scale=tuple(float(size * v) for v in rng.uniform(0.97, 1.03, size=3)),
-        translation_mm=tuple(float(v) for v in rng.normal(0.0, [3.0, 6.0, 8.0])),
-        elastic_mm=float(rng.uniform(1.0, 3.0)),
+        sex=sex,
+        rotation_deg=tuple(float(v) for v in rotation),
+        scale=tuple(float(size * v) for v in axis_scale),
+        translation_mm=tuple(float(v) for v in translation),
+        elastic_mm=float(beyond(rng.uniform(*ELASTIC_RANGE_MM), *ELASTIC_RANGE_MM, shift)),
         atrophy_mm=float(ageing * rng.uniform(0.5, 2.0)),
         ventricle_growth_mm=float(ageing * rng.uniform(0.5, 4.0)),
         skull_mm=float(rng.uniform(5.0, 8.5)),
         scalp_mm=float(rng.uniform(4.0, 8.0)),
-        property_jitter=float(rng.uniform(0.02, 0.06)),
+        property_jitter=float(beyond(rng.uniform(*PROPERTY_JITTER_RANGE), *PROPERTY_JITTER_RANGE, shift)),
     )
 
 
@@ -372,7 +399,7 @@ def _subject_transform(params: SubjectParams, base: BaseAnatomy) -> tuple[np.nda
 
 
 def make_subject(
-    rng: np.random.Generator, *, spacing: float = 1.5, age: float | None = None
+    rng: np.random.Generator, *, spacing: float = 1.5, age: float | None = None, shift: float = 0.0
 ) -> Phantom:
     """Draw one subject's head phantom.
 
@@ -380,13 +407,14 @@ def make_subject(
         rng: the only source of randomness; the same generator state gives the same phantom.
         spacing: isotropic voxel size (mm) of the phantom grid; 1.5 mm by default, coarser for tests.
         age: subject age in years; drawn (15% children, 85% adults 18-90) when ``None``.
+        shift: subject factors outside their training ranges (``draw_subject_params``); 0 = training.
 
     Returns:
         A ``Phantom`` on an axis-aligned RAS+ grid with ``labels``, the six property maps, empty
         ``lesion_masks``/``findings``, ``landmarks`` (world mm) and ``subject`` (``SubjectParams``).
     """
     base = base_anatomy(float(spacing))
-    params = draw_subject_params(rng, age)
+    params = draw_subject_params(rng, age, shift)
     labels0, gm0, wm0 = _age_tissue(base, params)
     forward, grid_affine, shape = _subject_transform(params, base)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.synth.sequences import POST_CONTRAST, SeriesSpec
+from training.synth.shift import beyond, check_shift
 
 VENDORS = ("ge", "siemens", "philips")
 
@@ -264,57 +265,114 @@ def _choice(rng: np.random.Generator, options):
 MODEST_MAX_MATRIX = 256
 MODEST_MIN_3D_THICKNESS_MM = 3.0
 
+# Training ranges of the draws a shifted data set moves (``training.synth.shift``).
+SNR_RANGE = (20.0, 45.0)  # white-matter SNR
+DWI_SNR_RANGE = (12.0, 22.0)  # the same for DWI (and its ADC map)
+# Sequence -> drawn timing parameter -> its range, ms (SSFP's TR and TE are fixed).
+_SPIN_ECHO_T1 = {"tr_ms": (400.0, 700.0), "te_ms": (8.0, 15.0)}
+_DIFFUSION = {"tr_ms": (4000.0, 8000.0), "te_ms": (65.0, 95.0)}
+_MPRAGE = {"tr_ms": (1900.0, 2400.0), "te_ms": (2.5, 4.0)}
+TIMING_RANGES_MS: dict[str, dict[str, tuple[float, float]]] = {
+    "t1": _SPIN_ECHO_T1, "t1_post": _SPIN_ECHO_T1, "t2": {"tr_ms": (3000.0, 6000.0), "te_ms": (85.0, 110.0)},
+    "flair": {"tr_ms": (8000.0, 11000.0), "te_ms": (100.0, 140.0)}, "dwi": _DIFFUSION, "adc": _DIFFUSION,
+    "swi": {"tr_ms": (27.0, 40.0), "te_ms": (20.0, 30.0)}, "t2star": {"tr_ms": (500.0, 800.0), "te_ms": (15.0, 25.0)},
+    "mprage": _MPRAGE, "mprage_post": _MPRAGE,
+}
 
-def make_series_spec(rng: np.random.Generator, kind: str, vendor: str, full_resolution: bool = False) -> SeriesSpec:
+
+@dataclass(frozen=True)
+class ResolutionRange:
+    """Training range of a family of series' final geometry: everything ``make_series_spec`` gives at shift 0."""
+
+    thickness_mm: tuple[float, float]  # slice thickness
+    pixel_mm: tuple[float, float]  # in-plane pixel size (the larger of the two, for a non-square pixel)
+
+
+# Echo-planar diffusion (DWI, ADC): 128-192 matrices over 220-250 mm, 4-5 mm slices, either size.
+EPI_RESOLUTION = ResolutionRange((4.0, 5.0), (220.0 / 192.0, 250.0 / 128.0))
+# Every other series, (modest, full resolution): 2.5 mm sellar to 6 mm 2D slices (3D and SWI at >= 3 mm
+# when modest, down to the 0.8 mm SSFP when not); pixels from a 160 mm field of view on 256 (512) to
+# a 256 mm MPRAGE on 256.
+RESOLUTION = {
+    False: ResolutionRange((2.5, 6.0), (160.0 / 256.0, 1.0)),
+    True: ResolutionRange((0.8, 6.0), (160.0 / 512.0, 1.0)),
+}
+
+
+def resolution_range(sequence: str, full_resolution: bool = False) -> ResolutionRange:
+    """The training range of the geometry of ``sequence``'s series (``EPI_RESOLUTION`` or ``RESOLUTION``)."""
+    return EPI_RESOLUTION if sequence in ("dwi", "adc") else RESOLUTION[full_resolution]
+
+
+def _coarser(matrix: tuple[int, int], fov_mm: tuple[float, float], thickness: float, span: ResolutionRange,
+             shift: float) -> tuple[tuple[int, int], float]:
+    """Matrix and slice thickness moved beyond ``span`` (same field of view): pixel and slice of every
+    shifted series are at least as coarse as those of the coarsest training series of its family."""
+    pixel = max(f / m for f, m in zip(fov_mm, matrix))
+    target = beyond(pixel, *span.pixel_mm, shift)
+    # Rounding the matrix down keeps every pixel at least ``target``.
+    return tuple(int(f // target) for f in fov_mm), float(beyond(thickness, *span.thickness_mm, shift))
+
+
+def make_series_spec(rng: np.random.Generator, kind: str, vendor: str, full_resolution: bool = False,
+                     shift: float = 0.0) -> SeriesSpec:
     """Draw one series' name, geometry and timing for ``kind`` in ``vendor``'s naming style.
 
     Args:
-        rng: source of every draw (the same draws are made whatever ``full_resolution`` is).
+        rng: source of every draw (the same draws are made whatever ``full_resolution`` and ``shift`` are).
         kind: a key of ``SERIES_KINDS``.
         vendor: one of ``VENDORS``.
         full_resolution: keep 320-512 matrices and ~1 mm 3D slices; otherwise cap matrices at 256
             (same field of view) and 3D/SWI slice thickness at >= 3 mm (a thick reformat).
+        shift: 0 draws the training ranges; > 0 moves SNR (down), TR and TE (both ways, log scale), slice
+            thickness and pixel size (up, beyond ``resolution_range``) outside them (``training.synth.shift``).
+
+    Raises:
+        ValueError: an unknown ``kind`` or ``vendor``, or a bad ``shift``.
     """
     if kind not in SERIES_KINDS:
         raise ValueError(f"unknown series kind {kind!r}")
     if vendor not in VENDORS:
         raise ValueError(f"unknown vendor {vendor!r}; expected one of {VENDORS}")
+    check_shift(shift)
     sequence, plane = SERIES_KINDS[kind]
+
+    def timing(parameter: str) -> float:
+        low, high = TIMING_RANGES_MS[sequence][parameter]
+        return beyond(rng.uniform(low, high), low, high, shift, "both", "log")
+
     name = str(_choice(rng, SERIES_NAMES[kind][vendor]))
     fov = float(rng.uniform(220.0, 250.0))
     # Rectangular matrices put fewer columns across the narrower left-right extent of the head.
     matrix = _choice(rng, [(256, 256), (256, 256), (256, 256), (320, 320), (288, 384), (512, 512)])
     thickness = float(_choice(rng, [3.0, 4.0, 5.0, 5.0, 6.0]))
     gap = float(_choice(rng, [0.0, 0.5, 1.0, 1.0, 1.5]))
-    timing: dict = {}
-    snr = float(rng.uniform(20.0, 45.0))
-    if sequence == "t1" or sequence == "t1_post":
-        timing = dict(tr_ms=rng.uniform(400, 700), te_ms=rng.uniform(8, 15))
-    elif sequence == "t2":
-        timing = dict(tr_ms=rng.uniform(3000, 6000), te_ms=rng.uniform(85, 110))
+    timing_ms: dict = {}
+    snr = float(beyond(rng.uniform(*SNR_RANGE), *SNR_RANGE, shift, scale="inverse"))
+    if sequence in ("t1", "t1_post", "t2"):
+        timing_ms = dict(tr_ms=timing("tr_ms"), te_ms=timing("te_ms"))
     elif sequence == "flair":
-        tr = rng.uniform(8000, 11000)
+        tr = timing("tr_ms")
         # Inversion time chosen to null CSF (T1 ~ 4000 ms) at this TR, with scanner-to-scanner spread.
         ti = 4000.0 * np.log(2.0 / (1.0 + np.exp(-tr / 4000.0))) * rng.uniform(0.96, 1.04)
-        timing = dict(tr_ms=tr, te_ms=rng.uniform(100, 140), ti_ms=ti)
+        timing_ms = dict(tr_ms=tr, te_ms=timing("te_ms"), ti_ms=ti)
     elif sequence in ("dwi", "adc"):
         matrix = _choice(rng, [(128, 128), (160, 160), (192, 192)])
         thickness, gap = float(_choice(rng, [4.0, 5.0])), 1.0
-        timing = dict(tr_ms=rng.uniform(4000, 8000), te_ms=rng.uniform(65, 95))
-        snr = float(rng.uniform(12.0, 22.0))
+        timing_ms = dict(tr_ms=timing("tr_ms"), te_ms=timing("te_ms"))
+        snr = float(beyond(rng.uniform(*DWI_SNR_RANGE), *DWI_SNR_RANGE, shift, scale="inverse"))
     elif sequence == "swi":
         matrix, thickness, gap = _choice(rng, [(256, 256), (256, 320)]), float(_choice(rng, [1.5, 2.0, 2.5])), 0.0
-        timing = dict(tr_ms=rng.uniform(27, 40), te_ms=rng.uniform(20, 30), flip_deg=15.0)
+        timing_ms = dict(tr_ms=timing("tr_ms"), te_ms=timing("te_ms"), flip_deg=15.0)
     elif sequence == "t2star":
-        timing = dict(tr_ms=rng.uniform(500, 800), te_ms=rng.uniform(15, 25), flip_deg=20.0)
+        timing_ms = dict(tr_ms=timing("tr_ms"), te_ms=timing("te_ms"), flip_deg=20.0)
     elif sequence in ("mprage", "mprage_post"):
         matrix, fov = (256, 256), float(rng.uniform(240, 256))
         thickness, gap = float(_choice(rng, [1.0, 1.0, 1.2])), 0.0
-        timing = dict(tr_ms=rng.uniform(1900, 2400), te_ms=rng.uniform(2.5, 4.0), ti_ms=rng.uniform(900, 1100),
-                      flip_deg=9.0)
+        timing_ms = dict(tr_ms=timing("tr_ms"), te_ms=timing("te_ms"), ti_ms=rng.uniform(900, 1100), flip_deg=9.0)
     elif sequence == "ssfp":
         matrix, fov, thickness, gap = (256, 256), float(rng.uniform(160, 200)), float(_choice(rng, [0.8, 1.0])), 0.0
-        timing = dict(tr_ms=6.0, te_ms=3.0, flip_deg=60.0)
+        timing_ms = dict(tr_ms=6.0, te_ms=3.0, flip_deg=60.0)
     target, coverage = "", 0.0
     if kind in ("cor_t1", "cor_t1_post", "sag_t1_post"):
         # Sellar series: thin slices, small field of view, a slab around the sella.
@@ -331,9 +389,11 @@ def make_series_spec(rng: np.random.Generator, kind: str, vendor: str, full_reso
         if sequence in ("mprage", "mprage_post", "ssfp", "swi"):
             thickness = max(thickness, MODEST_MIN_3D_THICKNESS_MM)
     fov_mm = (fov * matrix[0] / max(matrix), fov * matrix[1] / max(matrix))
+    if shift:  # (not at 0: the floor of fov / pixel need not give back the drawn matrix)
+        matrix, thickness = _coarser(matrix, fov_mm, thickness, resolution_range(sequence, full_resolution), shift)
     fat_sat = kind in ("cor_t2", "cor_t1_post") and ("FS" in name or "fs" in name or "SPAIR" in name or "SPIR" in name)
     return SeriesSpec(
         name=name, sequence=sequence, plane=plane, matrix=tuple(int(m) for m in matrix), fov_mm=fov_mm,
         slice_thickness_mm=thickness, slice_gap_mm=gap, snr=snr, fat_sat=fat_sat, target=target, coverage_mm=coverage,
-        **{k: float(v) for k, v in timing.items()},
+        **{k: float(v) for k, v in timing_ms.items()},
     )

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from training.synth.anatomy import BRAIN_TISSUES, rotation_matrix
 from training.synth.phantom import Phantom, Tissue
+from training.synth.shift import beyond
 
 # Sequence kinds simulate_series understands (the "contrast" of a series). Pathology's key-sequence
 # table uses these names.
@@ -250,6 +251,15 @@ def image_on_series(
     return np.einsum("ia,abk,jb->ijk", w0, sampled, w1, optimize=True).astype(np.float32)
 
 
+BIAS_STRENGTH_RANGE = (0.05, 0.25)  # training range of the bias field's strength
+
+
+def bias_strength(rng: np.random.Generator, shift: float = 0.0) -> float:
+    """Draw a series' bias-field strength: ``BIAS_STRENGTH_RANGE``, or the band above it for ``shift`` > 0
+    (``training.synth.shift``; one draw either way)."""
+    return float(beyond(rng.uniform(*BIAS_STRENGTH_RANGE), *BIAS_STRENGTH_RANGE, shift))
+
+
 def bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
     """Smooth multiplicative coil sensitivity: exp of a random quadratic polynomial over the grid."""
     axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
@@ -332,6 +342,7 @@ def simulate_series(
     spec: SeriesSpec,
     rng: np.random.Generator,
     geometry: tuple[np.ndarray, tuple[int, int, int]] | None = None,
+    shift: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Image ``phantom`` with ``spec``.
 
@@ -341,6 +352,7 @@ def simulate_series(
         rng: source of the placement jitter, bias field and noise.
         geometry: ``(affine, shape)`` to reuse another series' grid (an ADC map shares its DWI's);
             placed by ``series_geometry`` when ``None``.
+        shift: bias-field strength beyond its training range (``bias_strength``); 0 = training.
 
     Returns:
         ``(volume, affine, masks)``: float32 volume of shape (columns, rows, slices) in scanner-like
@@ -350,7 +362,7 @@ def simulate_series(
     """
     affine, shape = series_geometry(phantom, spec, rng) if geometry is None else geometry
     wm = phantom.labels == Tissue.WM
-    bias = bias_field(rng, shape, strength=rng.uniform(0.05, 0.25))
+    bias = bias_field(rng, shape, strength=bias_strength(rng, shift))
     if spec.sequence == "adc":
         volume = _adc_map(phantom, spec, affine, shape, bias, rng)
     else:

@@ -28,6 +28,7 @@ from training.synth.protocols import (
 )
 from training.synth.reports import write_report
 from training.synth.sequences import SeriesSpec, simulate_series
+from training.synth.shift import check_shift
 
 SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))  # by patient
 
@@ -144,7 +145,7 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def plan_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
-    max_series: int = 8, full_resolution: bool = False, balance: float = 0.0,
+    max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
 ) -> StudyPlan:
     """Plan study ``index`` of the data set drawn with ``seed``: everything but the images.
 
@@ -163,16 +164,24 @@ def plan_study(
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
         balance: label balancing of the sampled primary diagnosis, 0 (clinical frequencies) .. 1
             (uniform over the labels); see ``pathology.primary_weights``. Ignored with ``keys``.
+        shift: 0 draws the training ranges; > 0 draws pose, size, elastic deformation, property jitter,
+            SNR, TR/TE and resolution (and, when generated, the bias field) beyond them, by that many range
+            widths (``training.synth.shift``). The same random draws are made: split, age, sex and the
+            other subject draws are those of ``shift == 0``, and so are a protocol-blind study's protocol
+            and series; lesions are placed on the shifted head, so their place, the report and (rarely)
+            the labels, with an indication-driven protocol, can differ.
 
     Returns:
         The plan; ``generate_study`` with the same arguments simulates exactly these series.
 
     Raises:
-        ValueError: ``max_series`` outside [2, 8], ``balance`` outside [0, 1] or unknown ``keys``.
+        ValueError: ``max_series`` outside [2, 8], ``balance`` outside [0, 1], ``shift`` outside
+            [0, ``shift.MAX_SHIFT``] or unknown ``keys``.
     """
     if not 2 <= max_series <= 8:
         raise ValueError(f"max_series must be in [2, 8], got {max_series}")
     primary_weights(balance)  # validates balance before any work
+    check_shift(shift)
     space = default_label_space()
     if keys is not None:
         unknown = [k for k in keys if k not in space.diagnosis_keys]
@@ -180,7 +189,7 @@ def plan_study(
             raise ValueError(f"unknown diagnosis keys {unknown}")
     rngs = study_streams(seed, index)
     split = _split_of(rngs["split"])
-    phantom = make_subject(rngs["subject"], spacing=spacing)
+    phantom = make_subject(rngs["subject"], spacing=spacing, shift=shift)
     requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"], balance))
     if requested:
         apply_findings(phantom, requested, rngs["pathology"])
@@ -199,7 +208,7 @@ def plan_study(
     taken: set[str] = set()
     dwi: SeriesSpec | None = None
     for kind in kinds:
-        spec = make_series_spec(rngs["protocol"], kind, vendor, full_resolution)
+        spec = make_series_spec(rngs["protocol"], kind, vendor, full_resolution, shift)
         if kind == "ax_adc" and dwi is not None:
             # The ADC map is computed from the DWI acquisition: same grid and timing, its own name.
             spec = replace(dwi, name=spec.name, sequence="adc")
@@ -229,7 +238,7 @@ def plan_study(
 
 def generate_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
-    max_series: int = 8, full_resolution: bool = False, balance: float = 0.0,
+    max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
 ) -> SyntheticStudy:
     """Generate study ``index`` of the data set drawn with ``seed``: ``plan_study``, then its images.
 
@@ -242,12 +251,13 @@ def generate_study(
         max_series: most series in the study (2..8).
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
         balance: label balancing of the sampled primary diagnosis (see ``plan_study``).
+        shift: draws beyond the training ranges (see ``plan_study``), the bias field's strength included.
 
     Returns:
         The study with its simulated series and masks.
     """
     plan = plan_study(seed, index, protocol_blind=protocol_blind, spacing=spacing, keys=keys,
-                      max_series=max_series, full_resolution=full_resolution, balance=balance)
+                      max_series=max_series, full_resolution=full_resolution, balance=balance, shift=shift)
     rng = study_streams(seed, index)["series"]
     series: list[SimulatedSeries] = []
     dwi: SimulatedSeries | None = None
@@ -255,7 +265,7 @@ def generate_study(
         geometry = None
         if planned.kind == "ax_adc" and dwi is not None:
             geometry = (dwi.affine, dwi.volume.shape)  # the ADC map shares its DWI's grid
-        volume, affine, masks = simulate_series(plan.phantom, planned.spec, rng, geometry=geometry)
+        volume, affine, masks = simulate_series(plan.phantom, planned.spec, rng, geometry=geometry, shift=shift)
         series.append(SimulatedSeries(planned.name, planned.kind, planned.spec, volume, affine, masks))
         if planned.kind == "ax_dwi":
             dwi = series[-1]

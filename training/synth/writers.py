@@ -33,6 +33,7 @@ from prima.io import write_dicom_series
 from prima.labels import default_label_space
 from prima.manifest import LesionMask, SeriesEntry, StudyEntry, manifest_line, read_manifest
 from training.synth.pathology import primary_weights
+from training.synth.shift import check_shift
 from training.synth.study import (
     DEFAULT_PROTOCOL_BLIND,
     PROTOCOL_BLIND_SPLITS,
@@ -239,10 +240,10 @@ def plan_entry(plan: StudyPlan, out_dir: str | Path, fmt: str = "nifti") -> Stud
 
 
 def write_one(seed: int, index: int, out: str, fmt: str, spacing: float, max_series: int, protocol_blind: str,
-              metadata_only: bool, balance: float = 0.0) -> StudyEntry:
+              metadata_only: bool, balance: float = 0.0, shift: float = 0.0) -> StudyEntry:
     """Generate and write study ``index`` (or only plan it); returns its manifest entry (runs in a worker)."""
     blind = is_protocol_blind(protocol_blind, study_split(seed, index))
-    settings = dict(protocol_blind=blind, spacing=spacing, max_series=max_series, balance=balance)
+    settings = dict(protocol_blind=blind, spacing=spacing, max_series=max_series, balance=balance, shift=shift)
     if metadata_only:
         return plan_entry(plan_study(seed, index, **settings), out, fmt)
     return write_study(generate_study(seed, index, **settings), out, fmt, uid_seed=f"seed{seed}")
@@ -264,7 +265,7 @@ def _init_worker() -> None:
 def write_dataset(
     n: int, out: str | Path, *, seed: int = 0, fmt: str = "nifti", workers: int | None = None, spacing: float = 1.5,
     max_series: int = 8, protocol_blind: str = DEFAULT_PROTOCOL_BLIND, metadata_only: bool = False,
-    progress: bool = True, balance: float = 0.0,
+    progress: bool = True, balance: float = 0.0, shift: float = 0.0,
 ) -> Path:
     """Generate ``n`` studies under ``out`` with ``workers`` spawned processes; returns the manifest path.
 
@@ -287,12 +288,14 @@ def write_dataset(
         progress: show a progress bar.
         balance: label balancing of the primary diagnosis, 0 (clinical frequencies) .. 1 (uniform over
             the 52 labels); see ``pathology.primary_weights``.
+        shift: 0 (training ranges) .. ``shift.MAX_SHIFT``: pose, size, deformation, contrast, bias, noise
+            and resolution drawn beyond the training ranges, for a held-out test set (``study.plan_study``).
 
     Returns:
         The path of ``manifest.jsonl``.
 
     Raises:
-        ValueError: a bad ``n``, ``workers``, ``fmt``, ``protocol_blind`` or ``balance``.
+        ValueError: a bad ``n``, ``workers``, ``fmt``, ``protocol_blind``, ``balance`` or ``shift``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -303,14 +306,16 @@ def write_dataset(
     if protocol_blind not in PROTOCOL_BLIND_SPLITS:
         raise ValueError(f"protocol_blind must be one of {sorted(PROTOCOL_BLIND_SPLITS)}, got {protocol_blind!r}")
     primary_weights(balance)  # validates balance
+    check_shift(shift)
     workers = min(available_cores() if workers is None else workers, n)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     config = {"n": n, "seed": seed, "format": fmt, "spacing": spacing, "max_series": max_series,
-              "protocol_blind": protocol_blind, "metadata_only": metadata_only, "balance": balance}
+              "protocol_blind": protocol_blind, "metadata_only": metadata_only, "balance": balance, "shift": shift}
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n")
     manifest = root / "manifest.jsonl"
-    args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance) for i in range(n)]
+    args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance, shift)
+            for i in range(n)]
     with manifest.open("w", encoding="utf-8") as f, tqdm(total=n, unit="study", disable=not progress) as bar:
         if workers == 1:
             with threadpool_limits(1):  # as in the workers, so every worker count gives the same bytes

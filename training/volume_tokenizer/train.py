@@ -12,10 +12,8 @@ the one-file form ``prima.release.load_volume_tokenizer`` reads and a release sh
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +28,13 @@ from prima.manifest import manifest_digest
 from prima.models.vqvae import VQVAEOutput
 from prima.release import VOLUME_TOKENIZER_FILE, save_volume_tokenizer
 from training.runtime import (
+    parse_stage_args,
+    print_on_main,
     CHECKPOINT_FILE,
     RunLog,
-    add_config_arguments,
     config_dict,
     distributed,
     git_commit,
-    load_stage_config,
     resume,
     save_checkpoint,
     seed_everything,
@@ -91,9 +89,7 @@ def model_config(config: VolumeTokenizerTrainConfig) -> PrimaConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> VolumeTokenizerTrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, VolumeTokenizerTrainConfig)
-    return load_stage_config(VolumeTokenizerTrainConfig, parser.parse_args(argv))
+    return parse_stage_args(VolumeTokenizerTrainConfig, argv, __doc__)
 
 
 def train(config: VolumeTokenizerTrainConfig) -> Path:
@@ -186,9 +182,7 @@ def train(config: VolumeTokenizerTrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = train(parse_args(argv))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
+    print_on_main(train(parse_args(argv)))
 
 
 if __name__ == "__main__":

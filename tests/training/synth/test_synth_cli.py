@@ -54,6 +54,20 @@ def test_balance_is_recorded_and_label_counts_are_printed(tmp_path, capsys):
     assert summary and err[-len(summary):] == summary  # the release log ends with the positives per split
 
 
+def test_shift_is_recorded_and_moves_the_subjects(tmp_path):
+    args = ["--n", "4", "--seed", "3", "--spacing", "6", "--metadata-only", "--workers", "1", "--no-progress"]
+    for shift in ("0", "1"):
+        assert main([*args, "--shift", shift, "--out", str(tmp_path / shift)]) == 0
+    assert json.loads((tmp_path / "1" / "synth_config.json").read_text())["shift"] == 1.0
+    assert json.loads((tmp_path / "0" / "synth_config.json").read_text())["shift"] == 0.0
+    records = {s: [json.loads(line) for line in (tmp_path / s / "manifest.jsonl").read_text().splitlines()]
+               for s in ("0", "1")}
+    for training, shifted in zip(records["0"], records["1"]):
+        assert (training["study_id"], training["split"]) == (shifted["study_id"], shifted["split"])
+        assert training["subject"]["age"] == shifted["subject"]["age"]
+        assert abs(shifted["subject"]["rotation_deg"][0]) >= 15.0  # beyond 3 SD (5 degrees) of pitch
+
+
 def test_module_entry_point_runs(tmp_path):
     out = tmp_path / "ds"
     result = subprocess.run(
@@ -68,7 +82,7 @@ def test_module_entry_point_runs(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--n", "0"], ["--workers", "0"], ["--format", "png"], ["--protocol-blind", "x"],
-                                 ["--balance", "2"]])
+                                 ["--balance", "2"], ["--shift", "-1"], ["--shift", "1.5"]])
 def test_bad_arguments_exit_with_usage_error(tmp_path, bad):
     with pytest.raises(SystemExit) as error:
         main([*bad, "--out", str(tmp_path)])
