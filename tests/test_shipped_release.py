@@ -1,0 +1,40 @@
+"""The shipped prima-lite release (assets/weights/prima-lite/, made by `python -m training.release --config
+training/configs/release-lite.yaml`): it loads, predicts, fits the size budget, and its model card carries the
+evaluation it ships with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prima import load_release
+from prima.predict import predict
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "weights" / "prima-lite"
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "glioma_high_grade.zip"
+
+pytestmark = pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped release yet")
+
+
+def test_shipped_release_fits_the_size_budget():
+    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 30 * 2**20
+
+
+def test_shipped_release_loads_and_predicts_an_example():
+    release = load_release(SHIPPED)
+    assert release.heads is not None and release.volume_tokenizer is not None
+    prediction = predict(EXAMPLE, release, device="cpu")
+    assert len(prediction.diagnoses) == 52 and len(prediction.referrals) == 11
+
+
+def test_model_card_carries_the_shipped_evaluation_and_how_it_was_made():
+    card = (SHIPPED / "README.md").read_text(encoding="utf-8")
+    evaluation = SHIPPED / "evaluation"
+    assert (evaluation / "eval.md").read_text(encoding="utf-8").strip() in card
+    assert "not for clinical use" in card and "python -m training.release --config" in card
+    result = json.loads((evaluation / "eval.json").read_text(encoding="utf-8"))
+    provenance = json.loads((evaluation / "provenance.json").read_text(encoding="utf-8"))
+    assert result["split"] == "test" and provenance["config"]["model"] == "prima-lite"
+    assert (evaluation / "reliability.png").stat().st_size > 0
