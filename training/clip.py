@@ -239,7 +239,8 @@ def train(config: ClipTrainConfig) -> Path:
                 evaluation = evaluate_now()
                 history.append({"step": step, **evaluation})
             if step % config.log_every == 0 or step == config.steps or out_of_time or evaluation:
-                log.write(step, **{f"val_{k}": v for k, v in evaluation.items() if isinstance(v, float)})
+                log.write(step, **{f"val_{direction}_{k}": v for direction in ("image_to_text", "text_to_image")
+                                   for k, v in evaluation.get(direction, {}).items()})
             if step % config.checkpoint_every == 0:
                 checkpoint_now()
             if out_of_time:

@@ -59,6 +59,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tiny_token_cache,
     summary = json.loads((tmp_path / "whole" / "clip.json").read_text())
     assert summary["steps"] == 4 and [v["step"] for v in summary["validation"]] == [2, 4]
     assert {"top1", "top5"} <= set(summary["validation"][-1]["image_to_text"])
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert "val_image_to_text_top1" in logged[1] and "val_text_to_image_top5" in logged[3]
     model = load_clip(whole, "prima-lite")  # loads into the release's model config
     assert not model.training
 
