@@ -68,6 +68,16 @@ class StudyEntry:
     extra: dict[str, Any] = field(default_factory=dict)  # every other field, kept for round trips
 
 
+def unique_series_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``... if already in ``taken`` (series names key a study's lesion
+    masks, so they are unique within a study); the chosen name is added to ``taken``."""
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
 def _resolve(path: str, base_dir: Path) -> Path:
     as_path = Path(path)
     return as_path if as_path.is_absolute() else base_dir / as_path

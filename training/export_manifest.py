@@ -31,7 +31,7 @@ from tqdm import tqdm
 from prima.errors import NoUsableSeriesError
 from prima.io import load_study
 from prima.labels import default_label_space
-from prima.manifest import KNOWN_SPLITS, SeriesEntry, StudyEntry, write_manifest
+from prima.manifest import KNOWN_SPLITS, SeriesEntry, StudyEntry, unique_series_name, write_manifest
 from training.labeler import ReportLabeler
 
 REPORT_NAME = "report.txt"
@@ -93,14 +93,6 @@ def read_studies_csv(path: Path | str) -> dict[str, StudyRow]:
     return rows
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 2
-    while candidate in taken:
-        candidate, n = f"{name}_{n}", n + 1
-    taken.add(candidate)
-    return candidate
-
-
 def study_series(study_dir: Path) -> tuple[list[SeriesEntry], str, list[str]]:
     """The loadable series of a study folder as manifest entries.
 
@@ -131,7 +123,7 @@ def study_series(study_dir: Path) -> tuple[list[SeriesEntry], str, list[str]]:
             notes.append(f"{series.name}: its path {path} also holds {', '.join(others)}; give each series its "
                          "own folder")
             continue
-        entries.append(SeriesEntry(_unique(series.name, taken), path))
+        entries.append(SeriesEntry(unique_series_name(series.name, taken), path))
     return entries, study.description, notes
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from prima.labels import default_label_space
+from prima.manifest import unique_series_name
 from training.synth.anatomy import make_subject
 from training.synth.pathology import KEY_SEQUENCES, apply_findings, primary_weights, sample_diagnoses
 from training.synth.phantom import Finding, Phantom
@@ -135,14 +136,6 @@ def is_protocol_blind(setting: str, split: str) -> bool:
     return split in PROTOCOL_BLIND_SPLITS[setting]
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 2
-    while candidate in taken:
-        candidate, n = f"{name}_{n}", n + 1
-    taken.add(candidate)
-    return candidate
-
-
 def plan_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
     max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
@@ -212,7 +205,7 @@ def plan_study(
         if kind == "ax_adc" and dwi is not None:
             # The ADC map is computed from the DWI acquisition: same grid and timing, its own name.
             spec = replace(dwi, name=spec.name, sequence="adc")
-        series.append(PlannedSeries(_unique(spec.name, taken), kind, spec))
+        series.append(PlannedSeries(unique_series_name(spec.name, taken), kind, spec))
         if kind == "ax_dwi":
             dwi = spec
 
