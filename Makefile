@@ -27,7 +27,7 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 run: $(VENV)/.installed
-	PRIMA_HOST=$(HOST) PRIMA_PORT=$(PORT) $(PY) app.py
+	GRADIO_SERVER_NAME=$(HOST) GRADIO_SERVER_PORT=$(PORT) $(PY) app.py
 
 test: $(VENV)/.installed-test chromium
 	$(PY) -m pytest -q

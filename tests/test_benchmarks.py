@@ -99,3 +99,12 @@ def test_lime_benchmark_compares_batched_and_serial():
     out = run_benchmark(*LIME_SMOKE)
     (row,) = model_rows(out)
     assert row[3] == "16" and row[-3].endswith("x") and row[-1].endswith("%")
+
+
+@pytest.mark.browser
+def test_app_benchmark_reports_the_three_targets():
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("Debian's chromium is not installed (make test installs it)")
+    out = run_benchmark("bench_app.py", "--examples", "normal_dwi", "--clicks", "3", timeout=400)
+    line = next(line for line in out.splitlines() if line.startswith("normal_dwi:"))
+    assert "first heatmap" in line and "over 3/3 presses" in line and "peak RSS" in line

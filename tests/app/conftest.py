@@ -30,7 +30,7 @@ def app_url(tmp_path_factory):
     """Start `python app.py` as a user would and yield its URL; stop it afterwards."""
     port = _free_port()
     log = tmp_path_factory.mktemp("app") / "server.log"
-    env = dict(os.environ, PRIMA_HOST="127.0.0.1", PRIMA_PORT=str(port))
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out,
                                   stderr=subprocess.STDOUT)
@@ -65,3 +65,23 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def lite_release():
+    """The bundled prima-lite release, the app's default."""
+    from prima.predict import ready_release
+
+    return ready_release(REPO / "assets" / "weights" / "prima-lite", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def normal_session(lite_release):
+    """The app's session of the shipped normal example (2 series), with one explanation."""
+    from app.session import analyse, default_series, default_target, explanation
+
+    session = analyse(REPO / "assets" / "examples" / "normal_dwi.zip", lite_release)
+    target = default_target(session.prediction)
+    explanation(session, lite_release, target, default_series(session, target))
+    yield session
+    session.close()

@@ -1,57 +1,131 @@
-"""The app's plain functions, without a browser."""
+"""app.ui: the handlers behind the interface, called as plain functions (no server, no browser)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
-import nibabel as nib
-import numpy as np
 import pytest
 
-from app.ui import example_studies, load_uploaded_study, on_load, series_rows, skipped_rows
+from app.session import StudySession
+from app.ui import Handlers, build_demo, example_studies, model_card, remove_uploads, target_choices
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
 
-@pytest.fixture()
-def two_nifti_series(tmp_path):
-    affine = np.diag([-1.0, -1.0, 4.0, 1.0])
-    rng = np.random.default_rng(0)
-    paths = []
-    for name in ("AX_T2", "AX_FLAIR"):
-        path = tmp_path / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(rng.random((64, 64, 20), dtype=np.float32), affine), path)
-        paths.append(str(path))
-    return paths
+def no_progress(fraction, desc=None):
+    pass
 
 
-def test_on_load_fills_state_and_tables(two_nifti_series):
-    study, summary, rows, skipped = on_load(two_nifti_series)
-    assert [r[0] for r in rows] == ["AX_T2", "AX_FLAIR"]
-    assert all(r[1] == "axial" for r in rows)
-    assert rows[0][2] == "64 x 64 x 20"
-    assert skipped == []
-    assert "2 series loaded" in summary
-    assert study.series[0].name == "AX_T2"
+@pytest.fixture(scope="module")
+def handlers(lite_release):
+    return Handlers(lite_release)
 
 
-def test_missing_upload_is_a_gradio_error():
+def test_examples_come_from_the_catalogue():
+    examples = example_studies(EXAMPLES)
+    assert {e.path.name for e in examples} == {"glioma_high_grade.zip", "glioma_after_resection.zip", "normal_dwi.zip"}
+    assert {e.role for e in examples} == {"pre", "post", ""}
+    assert all(e.title for e in examples)
+    assert example_studies(EXAMPLES / "missing") == []
+
+
+def test_study_without_upload_says_what_to_do(handlers):
     with pytest.raises(gr.Error, match="Upload a study first"):
-        load_uploaded_study(None)
+        handlers.study(None, "", None, progress=no_progress)
 
 
-def test_unreadable_upload_is_a_gradio_error(tmp_path):
-    bogus = tmp_path / "notes.txt"
-    bogus.write_text("not an MRI")
+def test_a_file_that_is_not_an_image_gives_a_plain_error(handlers, tmp_path):
+    bad = tmp_path / "scan.dcm"
+    bad.write_bytes(b"#!/bin/sh\necho not an image\n")
     with pytest.raises(gr.Error, match="Could not load this study"):
-        load_uploaded_study([str(bogus)])
+        handlers.study([str(bad)], "", None, progress=no_progress)
 
 
-def test_rows_render_skipped_series(two_nifti_series):
-    study = load_uploaded_study(two_nifti_series)
-    assert skipped_rows(study) == []
-    assert len(series_rows(study)) == 2
+def test_study_fills_every_output_and_clears_the_upload(handlers):
+    outputs = handlers.study([str(EXAMPLES / "normal_dwi.zip")], "", None, progress=no_progress)
+    session, summary, description, priority, *_, target, series, upload = outputs
+    try:
+        assert isinstance(session, StudySession)
+        assert "2 series loaded" in summary and description == session.prediction.study["description"]
+        assert target["value"] == session.prediction.differential[0].key
+        assert target["choices"] == target_choices(session)
+        assert upload is None
+        figure, figure_3d, info, contribution = handlers.explore(session, target["value"], series["value"], "axial",
+                                                                 0.5, progress=no_progress)
+        assert "surrogate R²" in info and figure.layout.sliders[0].steps
+        assert len(session.explanations) == 1
+        handlers.view(session, target["value"], series["value"], "sagittal", 0.2)
+        assert len(session.explanations) == 1  # a plane change never reruns LIME
+        assert Path(handlers.export("heatmap", session, target["value"], series["value"], "axial", 0.5, -1)).is_file()
+        assert "Nearest diagnoses" in handlers.ask(session, "ring-enhancing lesion")
+    finally:
+        session.close()
 
 
-def test_examples_listing_ignores_other_files(tmp_path):
-    (tmp_path / "study.zip").write_bytes(b"")
-    (tmp_path / "README.md").write_text("x")
-    assert example_studies(tmp_path) == [str(tmp_path / "study.zip")]
-    assert example_studies(tmp_path / "missing") == []
+def test_an_edited_description_overrides_the_dicom_one(handlers):
+    outputs = handlers.study([str(EXAMPLES / "normal_dwi.zip")], "MR HEAD TRAUMA", None, progress=no_progress)
+    outputs[0].close()
+    assert outputs[2] == "MR HEAD TRAUMA"
+
+
+def test_handlers_refuse_work_without_a_study(handlers):
+    with pytest.raises(gr.Error, match="Analyse a study first"):
+        handlers.explore(None, "x", 0, "axial", 0.5, progress=no_progress)
+    with pytest.raises(gr.Error, match="Analyse a study first"):
+        handlers.ask(None, "mass")
+    with pytest.raises(gr.Error, match="Compare two studies first"):
+        handlers.compare_view(None, "x", "axial", progress=no_progress)
+    with pytest.raises(gr.Error, match="both studies"):
+        handlers.compare(None, [str(EXAMPLES / "normal_dwi.zip")], None, progress=no_progress)
+
+
+def test_empty_question_and_missing_heatmap_are_explained(handlers, normal_session):
+    with pytest.raises(gr.Error, match="Type a finding"):
+        handlers.ask(normal_session, "  ")
+    with pytest.raises(gr.Error, match="Explain a diagnosis first"):
+        handlers.export("heatmap", normal_session, "structural_edema", 99, "axial", 0.5, -1)
+
+
+def test_compare_charts_the_change_and_shows_both(handlers):
+    pair, chart, target = handlers.compare([str(EXAMPLES / "glioma_high_grade.zip")],
+                                           [str(EXAMPLES / "glioma_after_resection.zip")], None, progress=no_progress)
+    try:
+        changes = [abs(v) for v in chart.data[0].x]
+        assert changes == sorted(changes) and target["value"]
+        figure = handlers.compare_view(pair, target["value"], "axial", progress=no_progress)
+        assert len([t for t in figure.data if t.type == "image"]) == 2
+    finally:
+        for session in pair:
+            session.close()
+
+
+def test_uploads_are_removed_but_never_other_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    upload = tmp_path / "gradio" / "abc123" / "study.zip"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"x")
+    example = tmp_path / "example.zip"
+    example.write_bytes(b"x")
+    remove_uploads([str(upload), str(example)])
+    assert not upload.exists() and not upload.parent.exists()
+    assert example.exists()
+
+
+def test_missing_weights_give_an_explanatory_page(tmp_path):
+    demo = build_demo(tmp_path / "no-such-release")
+    texts = [block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+    assert any("could not be loaded" in text and "PRIMA_WEIGHTS" in text for text in texts)
+
+
+def test_the_app_has_its_four_tabs_and_a_notice_on_each(lite_release):
+    demo = build_demo(lite_release.path)
+    tabs = [block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+    assert tabs == ["Explore", "Compare pre/post", "Ask in words", "About"]
+    notices = [b for b in demo.blocks.values() if isinstance(b, gr.Markdown) and "not for clinical use" in (b.value or "")]
+    assert len(notices) >= 4
+
+
+def test_model_card_drops_the_front_matter(lite_release):
+    card = model_card(lite_release)
+    assert not card.startswith("---") and "Research demo" in card

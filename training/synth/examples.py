@@ -5,11 +5,15 @@
 Each example is a synthetic study written as DICOM and zipped, so the app's example buttons exercise
 the same loader a clinician's upload does. The set is fixed (seed, diagnoses, series count) so the
 files are reproducible; the total stays under the 10 MB the project allows for examples.
+
+``examples.json`` beside the zips tells the app what each example shows and which two form the
+pre/post pair of its Compare tab (the app reads it; it never imports ``training``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -27,14 +31,22 @@ class Example:
     index: int  # study index within the examples data set (changes the subject and protocol)
     keys: tuple[str, ...]  # forced diagnoses; empty for a normal study
     max_series: int  # series kept, few so the zips stay within the 10 MB budget
+    title: str  # what the example shows, as the app's button says it
+    role: str = ""  # "pre" or "post" for the Compare tab's example pair, else empty
 
 
 EXAMPLES = (
     # FLAIR, DWI and its ADC map of a high-grade glioma: 4 MB.
-    Example("glioma_high_grade.zip", 1, ("tumor_adult_high_grade_glioma",), 3),
+    Example("glioma_high_grade.zip", 1, ("tumor_adult_high_grade_glioma",), 3,
+            "High-grade glioma (FLAIR, DWI, ADC)", "pre"),
+    # The same subject (same study index, so the same deformed anatomy) after resection: cavity and
+    # craniotomy, no tumour. 4 MB.
+    Example("glioma_after_resection.zip", 1, ("surgical_resection_cavity", "surgical_craniotomy"), 3,
+            "After resection: cavity and craniotomy (FLAIR, DWI, ADC)", "post"),
     # DWI and its ADC map of a normal head: 1 MB.
-    Example("normal_dwi.zip", 2, (), 2),
+    Example("normal_dwi.zip", 2, (), 2, "Normal (DWI, ADC)"),
 )
+CATALOGUE = "examples.json"  # the app's list of examples, written beside the zips
 SEED = 20261123  # data-set seed of the examples
 SPACING_MM = 2.0  # phantom voxel size: coarse keeps generation and the zips small
 
@@ -57,6 +69,14 @@ def build_example(example: Example, out_dir: Path) -> Path:
     return target
 
 
+def write_catalogue(out_dir: Path) -> Path:
+    """``examples.json``: per example its file, title, forced findings and pre/post role."""
+    entries = [{"file": e.file_name, "title": e.title, "findings": list(e.keys), "role": e.role} for e in EXAMPLES]
+    target = out_dir / CATALOGUE
+    target.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("assets/examples"), help="output folder")
@@ -64,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     for example in EXAMPLES:
         path = build_example(example, args.out)
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB  {', '.join(example.keys) or 'normal'}")
+    print(write_catalogue(args.out))
 
 
 if __name__ == "__main__":

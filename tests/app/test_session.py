@@ -1,0 +1,125 @@
+"""app.session: analysis, cached explanations, exports aligned with the series and free of identifiers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app.viewer import pixel_size
+from app.session import (analyse, close_session, default_series, default_target, explanation, export_heatmap,
+                         export_prediction, export_view, prediction_document, view_volume)
+from helpers.studies import zip_folder
+from prima.explain import heatmap
+from prima.io import load_study
+from prima.predict import predict
+from prima.preprocess import preprocess_series
+
+IDENTIFIERS = {"PatientName": "DOE^JANE", "PatientBirthDate": "19610203", "AccessionNumber": "ACC7781234",
+               "InstitutionName": "Saint Example Hospital", "ReferringPhysicianName": "HOUSE^GREGORY"}
+PATIENT_ID = "PID99887766"
+STUDY_DATE = "20191231"
+
+
+@pytest.fixture(scope="module")
+def identified_study(tmp_path_factory, mni_template):
+    """A one-series DICOM study (the template, 2 x 2 x 4 mm) carrying fake patient identifiers, zipped."""
+    from prima.io.dicom_writer import write_dicom_series
+
+    template, affine = mni_template
+    volume = template[::2, ::2, ::4]
+    grid = affine @ np.diag([2.0, 2.0, 4.0, 1.0])
+    folder = tmp_path_factory.mktemp("identified")
+    write_dicom_series(volume, grid, folder / "study" / "s1", series_description="AX T2", study_description="MRI BRAIN",
+                       patient_id=PATIENT_ID, study_date=STUDY_DATE, uid_seed="identified", extra_tags=IDENTIFIERS)
+    return zip_folder(folder / "study", folder / "identified.zip")
+
+
+def test_the_session_predicts_what_prima_predicts(normal_session, lite_release):
+    direct = predict(load_study(normal_session_source()), lite_release)
+    assert [d.logit for d in normal_session.prediction.diagnoses] == [d.logit for d in direct.diagnoses]
+    assert normal_session.prediction.priority == direct.priority
+
+
+def normal_session_source() -> Path:
+    return Path(__file__).resolve().parents[2] / "assets" / "examples" / "normal_dwi.zip"
+
+
+def test_display_volumes_are_on_the_token_grid(normal_session, lite_release):
+    study = load_study(normal_session_source())
+    for series, volume, tokens in zip(study.series, normal_session.volumes, normal_session.prediction.tokens.series):
+        assert volume.shape == tuple(tokens.shape) and volume.dtype == np.uint8
+        np.testing.assert_allclose(preprocess_series(series, lite_release.config.preprocess).affine, tokens.affine)
+
+
+def test_explanations_are_computed_once(normal_session, lite_release):
+    target = default_target(normal_session.prediction)
+    series = default_series(normal_session, target)
+    first = explanation(normal_session, lite_release, target, series)
+    assert explanation(normal_session, lite_release, target, series) is first
+
+
+def test_default_series_is_the_one_the_diagnosis_leans_on(normal_session):
+    target = default_target(normal_session.prediction)
+    column = normal_session.contribution.diagnosis_keys.index(target)
+    assert default_series(normal_session, target) == int(np.argmax(normal_session.contribution.deltas[:, column]))
+
+
+def test_heatmap_export_is_aligned_with_the_series(normal_session):
+    (target, series), lime = next(iter(normal_session.explanations.items()))
+    tokens = normal_session.prediction.tokens.series[series]
+    image = nib.load(export_heatmap(normal_session, lime))
+    np.testing.assert_allclose(image.affine, tokens.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), heatmap(lime, tokens))
+    # the hottest voxel lies inside the original series' field of view (same world space)
+    original = load_study(normal_session_source()).series[series]
+    hottest = np.unravel_index(np.argmax(np.asarray(image.dataobj)), image.shape)
+    world = image.affine @ np.array([*hottest, 1.0])
+    voxel = np.linalg.solve(original.affine, world)[:3]
+    assert np.all(voxel > -1) and np.all(voxel < np.array(original.array.shape))
+
+
+def test_view_export_is_the_rendered_slice(normal_session):
+    from PIL import Image
+
+    (target, series), lime = next(iter(normal_session.explanations.items()))
+    volume = view_volume(normal_session, series, lime)
+    path = export_view(normal_session, volume, "coronal", 100, 0.5)
+    with Image.open(path) as png:
+        # square pixels: the 5 mm slice axis is stretched to its physical height
+        dx, dy = pixel_size(volume, "coronal")
+        assert png.format == "PNG" and png.size == (volume.image.shape[0], round(volume.image.shape[2] * dy / dx))
+
+
+def test_prediction_export_holds_outputs_and_explanations(normal_session):
+    doc = json.loads(export_prediction(normal_session).read_text())
+    assert len(doc["diagnoses"]) == 52 and doc["priority"]["tier"] in ("low", "medium", "high")
+    assert len(doc["explanations"]) == len(normal_session.explanations)
+    assert set(doc["series_contribution"]["deltas"]) == set(normal_session.series_names)
+    assert "embedding" not in doc and "timings_s" not in doc
+
+
+def test_exports_and_logs_carry_no_identifiers(identified_study, lite_release, caplog):
+    caplog.set_level(logging.DEBUG)
+    session = analyse(identified_study, lite_release)
+    try:
+        target = default_target(session.prediction)
+        lime = explanation(session, lite_release, target, 0)
+        files = [export_prediction(session), export_heatmap(session, lime),
+                 export_view(session, view_volume(session, 0, lime), "axial", 10, 0.5)]
+        assert session.prediction.study["description"] == "MRI BRAIN"
+        texts = [json.dumps(prediction_document(session)), caplog.text]
+        texts += [gzip.decompress(p.read_bytes()).decode("latin-1") if p.suffix == ".gz" else
+                  p.read_bytes().decode("latin-1") for p in files]
+        secrets = [*IDENTIFIERS.values(), "DOE", "GREGORY", PATIENT_ID, STUDY_DATE]
+        for text in texts:
+            for secret in secrets:
+                assert secret not in text
+    finally:
+        close_session(session)
+    assert not session.workdir.exists()
