@@ -16,9 +16,9 @@ TOP_DIAGNOSES = 10  # the diagnosis chart's default length; "show all" lists all
 TOP_CHANGES = 15  # the compare tab's change chart lists the largest changes
 PRIORITY_COLOURS = {"low": "#2e7d32", "medium": "#ef6c00", "high": "#c62828"}
 CATEGORY_NAMES = {
-    "tumor": "Tumour", "vascular": "Vascular", "trauma": "Trauma", "infectious": "Infectious",
-    "inflammatory": "Inflammatory", "structural": "Structural", "developmental": "Developmental",
-    "surgical": "Post-surgical", "sellar": "Sellar", "degenerative": "Degenerative", "metabolic": "Metabolic",
+    "cyst": "Cyst", "developmental": "Developmental", "infectious": "Infectious", "inflammatory": "Inflammatory",
+    "sellar": "Sellar", "spine": "Spine", "structural": "Structural", "surgical": "Post-surgical",
+    "trauma": "Trauma", "tumor": "Tumour", "vascular": "Vascular", "ventricular": "Ventricular",
 }
 
 

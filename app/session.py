@@ -44,15 +44,22 @@ class StudySession:
     volumes: list[np.ndarray]  # per series: (X, Y, Z) uint8 preprocessed image (the grid the heatmap is on)
     contribution: SeriesContribution  # the series-drop analysis of every diagnosis
     explanations: dict[tuple[str, int], Explanation] = field(default_factory=dict)  # (target, series) -> LIME
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="prima-app-")))  # exports
+    _workdir: Path | None = None  # exported files, made on the first export
 
     @property
     def series_names(self) -> list[str]:
         return [s.name for s in self.prediction.series]
 
+    @property
+    def workdir(self) -> Path:
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="prima-app-"))
+        return self._workdir
+
     def close(self) -> None:
         """Remove the session's exported files."""
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def close_session(session: StudySession | None) -> None:

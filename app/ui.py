@@ -33,6 +33,11 @@ NOTICE = ("**Research demo — not for clinical use.** Prima here is trained on 
           "not been validated on patients.")
 SERIES_COLUMNS = ["Series", "Plane", "Shape (L x P x S)", "Spacing (mm)", "Tokens kept"]
 SKIPPED_COLUMNS = ["Skipped series", "Reason"]
+MAX_UPLOAD_FILES = int(os.environ.get("PRIMA_MAX_FILES", "5000"))  # loose files in one upload (a zip counts 1)
+# Uploads live in Gradio's cache, one copy per distinct file shared by every user who uploads the same
+# bytes, so a request cannot delete its upload without breaking another user's: a sweep removes
+# uploads (and every other cached file) this long after they arrived.
+UPLOAD_SECONDS = int(os.environ.get("PRIMA_UPLOAD_TTL", "600"))
 SESSION_SECONDS = 2 * 3600  # a user's state (and exported files) is dropped after this long unused
 # Reads the viewer's slider position in the browser for "Download view (PNG)": the slider lives in
 # the plotly figure (slicing never calls the server), so the server only learns it on export.
@@ -67,17 +72,6 @@ def _as_paths(files: str | Sequence[str] | None) -> list[str]:
     return [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
 
 
-def remove_uploads(paths: Sequence[str]) -> None:
-    """Delete uploaded files once read; only files inside Gradio's upload folder (never an example)."""
-    upload_root = Path(gr.utils.get_upload_folder()).resolve()
-    for path in paths:
-        resolved = Path(path).resolve()
-        if resolved.is_relative_to(upload_root) and resolved.is_file():
-            resolved.unlink(missing_ok=True)
-            if resolved.parent != upload_root and not any(resolved.parent.iterdir()):
-                resolved.parent.rmdir()
-
-
 def series_rows(session: StudySession) -> list[list]:
     return [[s.name, s.plane, " x ".join(map(str, s.shape)), " x ".join(f"{v:.2f}" for v in s.spacing_mm),
              f"{s.tokens_kept} / {s.tokens_total}"] for s in session.prediction.series]
@@ -105,7 +99,8 @@ def target_choices(session: StudySession) -> list[tuple[str, str]]:
 
 def _check_present(paths: Sequence[str]) -> None:
     if not all(Path(p).is_file() for p in paths):
-        raise gr.Error("The upload is no longer on the server (uploads are deleted once read): upload the study again.")
+        raise gr.Error(f"The upload is no longer on the server (uploads are kept {UPLOAD_SECONDS // 60} minutes): "
+                       "upload the study again.")
 
 
 def _gradio_progress(progress: gr.Progress):
@@ -121,22 +116,27 @@ def _need(session: StudySession | None) -> StudySession:
 class Handlers:
     """The event handlers, bound to the process's release (the only shared object)."""
 
-    def __init__(self, release: Release):
+    def __init__(self, release: Release, max_files: int = MAX_UPLOAD_FILES):
         self.release = release
+        self.max_files = max_files
+
+    def _check_upload(self, paths: Sequence[str]) -> None:
+        if len(paths) > self.max_files:
+            raise gr.Error(f"{len(paths)} files uploaded; the limit is {self.max_files}. Zip the study folder and "
+                           "upload the zip instead.")
+        _check_present(paths)
 
     def study(self, files, description: str | None, previous: StudySession | None,
               progress: gr.Progress = gr.Progress()):
         paths = _as_paths(files)
         if not paths:
             raise gr.Error("Upload a study first: a .zip of a DICOM folder, DICOM files, or NIfTI files.")
-        _check_present(paths)
+        self._check_upload(paths)
         try:
             session = analyse(paths if len(paths) > 1 else paths[0], self.release, description,
                               _gradio_progress(progress))
         except StudyLoadError as error:
             raise gr.Error(f"Could not load this study: {error}") from error
-        finally:
-            remove_uploads(paths)
         close_session(previous)
         target = default_target(session.prediction)
         series = default_series(session, target)
@@ -144,8 +144,7 @@ class Handlers:
                 charts.priority_badge(session.prediction), charts.diagnosis_chart(session.prediction),
                 charts.referral_chart(session.prediction), series_rows(session), skipped_rows(session),
                 gr.update(choices=target_choices(session), value=target),
-                gr.update(choices=[(name, i) for i, name in enumerate(session.series_names)], value=series),
-                None)
+                gr.update(choices=[(name, i) for i, name in enumerate(session.series_names)], value=series))
 
     def explore(self, session, target: str, series: int, plane: str, opacity: float,
                 progress: gr.Progress = gr.Progress()):
@@ -198,18 +197,16 @@ class Handlers:
         pre_paths, post_paths = _as_paths(pre_files), _as_paths(post_files)
         if not pre_paths or not post_paths:
             raise gr.Error("Upload both studies: the one before and the one after.")
-        _check_present(pre_paths + post_paths)
+        self._check_upload(pre_paths)
+        self._check_upload(post_paths)
         sessions = []
         report = _gradio_progress(progress)
-        try:
-            for label, paths, start in (("pre", pre_paths, 0.0), ("post", post_paths, 0.5)):
-                try:
-                    sessions.append(analyse(paths if len(paths) > 1 else paths[0], self.release, None,
-                                            lambda f, s, start=start, label=label: report(start + 0.5 * f, f"{label}: {s}")))
-                except StudyLoadError as error:
-                    raise gr.Error(f"Could not load the {label} study: {error}") from error
-        finally:
-            remove_uploads(pre_paths + post_paths)
+        for label, paths, start in (("pre", pre_paths, 0.0), ("post", post_paths, 0.5)):
+            try:
+                sessions.append(analyse(paths if len(paths) > 1 else paths[0], self.release, None,
+                                        lambda f, s, start=start, label=label: report(start + 0.5 * f, f"{label}: {s}")))
+            except StudyLoadError as error:
+                raise gr.Error(f"Could not load the {label} study: {error}") from error
         for old in previous or ():
             close_session(old)
         pre, post = sessions
@@ -285,7 +282,7 @@ def _explore_tab(handlers: Handlers, examples: list[ExampleStudy]):
                                  elem_id="skipped-table")
 
     study_outputs = [session, summary, description, priority, diagnosis_plot, referral_plot, series_table,
-                     skipped_table, target, series, upload]
+                     skipped_table, target, series]
     explore_inputs = [session, target, series, plane, opacity]
     explore_outputs = [view, view_3d, lime_info, contribution]
     model_work = dict(concurrency_id="model")
@@ -378,7 +375,7 @@ def build_demo(weights: str | Path | None = None) -> gr.Blocks:
         return error_demo(source, error)
     handlers = Handlers(release)
     examples = example_studies()
-    with gr.Blocks(title="Prima — brain MRI", delete_cache=(600, 3600)) as demo:
+    with gr.Blocks(title="Prima — brain MRI", delete_cache=(max(1, min(60, UPLOAD_SECONDS // 4)), UPLOAD_SECONDS)) as demo:
         gr.Markdown("# Prima\nA brain-MRI vision-language model: 52 diagnoses, a worklist priority, referrals and "
                     "LIME heatmaps over 3D volume tokens, from a whole study.")
         with gr.Tab("Explore", elem_id="tab-explore"):

@@ -108,3 +108,14 @@ def test_app_benchmark_reports_the_three_targets():
     out = run_benchmark("bench_app.py", "--examples", "normal_dwi", "--clicks", "3", timeout=400)
     line = next(line for line in out.splitlines() if line.startswith("normal_dwi:"))
     assert "first heatmap" in line and "over 3/3 presses" in line and "peak RSS" in line
+
+
+def test_load_benchmark_checks_every_answer():
+    out = run_benchmark("bench_load.py", "--clients", "2", "--studies", "2", timeout=600)
+    assert "2 clients x 2 studies: 12 requests" in out and ", 0 failures;" in out
+    assert "p95" in out and "peak RSS" in out
+
+
+def test_fuzz_benchmark_reports_cases_and_failures():
+    out = run_benchmark("bench_fuzz.py", "--cases", "20", "--seed", "0")
+    assert "cases tried: 20" in out and "failing cases: 0" in out

@@ -3,6 +3,7 @@
 from prima.io.archive import ArchiveLimits, extracted_zip
 from prima.io.dicom import read_dicom
 from prima.io.dicom_writer import write_dicom_series
+from prima.io.limits import StudyLimits
 from prima.io.nifti import read_nifti
 from prima.io.study import Series, SkippedSeries, Study, load_study
 
@@ -11,6 +12,7 @@ __all__ = [
     "Series",
     "SkippedSeries",
     "Study",
+    "StudyLimits",
     "extracted_zip",
     "load_study",
     "read_dicom",

@@ -2,7 +2,9 @@
 
 Refused (``UnsafeArchiveError``): entries that would land outside the folder (absolute paths, ``..``,
 drive letters: "zip slip"), symbolic-link entries, encrypted entries, more entries or more uncompressed
-bytes than the configured bounds. The bounds are checked on the central directory. Sizes in a hostile
+bytes than the configured bounds, and entries that expand far more than images do (a zip bomb that
+stays under the byte bound still costs minutes of inflating). The bounds are checked on the central
+directory, before anything is extracted. Sizes in a hostile
 archive can lie, but ``zipfile`` never returns more than an entry's declared size (the entry's CRC check
 then fails and the archive is reported corrupt), so nothing beyond the checked total is ever written.
 The folder is removed when the context exits, also on error.
@@ -31,6 +33,11 @@ _CHUNK = 1 << 20
 class ArchiveLimits:
     max_total_bytes: int = 2 * 1024**3  # uncompressed bytes over all entries (a large study is < 1 GiB)
     max_files: int = 20_000  # entries (a 3000-slice study has 3000 files)
+    # Uncompressed / compressed size of one entry. Deflated DICOM slices shrink 1.5-10x, slices that
+    # are mostly zero padding up to ~50x; 16 MiB of zeros deflates ~1000x. Entries under
+    # ``ratio_min_bytes`` are not checked (tiny files compress well and cost nothing).
+    max_ratio: float = 200.0
+    ratio_min_bytes: int = 1 << 20
 
 
 def _safe_relative_path(name: str) -> PurePosixPath:
@@ -66,6 +73,11 @@ def extracted_zip(archive: str | Path, limits: ArchiveLimits = ArchiveLimits()) 
         if declared > limits.max_total_bytes:
             raise UnsafeArchiveError(f"{archive.name} would expand to {declared} bytes, more than the limit of "
                                      f"{limits.max_total_bytes} (zip bomb?)")
+        for info in files:
+            if info.file_size > limits.ratio_min_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+                raise UnsafeArchiveError(
+                    f"{archive.name}: entry {info.filename!r} would expand {info.file_size / max(info.compress_size, 1):.0f}x "
+                    f"({info.file_size} bytes), a compression ratio above the limit of {limits.max_ratio:.0f} (zip bomb?)")
         targets = []
         for info in infos:
             if _is_symlink(info):
@@ -91,9 +103,13 @@ def extracted_zip(archive: str | Path, limits: ArchiveLimits = ArchiveLimits()) 
                 except (OSError, ValueError) as error:
                     raise StudyLoadError(f"{archive.name}: entry {info.filename!r} cannot be extracted "
                                          f"({error})") from error
-                with zf.open(info) as source, sink:
-                    shutil.copyfileobj(source, sink, _CHUNK)
-                    written += sink.tell()
+                try:
+                    with zf.open(info) as source, sink:
+                        shutil.copyfileobj(source, sink, _CHUNK)
+                        written += sink.tell()
+                except OSError as error:  # a full disk (ENOSPC), a file-size limit (EFBIG), a quota
+                    raise StudyLoadError(f"{archive.name}: no room to extract {info.filename!r} into the temporary "
+                                         f"folder ({error.strerror or error}); free disk space and try again") from error
             logger.info("extracted %d files (%d bytes) from %s", len(files), written, archive.name)
             yield folder
         except zipfile.BadZipFile as error:

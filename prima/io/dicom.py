@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from prima.errors import CodecUnavailableError, SeriesLoadError
-from prima.io.orientation import LPS_TO_RAS
+from prima.io.orientation import LPS_TO_RAS, affine_problem
 
 logger = logging.getLogger("prima.io")
 
@@ -64,7 +64,7 @@ class DicomFile:
 
     @property
     def series_uid(self) -> str:
-        return str(self.header.get("SeriesInstanceUID", ""))
+        return str(get_value(self.header, "SeriesInstanceUID", ""))
 
 
 @dataclass
@@ -83,17 +83,43 @@ class _Frame:
     instance_number: int = 0
 
 
+def get_value(dataset: Dataset | None, keyword: str, default: object = None) -> object:
+    """``dataset.get(keyword, default)``, or ``default`` when the stored value cannot be parsed.
+
+    pydicom converts values lazily and raises (ValueError, OverflowError, struct errors...) on a
+    corrupt one; a deferred value (longer than the file, see ``_dcmread``) is not read at all.
+    """
+    if dataset is None:
+        return default
+    try:
+        raw = dataset.get_item(keyword, keep_deferred=True)
+        if raw is not None and raw.value is None and raw.length not in (0, 0xFFFFFFFF):
+            return default  # deferred by _dcmread: declares more bytes than the file holds
+        return dataset.get(keyword, default)
+    except Exception as error:  # noqa: BLE001 - any conversion failure means "no usable value"
+        logger.debug("unreadable %s (%s)", keyword, error)
+        return default
+
+
+def _dcmread(path: Path, **kwargs: object) -> Dataset:
+    """``pydicom.dcmread`` that skips (defers) elements declaring more bytes than the whole file.
+
+    A corrupt element length makes pydicom allocate that many bytes (up to 4 GiB) before reading.
+    """
+    return pydicom.dcmread(path, defer_size=max(path.stat().st_size, 1), **kwargs)
+
+
 def read_header(path: Path) -> Dataset | None:
     """The file's header without pixel data, or None when it is not DICOM."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return _dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         pass  # no preamble: old files are still DICOM, a PNG or text file is not (checked below)
     except Exception as error:  # noqa: BLE001 - any parse failure means "not usable DICOM"
         logger.debug("%s: not DICOM (%s)", path, error)
         return None
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        header = _dcmread(path, stop_before_pixels=True, force=True)
     except Exception as error:  # noqa: BLE001
         logger.debug("%s: not DICOM (%s)", path, error)
         return None
@@ -106,21 +132,21 @@ def read_header(path: Path) -> Dataset | None:
 def series_name_of(header: Dataset) -> str:
     """SeriesDescription, falling back to ProtocolName, then the series number."""
     for keyword in ("SeriesDescription", "ProtocolName"):
-        value = str(header.get(keyword, "") or "").strip()
+        value = str(get_value(header, keyword, "") or "").strip()
         if value:
             return value
-    number = header.get("SeriesNumber")
+    number = get_value(header, "SeriesNumber")
     return f"Series {number}" if number not in (None, "") else "Unnamed series"
 
 
 def series_order_key(header: Dataset) -> tuple[float, str]:
     """Sort key of a series in a study: SeriesNumber, then name."""
-    return (_number(header.get("SeriesNumber"), 0.0) or 0.0, series_name_of(header))
+    return (_number(get_value(header, "SeriesNumber"), 0.0) or 0.0, series_name_of(header))
 
 
 def sop_class_of(header: Dataset) -> str:
     """SOPClassUID, falling back to the file meta's MediaStorageSOPClassUID (DICOMDIR has only that)."""
-    sop = header.get("SOPClassUID") or getattr(header, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    sop = get_value(header, "SOPClassUID") or get_value(getattr(header, "file_meta", None), "MediaStorageSOPClassUID")
     return str(sop) if sop else ""
 
 
@@ -141,16 +167,16 @@ def _float_list(value: object) -> list[float] | None:
 def _first_item(dataset: Dataset | None, sequence: str) -> Dataset | None:
     if dataset is None or sequence not in dataset:
         return None
-    items = dataset[sequence].value
-    return items[0] if items else None
+    items = get_value(dataset, sequence)
+    return items[0] if isinstance(items, pydicom.Sequence) and items else None
 
 
 def _functional(frame_groups: Dataset | None, shared: Dataset | None, sequence: str, keyword: str):
     """Look ``keyword`` up in the per-frame functional group first, then in the shared one."""
     for groups in (frame_groups, shared):
         item = _first_item(groups, sequence)
-        if item is not None and keyword in item and item.get(keyword) not in (None, ""):
-            return item.get(keyword)
+        if item is not None and keyword in item and get_value(item, keyword) not in (None, ""):
+            return get_value(item, keyword)
     return None
 
 
@@ -161,11 +187,36 @@ def _number(value: object, default: float | None = None) -> float | None:
         return default
 
 
+def _integer(value: object, default: int) -> int:
+    """An integer tag value, ``default`` when missing, not a number, or not finite."""
+    number = _number(value)
+    return int(number) if number is not None and np.isfinite(number) else default
+
+
+def matrix_of(header: Dataset) -> tuple[int, int]:
+    """(Rows, Columns); SeriesLoadError unless both are positive integers."""
+    rows, columns = get_value(header, "Rows"), get_value(header, "Columns")
+    if not all(isinstance(n, int) and n > 0 for n in (rows, columns)):
+        raise SeriesLoadError(f"unusable image matrix Rows={rows!r} Columns={columns!r}")
+    return rows, columns
+
+
+def declared_voxels(files: list[DicomFile]) -> int:
+    """Voxels the image files declare (Rows x Columns x frames), from their headers only."""
+    total = 0
+    for file in files:
+        rows, columns = matrix_of(file.header)
+        total += rows * columns * max(_integer(get_value(file.header, "NumberOfFrames"), 1), 1)
+    return total
+
+
 def _frames_of(file: DicomFile) -> list[_Frame]:
     header = file.header
-    instance = int(_number(header.get("InstanceNumber"), 0) or 0)
-    n_frames = int(_number(header.get("NumberOfFrames"), 1) or 1)
-    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    instance = _integer(get_value(header, "InstanceNumber"), 0)
+    n_frames = _integer(get_value(header, "NumberOfFrames"), 1) or 1
+    per_frame = get_value(header, "PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and not isinstance(per_frame, pydicom.Sequence):
+        per_frame = None
     if n_frames > 1 or per_frame is not None:
         shared = _first_item(header, "SharedFunctionalGroupsSequence")
         if per_frame is None or len(per_frame) != n_frames:
@@ -192,21 +243,21 @@ def _frames_of(file: DicomFile) -> list[_Frame]:
                 pixel_spacing=(spacing[0], spacing[1]) if spacing and len(spacing) == 2 else None,
                 slice_thickness=_number(_functional(groups, shared, "PixelMeasuresSequence", "SliceThickness")),
                 slope=_number(_functional(groups, shared, "PixelValueTransformationSequence", "RescaleSlope"),
-                              _number(header.get("RescaleSlope"), 1.0)) or 1.0,
+                              _number(get_value(header, "RescaleSlope"), 1.0)) or 1.0,
                 intercept=_number(_functional(groups, shared, "PixelValueTransformationSequence",
-                                              "RescaleIntercept"), _number(header.get("RescaleIntercept"), 0.0))
+                                              "RescaleIntercept"), _number(get_value(header, "RescaleIntercept"), 0.0))
                 or 0.0,
                 split_keys=keys, instance_number=instance * 100_000 + index,
             ))
         return frames
-    orientation = _float_list(header.get("ImageOrientationPatient"))
-    position = _float_list(header.get("ImagePositionPatient"))
-    spacing = _float_list(header.get("PixelSpacing"))
+    orientation = _float_list(get_value(header, "ImageOrientationPatient"))
+    position = _float_list(get_value(header, "ImagePositionPatient"))
+    spacing = _float_list(get_value(header, "PixelSpacing"))
     keys = {}
     for label, keyword in (("echo", "EchoNumbers"), ("echo time", "EchoTime"), ("b", "DiffusionBValue"),
                            ("time point", "TemporalPositionIdentifier"), ("acquisition", "AcquisitionNumber"),
                            ("trigger time", "TriggerTime")):
-        value = _number(header.get(keyword))
+        value = _number(get_value(header, keyword))
         if value is not None:
             keys[label] = value
     return [_Frame(
@@ -214,9 +265,9 @@ def _frames_of(file: DicomFile) -> list[_Frame]:
         orientation=np.array(orientation) if orientation and len(orientation) == 6 else None,
         position=np.array(position) if position and len(position) == 3 else None,
         pixel_spacing=(spacing[0], spacing[1]) if spacing and len(spacing) == 2 else None,
-        slice_thickness=_number(header.get("SliceThickness")),
-        slope=_number(header.get("RescaleSlope"), 1.0) or 1.0,
-        intercept=_number(header.get("RescaleIntercept"), 0.0) or 0.0,
+        slice_thickness=_number(get_value(header, "SliceThickness")),
+        slope=_number(get_value(header, "RescaleSlope"), 1.0) or 1.0,
+        intercept=_number(get_value(header, "RescaleIntercept"), 0.0) or 0.0,
         split_keys=keys, instance_number=instance * 100_000,
     )]
 
@@ -231,7 +282,7 @@ def _normal(orientation: np.ndarray) -> np.ndarray:
 
 def _check_geometry(frames: list[_Frame], allow_single_slice: bool) -> None:
     """Raise SeriesLoadError when the frames cannot form one volume (before any pixel is read)."""
-    image_type = [str(v).upper() for v in (frames[0].file.header.get("ImageType") or [])]
+    image_type = [str(v).upper() for v in (get_value(frames[0].file.header, "ImageType") or [])]
     if any(frame.orientation is None or frame.position is None or frame.pixel_spacing is None
            for frame in frames):
         raise SeriesLoadError("missing ImageOrientationPatient/ImagePositionPatient/PixelSpacing: "
@@ -241,13 +292,18 @@ def _check_geometry(frames: list[_Frame], allow_single_slice: bool) -> None:
         raise SeriesLoadError("slices have different orientations (a localizer/scout or a composite series)")
     if "LOCALIZER" in image_type or "SCOUT" in image_type:
         raise SeriesLoadError("localizer/scout images (ImageType says LOCALIZER)")
-    matrices = {(int(f.file.header.Rows), int(f.file.header.Columns)) for f in frames}
+    for frame in frames:
+        if not (np.isfinite(frame.orientation).all() and np.isfinite(frame.position).all()):
+            raise SeriesLoadError("ImageOrientationPatient/ImagePositionPatient hold NaN or infinite values")
+        if not all(np.isfinite(s) and s > 0 for s in frame.pixel_spacing):
+            raise SeriesLoadError(f"PixelSpacing {list(frame.pixel_spacing)} is not two positive numbers")
+    matrices = {matrix_of(f.file.header) for f in frames}
     if len(matrices) > 1:
         raise SeriesLoadError(f"slices have different matrix sizes {sorted(matrices)}")
     spacings = {f.pixel_spacing for f in frames}
     if len(spacings) > 1:
         raise SeriesLoadError(f"slices have different pixel spacings {sorted(spacings)}")
-    samples = int(_number(frames[0].file.header.get("SamplesPerPixel"), 1) or 1)
+    samples = _integer(get_value(frames[0].file.header, "SamplesPerPixel"), 1)
     if samples != 1:
         raise SeriesLoadError(f"colour image ({samples} samples per pixel), not an MR/CT volume")
     if len(frames) == 1 and not allow_single_slice:
@@ -290,12 +346,16 @@ def _split_repeated_positions(frames: list[_Frame], normal: np.ndarray
 def _decode(file: DicomFile) -> np.ndarray:
     """Pixel data of one file as (frames, rows, columns), raw stored values."""
     try:
-        dataset = pydicom.dcmread(file.path)
+        dataset = _dcmread(file.path)
     except Exception as error:  # noqa: BLE001
         raise SeriesLoadError(f"{file.path.name}: unreadable DICOM ({error})") from error
     if "PixelData" not in dataset:
         raise SeriesLoadError(f"{file.path.name}: no pixel data")
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    raw = dataset.get_item("PixelData", keep_deferred=True)  # never read a deferred value: its length lies
+    if raw.value is None and raw.length != 0xFFFFFFFF:  # deferred by _dcmread
+        raise SeriesLoadError(f"{file.path.name}: pixel data declares {raw.length} bytes, more than the file holds")
+    syntax = get_value(getattr(dataset, "file_meta", None), "TransferSyntaxUID")
+    syntax = syntax if isinstance(syntax, pydicom.uid.UID) else None
     if syntax is not None and (not syntax.is_transfer_syntax or syntax.is_compressed):
         from pydicom.pixels import get_decoder
 
@@ -320,7 +380,7 @@ def _decode(file: DicomFile) -> np.ndarray:
 
 
 def _is_mosaic(header: Dataset) -> bool:
-    return "MOSAIC" in [str(v).upper() for v in (header.get("ImageType") or [])]
+    return "MOSAIC" in [str(v).upper() for v in (get_value(header, "ImageType") or [])]
 
 
 def _mosaic_volume(files: list[DicomFile]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -329,10 +389,10 @@ def _mosaic_volume(files: list[DicomFile]) -> tuple[np.ndarray, np.ndarray, np.n
         warnings.simplefilter("ignore", UserWarning)
         from nibabel.nicom import dicomwrappers
 
-    ordered = sorted(files, key=lambda f: (_number(f.header.get("AcquisitionNumber"), 0),
-                                           _number(f.header.get("InstanceNumber"), 0)))
-    dataset = pydicom.dcmread(ordered[0].path)
+    ordered = sorted(files, key=lambda f: (_number(get_value(f.header, "AcquisitionNumber"), 0),
+                                           _number(get_value(f.header, "InstanceNumber"), 0)))
     try:
+        dataset = _dcmread(ordered[0].path)
         wrapper = dicomwrappers.wrapper_from_data(dataset)
         data = np.asarray(wrapper.get_data(), dtype=np.float32)  # rescale already applied
         affine_lps = np.asarray(wrapper.affine, dtype=np.float64)
@@ -354,6 +414,7 @@ def build_volume(files: list[DicomFile], allow_single_slice: bool = False
     """
     if _is_mosaic(files[0].header):
         array, affine, normal, meta = _mosaic_volume(files)
+        _check_affine(affine)
         return [("", array, affine, normal, meta)]
     frames = [frame for file in files for frame in _frames_of(file)]
     _check_geometry(frames, allow_single_slice)
@@ -377,16 +438,21 @@ def build_volume(files: list[DicomFile], allow_single_slice: bool = False
                 )
             step = (group[-1].position - group[0].position) / (len(group) - 1)
         else:
-            thickness = group[0].slice_thickness or _number(group[0].file.header.get("SpacingBetweenSlices"), 1.0)
+            thickness = (group[0].slice_thickness
+                         or _number(get_value(group[0].file.header, "SpacingBetweenSlices"), 1.0))
             step = normal * float(thickness or 1.0)
         slices = []
         for frame in group:
             if frame.file.path not in decoded:
                 decoded[frame.file.path] = _decode(frame.file)
-            pixels = decoded[frame.file.path][frame.frame_index or 0]
-            if pixels.shape != (int(frame.file.header.Rows), int(frame.file.header.Columns)):
+            frames_decoded = decoded[frame.file.path]
+            if (frame.frame_index or 0) >= len(frames_decoded):
+                raise SeriesLoadError(f"{frame.file.path.name}: decoded {len(frames_decoded)} frame(s), "
+                                      f"geometry lists frame {(frame.frame_index or 0) + 1}")
+            pixels = frames_decoded[frame.frame_index or 0]
+            if pixels.shape != matrix_of(frame.file.header):
                 raise SeriesLoadError(f"{frame.file.path.name}: decoded {pixels.shape} pixels, header says "
-                                      f"{frame.file.header.Rows}x{frame.file.header.Columns}")
+                                      "{}x{}".format(*matrix_of(frame.file.header)))
             slices.append(pixels.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept))
         # (slices, rows, columns) -> (columns, rows, slices)
         array = np.ascontiguousarray(np.stack(slices).transpose(2, 1, 0))
@@ -397,8 +463,15 @@ def build_volume(files: list[DicomFile], allow_single_slice: bool = False
         affine_lps[:3, 1] = orientation[3:] * row_spacing
         affine_lps[:3, 2] = step
         affine_lps[:3, 3] = group[0].position
+        _check_affine(LPS_TO_RAS @ affine_lps)
         volumes.append((label, array, LPS_TO_RAS @ affine_lps, normal, meta))
     return volumes
+
+
+def _check_affine(affine: np.ndarray) -> None:
+    problem = affine_problem(affine)
+    if problem:
+        raise SeriesLoadError(f"patient geometry gives no usable voxel-to-world affine: {problem}")
 
 
 def series_meta(header: Dataset) -> dict:
@@ -408,21 +481,21 @@ def series_meta(header: Dataset) -> dict:
                          ("study_uid", "StudyInstanceUID"), ("manufacturer", "Manufacturer"),
                          ("manufacturer_model", "ManufacturerModelName"), ("protocol_name", "ProtocolName"),
                          ("series_description", "SeriesDescription"), ("sop_class", "SOPClassUID")):
-        value = header.get(keyword)
+        value = get_value(header, keyword)
         if value not in (None, ""):
             meta[key] = str(value)
     for key, keyword in (("series_number", "SeriesNumber"),):
-        value = _number(header.get(keyword))
-        if value is not None:
+        value = _number(get_value(header, keyword))
+        if value is not None and np.isfinite(value):
             meta[key] = int(value)
     for key, keyword in (("echo_time_ms", "EchoTime"), ("repetition_time_ms", "RepetitionTime"),
                          ("inversion_time_ms", "InversionTime"), ("field_strength_t", "MagneticFieldStrength"),
                          ("slice_thickness_mm", "SliceThickness")):
-        value = _number(header.get(keyword))
-        if value is not None:
+        value = _number(get_value(header, keyword))
+        if value is not None and np.isfinite(value):
             meta[key] = value
-    syntax = getattr(header, "file_meta", Dataset()).get("TransferSyntaxUID")
-    if syntax is not None:
+    syntax = get_value(getattr(header, "file_meta", None), "TransferSyntaxUID")
+    if isinstance(syntax, pydicom.uid.UID):
         meta["transfer_syntax"] = syntax.name
     return meta
 
@@ -468,7 +541,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     image_groups = {uid: group for uid, group in groups.items() if any(is_image(f.header) for f in group)}
     if not image_groups:
         raise SeriesLoadError(f"{path}: DICOM object without image (SOP class "
-                              f"{next(iter(groups.values()))[0].header.get('SOPClassUID', '?')})")
+                              f"{get_value(next(iter(groups.values()))[0].header, 'SOPClassUID', '?')})")
     if len(image_groups) > 1:
         raise SeriesLoadError(f"{path} holds {len(image_groups)} series; use load_study for several series")
     files_of_series = [f for f in next(iter(image_groups.values())) if is_image(f.header)]

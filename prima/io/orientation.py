@@ -21,6 +21,29 @@ def axcodes(affine: np.ndarray) -> str:
     return "".join(str(code) for code in orientations.aff2axcodes(affine))
 
 
+# Voxel axes whose directions are closer to parallel than this (ratio of the smallest to the largest
+# singular value of the unit axis vectors) do not span space: no image geometry, however sheared.
+DEGENERATE_AXES = 1e-6
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why ``affine`` cannot map voxels to the world (non-finite, a zero-length axis, axes parallel), or None.
+
+    The readers refuse such affines: reorientation and plane detection need three independent axes.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        return "not a finite 4x4 matrix"
+    with np.errstate(over="ignore"):
+        lengths = np.linalg.norm(affine[:3, :3], axis=0)
+    if not (np.isfinite(lengths).all() and (lengths > 0).all()):
+        return f"voxel sizes {lengths.tolist()} are not finite and positive"
+    singular = np.linalg.svd(affine[:3, :3] / lengths, compute_uv=False)
+    if singular.min() < DEGENERATE_AXES * singular.max():
+        return "voxel axes are (nearly) parallel"
+    return None
+
+
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel sizes in mm: the lengths of the affine's first three columns."""
     return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))

@@ -15,6 +15,7 @@ import pydicom
 from prima.errors import NoUsableSeriesError, SeriesLoadError, StudyLoadError
 from prima.io import dicom
 from prima.io.archive import ArchiveLimits, extracted_zip
+from prima.io.limits import StudyBudget, StudyLimits
 from prima.io.nifti import is_nifti_path, nifti_stem, read_nifti
 from prima.io.orientation import (
     PLANE_OF_THROUGH_AXIS,
@@ -110,18 +111,19 @@ def _display(path: Path, root: Path, label: str) -> str:
     return f"{label}!/{relative}" if relative != "." else label
 
 
-def _load_nifti(path: Path, root: Path, label: str) -> tuple[list[Series], list[SkippedSeries]]:
+def _load_nifti(path: Path, root: Path, label: str, budget: StudyBudget) -> tuple[list[Series], list[SkippedSeries]]:
     name = nifti_stem(path)
     source = _display(path, root, label)
     try:
-        array, affine = read_nifti(path)
+        array, affine = read_nifti(path, budget=budget)
         meta = {"format": "nifti"}
         return [_make_series(name, array, affine, source, meta, None)], []
     except SeriesLoadError as error:
         return [], [SkippedSeries(name, error.reason, source)]
 
 
-def _load_dicom_files(paths: list[Path], root: Path, label: str) -> tuple[list[Series], list[SkippedSeries], str]:
+def _load_dicom_files(paths: list[Path], root: Path, label: str, budget: StudyBudget
+                      ) -> tuple[list[Series], list[SkippedSeries], str]:
     groups, not_dicom = dicom.group_series(paths)
     loaded: list[Series] = []
     skipped: list[SkippedSeries] = []
@@ -136,8 +138,9 @@ def _load_dicom_files(paths: list[Path], root: Path, label: str) -> tuple[list[S
         header = files[0].header
         name = dicom.series_name_of(header)
         source = _display(Path(os.path.commonpath([f.path for f in files])), root, label)
-        if header.get("StudyDescription"):
-            descriptions.append(str(header.StudyDescription))
+        study_description = dicom.get_value(header, "StudyDescription")
+        if study_description:
+            descriptions.append(str(study_description))
         images = [f for f in files if dicom.is_image(f.header)]
         if not images and all(dicom.sop_class_of(f.header) == MEDIA_STORAGE_DIRECTORY for f in files):
             logger.debug("ignored DICOMDIR %s", source)  # an index of the other files, not a series
@@ -150,12 +153,14 @@ def _load_dicom_files(paths: list[Path], root: Path, label: str) -> tuple[list[S
             skipped.append(SkippedSeries(name, reason, source))
             continue
         try:
+            budget.claim(name, dicom.declared_voxels(images))  # from the headers, before decoding
             volumes = dicom.build_volume(images)
             meta_base = dicom.series_meta(header)
             meta_base["n_files"] = len(images)
             for part, array, affine, normal, volume_meta in volumes:
                 meta = {**meta_base, **volume_meta, "format": "dicom"}
                 full_name = f"{name} [{part}]" if part else name
+                budget.check_extent(full_name, affine, array.shape)
                 loaded.append(_make_series(full_name, array, affine, source, meta, normal))
             logger.info("loaded series %r (%d files)", name, len(images))
         except SeriesLoadError as error:
@@ -164,7 +169,7 @@ def _load_dicom_files(paths: list[Path], root: Path, label: str) -> tuple[list[S
     return loaded, skipped, descriptions[0] if descriptions else ""
 
 
-def _load_folder(folder: Path, label: str = "") -> tuple[list[Series], list[SkippedSeries], str]:
+def _load_folder(folder: Path, budget: StudyBudget, label: str = "") -> tuple[list[Series], list[SkippedSeries], str]:
     nifti_paths, other_paths = [], []
     for directory, subdirs, names in os.walk(folder):
         subdirs[:] = sorted(d for d in subdirs if d not in _IGNORED_NAMES and not d.startswith("."))
@@ -174,9 +179,10 @@ def _load_folder(folder: Path, label: str = "") -> tuple[list[Series], list[Skip
                 continue
             path = Path(directory) / file_name
             (nifti_paths if is_nifti_path(path) else other_paths).append(path)
-    loaded, skipped, description = _load_dicom_files(other_paths, folder, label) if other_paths else ([], [], "")
+    loaded, skipped, description = (_load_dicom_files(other_paths, folder, label, budget) if other_paths
+                                    else ([], [], ""))
     for path in nifti_paths:
-        series, bad = _load_nifti(path, folder, label)
+        series, bad = _load_nifti(path, folder, label, budget)
         loaded += series
         skipped += bad
     return loaded, skipped, description
@@ -191,25 +197,25 @@ def _is_loose_file(path: Path) -> bool:
     return path.is_file() and not is_nifti_path(path) and not _is_archive(path)
 
 
-def _load_one(path: Path, limits: ArchiveLimits) -> tuple[list[Series], list[SkippedSeries], str]:
+def _load_one(path: Path, limits: ArchiveLimits, budget: StudyBudget) -> tuple[list[Series], list[SkippedSeries], str]:
     if not path.exists():
         raise StudyLoadError(f"{path} does not exist")
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, budget)
     if is_nifti_path(path):
-        series, skipped = _load_nifti(path, path.parent, "")
+        series, skipped = _load_nifti(path, path.parent, "", budget)
         return series, skipped, ""
     if _is_archive(path):
         with extracted_zip(path, limits) as folder:
-            return _load_folder(folder, label=path.name)
-    return _load_dicom_files([path], path.parent, "")
+            return _load_folder(folder, budget, label=path.name)
+    return _load_dicom_files([path], path.parent, "", budget)
 
 
-def _load_loose_files(paths: list[Path]) -> tuple[list[Series], list[SkippedSeries], str]:
+def _load_loose_files(paths: list[Path], budget: StudyBudget) -> tuple[list[Series], list[SkippedSeries], str]:
     """Group loose DICOM files into series, as if they were the files of one folder."""
     # Absolute: the grouping takes common paths, which cannot mix relative and absolute paths.
     paths = [path.absolute() for path in paths]
-    return _load_dicom_files(paths, Path(os.path.commonpath([path.parent for path in paths])), "")
+    return _load_dicom_files(paths, Path(os.path.commonpath([path.parent for path in paths])), "", budget)
 
 
 def load_study(
@@ -218,6 +224,7 @@ def load_study(
     study_description: str | None = None,
     *,
     archive_limits: ArchiveLimits = ArchiveLimits(),
+    limits: StudyLimits = StudyLimits(),
 ) -> Study:
     """Load every usable series of a study, reoriented to L,P,S but not resampled.
 
@@ -231,7 +238,11 @@ def load_study(
             names, every element is loaded on its own, so each loose DICOM file must hold a whole
             series (an enhanced multi-frame object); single-slice files are skipped as such.
         study_description: overrides the DICOM StudyDescription.
-        archive_limits: bounds on file count and uncompressed bytes when ``source`` is a zip.
+        archive_limits: bounds on file count, uncompressed bytes and compression ratio when ``source``
+            is a zip.
+        limits: bounds on series, voxels and field of view (``prima.io.limits``), checked from the
+            headers before voxels are decoded: a series over a per-series bound is skipped with the
+            reason, a study over the study bounds is refused.
 
     Returns:
         A ``Study`` with the loaded series (in SeriesNumber order for DICOM, input order for NIfTI)
@@ -250,6 +261,7 @@ def load_study(
         raise ValueError(f"series_names has {len(series_names)} names for {len(sources)} sources")
     loose = {path for path in sources if _is_loose_file(path)} if series_names is None else set()
     loose_loaded = False
+    budget = StudyBudget(limits)
     all_series: list[Series] = []
     all_skipped: list[SkippedSeries] = []
     descriptions: list[str] = []
@@ -258,9 +270,9 @@ def load_study(
             if loose_loaded:
                 continue  # the group was loaded in the place of the first loose file
             loose_loaded = True
-            series, skipped, description = _load_loose_files([p for p in sources if p in loose])
+            series, skipped, description = _load_loose_files([p for p in sources if p in loose], budget)
         else:
-            series, skipped, description = _load_one(path, archive_limits)
+            series, skipped, description = _load_one(path, archive_limits, budget)
         if series_names is not None:
             if len(series) + len(skipped) != 1:
                 raise ValueError(f"{path} holds {len(series) + len(skipped)} series; series_names needs one "

@@ -27,7 +27,7 @@ def analyse(client: Client, name: str) -> list:
 
 
 def test_analyse_explain_export_and_ask(client, lite_release):
-    summary, description, priority, _, _, series_table, _, target, series, upload = analyse(client, "normal_dwi.zip")
+    summary, description, priority, _, _, series_table, _, target, series = analyse(client, "normal_dwi.zip")
     expected = predict(EXAMPLES / "normal_dwi.zip", lite_release)
     assert f"top finding: **{expected.differential[0].name}**" in summary
     assert f'data-tier="{expected.priority.tier}"' in priority

@@ -14,30 +14,15 @@ import pytest
 from app.viewer import pixel_size
 from app.session import (analyse, close_session, default_series, default_target, explanation, export_heatmap,
                          export_prediction, export_view, prediction_document, view_volume)
-from helpers.studies import zip_folder
+from helpers.privacy import SECRETS, write_identified_study
 from prima.explain import heatmap
 from prima.io import load_study
 from prima.predict import predict
 from prima.preprocess import preprocess_series
 
-IDENTIFIERS = {"PatientName": "DOE^JANE", "PatientBirthDate": "19610203", "AccessionNumber": "ACC7781234",
-               "InstitutionName": "Saint Example Hospital", "ReferringPhysicianName": "HOUSE^GREGORY"}
-PATIENT_ID = "PID99887766"
-STUDY_DATE = "20191231"
-
-
 @pytest.fixture(scope="module")
 def identified_study(tmp_path_factory, mni_template):
-    """A one-series DICOM study (the template, 2 x 2 x 4 mm) carrying fake patient identifiers, zipped."""
-    from prima.io.dicom_writer import write_dicom_series
-
-    template, affine = mni_template
-    volume = template[::2, ::2, ::4]
-    grid = affine @ np.diag([2.0, 2.0, 4.0, 1.0])
-    folder = tmp_path_factory.mktemp("identified")
-    write_dicom_series(volume, grid, folder / "study" / "s1", series_description="AX T2", study_description="MRI BRAIN",
-                       patient_id=PATIENT_ID, study_date=STUDY_DATE, uid_seed="identified", extra_tags=IDENTIFIERS)
-    return zip_folder(folder / "study", folder / "identified.zip")
+    return write_identified_study(tmp_path_factory.mktemp("identified"), *mni_template)
 
 
 def test_the_session_predicts_what_prima_predicts(normal_session, lite_release):
@@ -116,10 +101,9 @@ def test_exports_and_logs_carry_no_identifiers(identified_study, lite_release, c
         texts = [json.dumps(prediction_document(session)), caplog.text]
         texts += [gzip.decompress(p.read_bytes()).decode("latin-1") if p.suffix == ".gz" else
                   p.read_bytes().decode("latin-1") for p in files]
-        secrets = [*IDENTIFIERS.values(), "DOE", "GREGORY", PATIENT_ID, STUDY_DATE]
         for text in texts:
-            for secret in secrets:
+            for secret in SECRETS:
                 assert secret not in text
     finally:
         close_session(session)
-    assert not session.workdir.exists()
+    assert not session._workdir.exists()

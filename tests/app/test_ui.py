@@ -8,7 +8,7 @@ import gradio as gr
 import pytest
 
 from app.session import StudySession
-from app.ui import Handlers, build_demo, example_studies, model_card, remove_uploads, target_choices
+from app.ui import Handlers, build_demo, example_studies, model_card, target_choices
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
@@ -42,15 +42,23 @@ def test_a_file_that_is_not_an_image_gives_a_plain_error(handlers, tmp_path):
         handlers.study([str(bad)], "", None, progress=no_progress)
 
 
-def test_study_fills_every_output_and_clears_the_upload(handlers):
+def test_too_many_loose_files_are_refused(lite_release, tmp_path):
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"IM{i}.dcm")
+        files[-1].write_bytes(b"x")
+    with pytest.raises(gr.Error, match="3 files uploaded; the limit is 2"):
+        Handlers(lite_release, max_files=2).study([str(f) for f in files], "", None, progress=no_progress)
+
+
+def test_study_fills_every_output(handlers):
     outputs = handlers.study([str(EXAMPLES / "normal_dwi.zip")], "", None, progress=no_progress)
-    session, summary, description, priority, *_, target, series, upload = outputs
+    session, summary, description, priority, *_, target, series = outputs
     try:
         assert isinstance(session, StudySession)
         assert "2 series loaded" in summary and description == session.prediction.study["description"]
         assert target["value"] == session.prediction.differential[0].key
         assert target["choices"] == target_choices(session)
-        assert upload is None
         figure, figure_3d, info, contribution = handlers.explore(session, target["value"], series["value"], "axial",
                                                                  0.5, progress=no_progress)
         assert "surrogate R²" in info and figure.layout.sliders[0].steps
@@ -98,18 +106,6 @@ def test_compare_charts_the_change_and_shows_both(handlers):
     finally:
         for session in pair:
             session.close()
-
-
-def test_uploads_are_removed_but_never_other_files(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    upload = tmp_path / "gradio" / "abc123" / "study.zip"
-    upload.parent.mkdir(parents=True)
-    upload.write_bytes(b"x")
-    example = tmp_path / "example.zip"
-    example.write_bytes(b"x")
-    remove_uploads([str(upload), str(example)])
-    assert not upload.exists() and not upload.parent.exists()
-    assert example.exists()
 
 
 def test_missing_weights_give_an_explanatory_page(tmp_path):

@@ -11,11 +11,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from helpers.enhanced import write_enhanced_mr
 from helpers.studies import NICOM_DATA, PYDICOM_FILES
 from prima.errors import CodecUnavailableError, NoUsableSeriesError, SeriesLoadError
 from prima.io import load_study, read_dicom
@@ -137,49 +135,10 @@ def test_empty_slice_thickness_falls_back_to_one_mm():
     assert np.linalg.norm(affine[:3, 2]) == pytest.approx(1.0)
 
 
-def _enhanced_mr(volume: np.ndarray, spacing: tuple[float, float, float], origin: np.ndarray, path: Path) -> None:
-    """Write an Enhanced MR Image Storage object (frames listed in shuffled order) with pydicom."""
-    n_frames = volume.shape[0]
-    order = np.random.default_rng(0).permutation(n_frames)
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.Modality, ds.SeriesDescription, ds.StudyDescription = "MR", "ENH AX T2", "ENHANCED TEST"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "T2", "NONE"]
-    ds.NumberOfFrames = n_frames
-    ds.Rows, ds.Columns = volume.shape[1:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    shared = pydicom.Dataset()
-    measures = pydicom.Dataset()
-    measures.PixelSpacing = [spacing[1], spacing[2]]
-    measures.SliceThickness = spacing[0]
-    orientation = pydicom.Dataset()
-    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    transform = pydicom.Dataset()
-    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 0.5, -10, "US"
-    shared.PixelMeasuresSequence = Sequence([measures])
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    shared.PixelValueTransformationSequence = Sequence([transform])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per_frame = []
-    for k in order:
-        item, position = pydicom.Dataset(), pydicom.Dataset()
-        position.ImagePositionPatient = [float(v) for v in origin + [0, 0, k * spacing[0]]]
-        item.PlanePositionSequence = Sequence([position])
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    ds.PixelData = volume[order].astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_enhanced_multiframe_built_with_pydicom(tmp_path):
     stored = np.random.default_rng(2).integers(0, 4000, size=(9, 20, 16)).astype(np.uint16)  # (frames, rows, cols)
     origin = np.array([-30.0, -40.0, -20.0])
-    _enhanced_mr(stored, (3.0, 0.7, 0.8), origin, tmp_path / "enhanced")
+    write_enhanced_mr(stored, (3.0, 0.7, 0.8), origin, tmp_path / "enhanced")
     study = load_study(tmp_path)
     (series,) = study.series
     assert study.description == "ENHANCED TEST"
