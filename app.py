@@ -12,7 +12,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls at run time
 
-from app.ui import EXAMPLES_DIR, build_demo  # noqa: E402
+from app.ui import EXAMPLES_DIR, build_demo, storage_error_response  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -21,4 +21,4 @@ if __name__ == "__main__":
     demo.queue(max_size=int(os.environ.get("PRIMA_QUEUE_SIZE", "32")),
                default_concurrency_limit=int(os.environ.get("PRIMA_CONCURRENCY", "1")))
     demo.launch(ssr_mode=False, max_file_size=os.environ.get("PRIMA_MAX_UPLOAD", "2gb"),
-                allowed_paths=[str(EXAMPLES_DIR)])
+                allowed_paths=[str(EXAMPLES_DIR)], app_kwargs={"exception_handlers": {OSError: storage_error_response}})

@@ -8,7 +8,9 @@ person can act on.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import gradio as gr
+from fastapi.responses import PlainTextResponse
 
 from prima.errors import ReleaseError, StudyLoadError
 from prima.predict import ready_release
@@ -25,6 +28,8 @@ from prima.release import Release
 from app import charts, viewer
 from app.session import (StudySession, analyse, ask, close_session, default_series, default_target, explanation,
                          export_heatmap, export_prediction, export_view, view_volume)
+
+log = logging.getLogger("prima.app")
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO / "assets" / "examples"
@@ -228,6 +233,21 @@ class Handlers:
             volumes.append(view_volume(session, series, lime))
             titles.append(f"{label}: {session.series_names[series]}")
         return viewer.compare_figure(volumes[0], volumes[1], plane, 0.5, tuple(titles))
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # disk full, file-size limit, quota
+
+
+def storage_error_response(request, error: OSError) -> PlainTextResponse:
+    """FastAPI exception handler: a write that fails while the server receives or stores data (above all
+    an upload: Gradio writes it before any handler of ours runs) answers in plain words, not with a
+    traceback and a bare 500."""
+    if error.errno in STORAGE_ERRNOS:
+        log.error("no room to store a request's data (%s)", error.strerror)
+        return PlainTextResponse("The server has no room to store this upload (its disk is full). Try again later "
+                                 "or upload a smaller study.", status_code=507)
+    log.error("request failed with an OS error (%s)", error.strerror or type(error).__name__)
+    return PlainTextResponse("The server could not complete this request.", status_code=500)
 
 
 def model_card(release: Release) -> str:

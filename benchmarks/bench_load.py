@@ -32,6 +32,7 @@ from prima.predict import predict, ready_release  # noqa: E402
 from training.synth.examples import Example, build_example  # noqa: E402
 
 # Synthetic studies beyond the shipped examples, chosen for findings the examples do not have.
+QUEUE_BOUND = 32  # app.py's default PRIMA_QUEUE_SIZE
 EXTRA_FINDINGS = (("vascular_ischemic_large_vessel_stroke",), ("trauma_subdural_hematoma",), ("tumor_adult_meningioma",),
                   ("infectious_brain_abscess",), ("ventricular_ventriculomegaly",), ("inflammatory_multiple_sclerosis",))
 
@@ -88,6 +89,19 @@ def run_client(url: str, studies: list[Expected], latencies: dict[str, list[floa
             failures.append(f"{study.path.name}: {type(error).__name__}: {error}")
 
 
+def watch_queue(url: str, sizes: list[int], stop: threading.Event) -> None:
+    """Poll Gradio's queue status: how many requests wait, every 0.25 s."""
+    import urllib.request
+
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(f"{url}gradio_api/queue/status", timeout=2) as response:
+                sizes.append(int(json.loads(response.read())["queue_size"]))
+        except OSError:
+            pass
+        stop.wait(0.25)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
@@ -112,15 +126,25 @@ def main() -> None:
             threads = [threading.Thread(target=run_client, args=(
                 url, [pool[(c + k) % len(pool)] for k in range(args.studies)], latencies, failures))
                 for c in range(args.clients)]
+            queue_sizes: list[int] = []
+            stop = threading.Event()
+            watcher = threading.Thread(target=watch_queue, args=(url, queue_sizes, stop))
+            watcher.start()
             started = time.perf_counter()
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
             wall = time.perf_counter() - started
+            stop.set()
+            watcher.join()
+            if max(queue_sizes, default=0) > QUEUE_BOUND:
+                failures.append(f"the queue grew to {max(queue_sizes)} waiting requests, beyond {QUEUE_BOUND}")
             requests = sum(len(v) for v in latencies.values())
             print(f"{args.clients} clients x {args.studies} studies: {requests} requests in {wall:.0f} s, "
                   f"{len(failures)} failures; server peak RSS {peak_rss_mb(server.pid):.0f} MB (idle {baseline:.0f})")
+            print(f"  queue: at most {max(queue_sizes, default=0)} requests waiting over {len(queue_sizes)} polls "
+                  f"(the app's bound {QUEUE_BOUND})")
             for name, values in latencies.items():
                 print(f"  {name:8s} n={len(values):3d}  p50 {percentile(values, 0.5):6.1f} s  "
                       f"p95 {percentile(values, 0.95):6.1f} s")

@@ -18,7 +18,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from app.ui import build_demo
-from helpers.app_server import free_port
+from helpers.app_server import free_port, running_app
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASE = REPO / "assets" / "weights" / "prima-lite"
@@ -99,3 +99,18 @@ def test_a_cancelled_request_frees_its_resources(app_server, tmp_path):
         time.sleep(0.5)
     assert "2 series loaded" in client.predict([handle_file(str(EXAMPLES / "normal_dwi.zip"))], "",
                                                api_name="/analyse")[0]
+
+
+def test_a_full_disk_during_an_upload_is_a_plain_error(tmp_path):
+    """RLIMIT_FSIZE (2 MB per file) stands in for a disk that fills up while Gradio writes the upload."""
+    import httpx
+
+    with running_app(tmp_path, max_file_bytes=2_000_000) as server:
+        client = Client(server.url, verbose=False)
+        with pytest.raises(httpx.HTTPStatusError) as caught:
+            client.predict([handle_file(str(EXAMPLES / "glioma_high_grade.zip"))], "", api_name="/analyse")  # 4 MB
+        assert caught.value.response.status_code == 507
+        assert "no room to store this upload" in caught.value.response.text
+        assert "Traceback" not in server.log.read_text()
+        assert "2 series loaded" in client.predict([handle_file(str(EXAMPLES / "normal_dwi.zip"))], "",
+                                                   api_name="/analyse")[0]  # 1 MB: fits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -33,8 +34,11 @@ class AppServer:
 
 
 @contextlib.contextmanager
-def running_app(root: Path, **env: str) -> Iterator[AppServer]:
-    """`python app.py` as a user starts it, on a free port with its own temp folder; stopped on exit."""
+def running_app(root: Path, max_file_bytes: int | None = None, **env: str) -> Iterator[AppServer]:
+    """`python app.py` as a user starts it, on a free port with its own temp folder; stopped on exit.
+
+    ``max_file_bytes`` caps every file the server writes (RLIMIT_FSIZE): a disk that fills up.
+    """
     port = free_port()
     temp = root / "server-tmp"
     temp.mkdir(parents=True)
@@ -43,7 +47,8 @@ def running_app(root: Path, **env: str) -> Iterator[AppServer]:
                GRADIO_TEMP_DIR=str(temp / "gradio"), **env)
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, preexec_fn=None if max_file_bytes is None else
+                                  lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 120
