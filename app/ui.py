@@ -138,7 +138,7 @@ class Handlers:
             raise gr.Error("Upload a study first: a .zip of a DICOM folder, DICOM files, or NIfTI files.")
         self._check_upload(paths)
         try:
-            session = analyse(paths if len(paths) > 1 else paths[0], self.release, description,
+            session = analyse(paths, self.release, description,
                               _gradio_progress(progress))
         except StudyLoadError as error:
             raise gr.Error(f"Could not load this study: {error}") from error
@@ -208,7 +208,7 @@ class Handlers:
         report = _gradio_progress(progress)
         for label, paths, start in (("pre", pre_paths, 0.0), ("post", post_paths, 0.5)):
             try:
-                sessions.append(analyse(paths if len(paths) > 1 else paths[0], self.release, None,
+                sessions.append(analyse(paths, self.release, None,
                                         lambda f, s, start=start, label=label: report(start + 0.5 * f, f"{label}: {s}")))
             except StudyLoadError as error:
                 raise gr.Error(f"Could not load the {label} study: {error}") from error

@@ -26,16 +26,10 @@ import torch
 from timing import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers.browser import WATCH_VIEWER_JS  # noqa: E402
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-WATCH_VIEWER_JS = """() => {
-  window.__sliceMs = [];
-  window.__lastHref = document.querySelector('#viewer image').getAttribute('href');
-  new MutationObserver(() => {
-    const href = document.querySelector('#viewer image').getAttribute('href');
-    if (href !== window.__lastHref) { window.__lastHref = href; window.__sliceMs.push(performance.now() - window.__down); }
-  }).observe(document.querySelector('#viewer'), {attributes: true, subtree: true, childList: true});
-  document.addEventListener('mousedown', () => { window.__down = performance.now(); }, true);
-}"""
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import threading
@@ -46,12 +45,14 @@ class Expected:
 
 def study_pool(count: int, folder: Path, release) -> list[Expected]:
     """``count`` studies whose top findings differ from each other's (examples first)."""
-    candidates = [REPO / "assets" / "examples" / name for name in
-                  ("glioma_high_grade.zip", "normal_dwi.zip", "glioma_after_resection.zip")]
-    for i, keys in enumerate(EXTRA_FINDINGS):
-        candidates.append(build_example(Example(f"load_{i}.zip", 100 + i, keys, 2, keys[0]), folder))
+    def candidates():
+        for name in ("glioma_high_grade.zip", "normal_dwi.zip", "glioma_after_resection.zip"):
+            yield REPO / "assets" / "examples" / name
+        for i, keys in enumerate(EXTRA_FINDINGS):  # synthesised only when the examples are not enough
+            yield build_example(Example(f"load_{i}.zip", 100 + i, keys, 2, keys[0]), folder)
+
     pool: list[Expected] = []
-    for path in candidates:
+    for path in candidates():
         prediction = predict(path, release)
         top = prediction.differential[0].name
         if top not in {e.top_name for e in pool}:

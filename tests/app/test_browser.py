@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.browser import WATCH_VIEWER_JS
 from prima.predict import predict
 
 pytestmark = pytest.mark.browser
@@ -21,16 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "assets" / "examples"
 ARTIFACTS = Path(os.environ.get("PRIMA_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
 RESULT_TIMEOUT_MS = 120_000  # a cold 2-core machine under a parallel test load is slow; the bench measures speed
-# Records the time from a mouse press to the viewer's image changing, in the page's own clock.
-WATCH_VIEWER_JS = """() => {
-  window.__sliceMs = [];
-  window.__lastHref = document.querySelector('#viewer image').getAttribute('href');
-  new MutationObserver(() => {
-    const href = document.querySelector('#viewer image').getAttribute('href');
-    if (href !== window.__lastHref) { window.__lastHref = href; window.__sliceMs.push(performance.now() - window.__down); }
-  }).observe(document.querySelector('#viewer'), {attributes: true, subtree: true, childList: true});
-  document.addEventListener('mousedown', () => { window.__down = performance.now(); }, true);
-}"""
 
 
 def shot(page, name: str) -> None:
