@@ -50,7 +50,7 @@ from training.metrics import (
     reliability_diagram,
     retrieval_top_k,
 )
-from training.runtime import file_digest, git_commit
+from training.runtime import cache_key, file_digest, git_commit, weights_digest
 from training.study_data import label_targets
 
 EVAL_JSON, EVAL_MARKDOWN, RELIABILITY_PNG = "eval.json", "eval.md", "reliability.png"
@@ -203,12 +203,25 @@ def score(entries: list[StudyEntry], outputs: dict[str, np.ndarray], unk_outputs
     }
 
 
+def tokens_identity(release: Release, precision: str) -> str:
+    """What a study's tokens depend on besides its images: the volume tokenizer's weights, the release
+    config (preprocessing, filter threshold) and the precision."""
+    folder = Path(release.path)
+    return cache_key(volume_tokenizer=weights_digest(folder / "volume_tokenizer.safetensors"),
+                     config=(folder / "config.json").read_text(encoding="utf-8"), precision=precision)
+
+
 def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "test", out: str | Path | None = None,
              n_boot: int = 1000, lime_samples: int = 500, lime_max: int = 150, device: str = "auto",
-             precision: str = "auto", seed: int = 0, progress: bool = True) -> dict:
-    """Evaluate ``release_path`` on the ``split`` studies of ``manifest``; returns the eval.json content."""
+             precision: str = "auto", seed: int = 0, progress: bool = True,
+             token_memo: dict[tuple[str, str], StudyTokens] | None = None) -> dict:
+    """Evaluate ``release_path`` on the ``split`` studies of ``manifest``; returns the eval.json content.
+
+    ``token_memo`` keeps each study's tokens under ``(tokens_identity, study_id)`` across calls, so releases
+    that share a volume tokenizer and config (the data-scaling points) tokenize the test studies once."""
     started = time.perf_counter()
     release = ready_release(release_path, device)
+    identity = tokens_identity(release, precision) if token_memo is not None else ""
     space = release.config.label_space
     out = Path(out) if out is not None else Path(release_path) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
@@ -216,11 +229,15 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
     entries, tokens_list, full, unk, skipped = [], [], [], [], []
     for entry in tqdm([e for e in all_entries if split == ALL_SPLITS or e.split == split],
                       desc=f"predicting {split}", unit="study", disable=not progress):
-        try:
-            tokens = tokenize_study(load_entry_study(entry), release, precision=precision)
-        except (StudyLoadError, ValueError) as error:
-            skipped.append({"study_id": entry.study_id, "reason": str(error)})
-            continue
+        tokens = None if token_memo is None else token_memo.get((identity, entry.study_id))
+        if tokens is None:
+            try:
+                tokens = tokenize_study(load_entry_study(entry), release, precision=precision)
+            except (StudyLoadError, ValueError) as error:
+                skipped.append({"study_id": entry.study_id, "reason": str(error)})
+                continue
+            if token_memo is not None:
+                token_memo[(identity, entry.study_id)] = tokens
         entries.append(entry)
         tokens_list.append(tokens)
         full.append(predict_tokens(tokens, release, precision=precision, return_embedding=True))

@@ -22,11 +22,15 @@ def _value(result: dict, path: tuple[str, ...]):
     return result
 
 
-def target_rows(result: dict) -> list[str]:
-    """Markdown rows: target, measured value, met or not (the unk-names and baseline gaps included)."""
+def target_rows(result: dict, localisation: dict | None = None) -> list[str]:
+    """Markdown rows: target, measured value, met or not (the unk-names and baseline gaps included); LIME
+    localisation is read on the localisation test set when there is one."""
     rows = []
     for name, path, _, bound in TARGETS:
         value = _value(result, path)
+        if path[0] == "lime_localisation" and localisation is not None:
+            lime = localisation["lime_localisation"]
+            name, value = f"{name} (localisation set, {lime['explanations']} explanations)", lime["top3_accuracy"]
         met = value is not None and value >= bound
         rows.append(f"| {name} | >= {bound:.2f} | {'—' if value is None else f'{value:.3f}'} | "
                     f"{'met' if met else '**not met**'} |")
@@ -57,6 +61,24 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def localisation_rows(result: dict, localisation: dict | None) -> list[str]:
+    """LIME top-3 localisation on the test split and on the localisation set, per label."""
+    lime = result["lime_localisation"]
+    rows = [f"Test split: top-3 accuracy {_fmt(lime['top3_accuracy'])} on {lime['explanations']} explanations "
+            f"({lime['outside_field_of_view']} more lesions lay outside the series the model relied on most)."]
+    if localisation is None:
+        return rows + ["", "No localisation test set was evaluated (`localisation` in the release config)."]
+    lime = localisation["lime_localisation"]
+    rows += ["", f"Localisation test set ({localisation['studies']} test-only studies, each with a focal primary "
+             f"diagnosis, protocol-blind; `training.synth --primary`): top-3 accuracy "
+             f"{_fmt(lime['top3_accuracy'])} on {lime['explanations']} explanations ({lime['num_samples']} LIME "
+             f"samples each). Its diagnosis mean AUROC: {_fmt(localisation['diagnosis']['mean_auroc'])}.", "",
+             "| Diagnosis | Explanations | Top-3 accuracy |", "|---|---|---|",
+             *(f"| {key} | {row['explanations']} | {row['top3_accuracy']:.3f} |"
+               for key, row in sorted(lime["per_label"].items()))]
+    return rows
+
+
 def shifted_rows(result: dict, shifted: dict | None) -> list[str]:
     if shifted is None:
         return ["No shifted test set was evaluated for this release (`shifted` in the release config)."]
@@ -71,7 +93,8 @@ def shifted_rows(result: dict, shifted: dict | None) -> list[str]:
 
 
 def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_markdown: str,
-               reliability_png: str, scaling: list[dict] | None = None, shifted: dict | None = None) -> str:
+               reliability_png: str, scaling: list[dict] | None = None, shifted: dict | None = None,
+               localisation: dict | None = None) -> str:
     """The release's README.md (Hugging Face model-card front matter included)."""
     stages = provenance["stage_seconds"]
     counts = provenance["label_counts"]
@@ -113,11 +136,15 @@ def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_m
         "",
         "| Target | Bound | Measured | |",
         "|---|---|---|---|",
-        *target_rows(result),
+        *target_rows(result, localisation),
         "",
         evaluation_markdown.strip(),
         "",
         f"![Reliability diagram]({reliability_png})",
+        "",
+        "## LIME localisation",
+        "",
+        *localisation_rows(result, localisation),
         "",
         "## Beyond the training ranges",
         "",

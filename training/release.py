@@ -11,6 +11,8 @@ interrupted one continues from its checkpoint):
     clip             training.clip             (hViT CLIP + patient discrimination)
     heads            training.heads            (diagnoses, referrals, priority; thresholds)
     release          prima.release.save_release, then training.evaluate on the test split, then the model card
+    optional         a shifted test set, a localisation test set (focal lesions, for LIME) and the
+                     data-scaling curve (config sections ``shifted``, ``localisation``, ``scaling``)
 
 ``--push-to-hub OWNER/REPO`` uploads the folder with ``huggingface_hub``. Stage times go to
 ``<work>/stages.json`` and the model card.
@@ -38,7 +40,7 @@ from prima.release import load_volume_tokenizer, save_release, volume_tokenizer_
 from training import clip as clip_stage
 from training import heads as heads_stage
 from training import report_lm, series_names
-from training.evaluate import EVAL_JSON, EVAL_MARKDOWN, RELIABILITY_PNG, evaluate
+from training.evaluate import EVAL_JSON, EVAL_MARKDOWN, FOCAL_DIAGNOSES, RELIABILITY_PNG, evaluate
 from training.model_card import model_card
 from training.runtime import cache_key, file_digest, git_commit, read_config_file, weights_digest
 from training.synth.writers import write_dataset
@@ -70,12 +72,13 @@ class ReleaseConfig:
     heads: dict = field(default_factory=dict)  # training.heads fields
     evaluate: dict = field(default_factory=dict)  # training.evaluate options: n_boot, lime_samples, lime_max
     shifted: dict = field(default_factory=dict)  # {n, shift, seed}: a test set drawn outside the training ranges
+    localisation: dict = field(default_factory=dict)  # {n, seed, balance}: a test set of focal lesions for LIME
     scaling: dict = field(default_factory=dict)  # {fractions: [0.125, ...], steps: same | proportional}: the curve
 
 
 EVALUATE_OPTIONS = ("n_boot", "lime_samples", "lime_max", "precision")
 _SYNTH_OPTIONS = ("n", "seed", "fmt", "workers", "spacing", "max_series", "protocol_blind", "balance", "shift",
-                  "manifest")
+                  "primary", "manifest")
 
 
 def check_release_config(doc: dict) -> ReleaseConfig:
@@ -84,6 +87,7 @@ def check_release_config(doc: dict) -> ReleaseConfig:
     config = config_from_dict(ReleaseConfig, doc, "release config")
     known = {"data": _SYNTH_OPTIONS, "evaluate": EVALUATE_OPTIONS,
              "shifted": ("n", "shift", "seed", "spacing", "max_series"), "scaling": ("fractions", "steps"),
+             "localisation": ("n", "seed", "balance", "spacing", "max_series"),
              "volume_tokenizer": ("weights", *(f.name for f in dataclasses.fields(
                  volume_tokenizer_stage.VolumeTokenizerTrainConfig))),
              "token_cache": [f.name for f in dataclasses.fields(TokenCacheConfig)],
@@ -199,10 +203,12 @@ def build(config: ReleaseConfig, command: str) -> Path:
 
     timer.run("assemble", lambda: assemble(out, clip_path, heads_path))
     options = {"n_boot": 1000, "lime_samples": 500, "lime_max": 150, **config.evaluate}
+    test_tokens: dict = {}  # the test studies' tokens, shared by the evaluations of the scaling points
     result = timer.run("evaluate", lambda: evaluate_once(out, manifest, out / EVALUATION_FOLDER,
-                                                         device=config.device, seed=config.seed, **options))
+                                                         device=config.device, seed=config.seed,
+                                                         token_memo=test_tokens, **options))
 
-    def write_card(curve: list[dict] | None, shifted: dict | None) -> None:
+    def write_card(curve: list[dict] | None, shifted: dict | None, localisation: dict | None) -> None:
         """provenance.json and README.md, written once the release is evaluated (again with the scaling curve)."""
         provenance = {
             "command": command, "commit": git_commit(), "config": dataclasses.asdict(config),
@@ -218,7 +224,7 @@ def build(config: ReleaseConfig, command: str) -> Path:
         evaluation_markdown = (out / EVALUATION_FOLDER / EVAL_MARKDOWN).read_text(encoding="utf-8")
         (out / "README.md").write_text(model_card(get_model_config(config.model), result, provenance,
                                                   evaluation_markdown, f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}",
-                                                  curve, shifted), encoding="utf-8")
+                                                  curve, shifted, localisation), encoding="utf-8")
 
     shifted = None
     if config.shifted:
@@ -229,7 +235,19 @@ def build(config: ReleaseConfig, command: str) -> Path:
                                  device=config.device, seed=config.seed, **{**options, "lime_max": 0})
 
         shifted = timer.run("shifted test set", shifted_evaluation)
-    write_card(None, shifted)  # the release is usable now; the scaling curve below takes as long again
+    localisation = None
+    if config.localisation:
+        def localisation_evaluation() -> dict:
+            """The whole evaluation on test-only studies whose primary diagnosis is focal (the paper scores
+            LIME on BraTS), protocol-blind; its LIME localisation is the one the targets are read on."""
+            settings = {"seed": config.seed + 2, "protocol_blind": "all", "balance": 1.0,
+                        "primary": list(FOCAL_DIAGNOSES), **config.localisation}
+            localisation_manifest = synthesise_once(work / "localisation", settings)
+            return evaluate_once(out, localisation_manifest, out / EVALUATION_FOLDER / "localisation",
+                                 split="all", device=config.device, seed=config.seed, **options)
+
+        localisation = timer.run("localisation test set", localisation_evaluation)
+    write_card(None, shifted, localisation)  # the release is usable now; the scaling curve takes as long again
     if config.scaling.get("fractions"):
         proportional = config.scaling.get("steps", "same") == "proportional"
 
@@ -246,26 +264,28 @@ def build(config: ReleaseConfig, command: str) -> Path:
                 clip_weights), out=str(folder / "heads")))
             scored = evaluate_once(assemble(folder / "release", clip_weights, heads_weights), manifest,
                                    folder / "evaluation", device=config.device, seed=config.seed,
-                                   **{**options, "n_boot": 0, "lime_max": 0})
+                                   token_memo=test_tokens, **{**options, "n_boot": 0, "lime_max": 0})
             return {**scaling_point(fraction, subset, scored), "clip_steps": steps}
 
         full = {**scaling_point(1.0, manifest, result), "clip_steps": clip_config.steps}
         curve = timer.run("scaling", lambda: [*(point(f) for f in sorted(config.scaling["fractions"]) if f < 1), full])
         write_scaling(curve, out / EVALUATION_FOLDER)
-        write_card(curve, shifted)
+        write_card(curve, shifted, localisation)
     print(f"release written to {out} ({json.dumps(timer.times)})", file=sys.stderr)
     return out
 
 
-def evaluate_once(release: Path, manifest: Path, folder: Path, split: str = "test", **options: Any) -> dict:
+def evaluate_once(release: Path, manifest: Path, folder: Path, split: str = "test", token_memo: dict | None = None,
+                  **options: Any) -> dict:
     """``training.evaluate`` on the test split, or its earlier result when the release files, the manifest
-    and the options are the ones it was computed with (a resumed release does not evaluate twice)."""
+    and the options are the ones it was computed with (a resumed release does not evaluate twice);
+    ``token_memo`` as in ``training.evaluate.evaluate``."""
     key = cache_key(manifest=file_digest(manifest), split=split, options=options, weights={
         path.name: weights_digest(path) for path in sorted(release.glob("*.safetensors"))})
     key_file = folder / "eval.key"
     if key_file.exists() and key_file.read_text() == key and (folder / EVAL_JSON).exists():
         return json.loads((folder / EVAL_JSON).read_text(encoding="utf-8"))
-    result = evaluate(release, manifest, split=split, out=folder, **options)
+    result = evaluate(release, manifest, split=split, out=folder, token_memo=token_memo, **options)
     key_file.write_text(key, encoding="utf-8")
     return result
 

@@ -99,3 +99,21 @@ def test_lesion_masks_land_on_the_series_grid_where_the_lesion_is(tiny_dataset, 
     assert reference.shape == on_grid.shape
     overlap = (reference & on_grid).sum() / (reference | on_grid).sum()
     assert overlap > 0.8
+
+
+def test_a_token_memo_tokenizes_each_study_once_and_changes_no_figure(tiny_dataset, random_release_path, tmp_path,
+                                                                      monkeypatch):
+    import training.evaluate as evaluation
+
+    calls = []
+    tokenize = evaluation.tokenize_study
+    monkeypatch.setattr(evaluation, "tokenize_study", lambda *a, **k: calls.append(1) or tokenize(*a, **k))
+    options = dict(n_boot=0, lime_max=0, device="cpu", precision="fp32", progress=False)
+    memo = {}
+    first = evaluation.evaluate(random_release_path, tiny_dataset, out=tmp_path / "a", token_memo=memo, **options)
+    assert len(calls) == first["studies"] == len(memo)
+    second = evaluation.evaluate(random_release_path, tiny_dataset, out=tmp_path / "b", token_memo=memo, **options)
+    assert len(calls) == first["studies"]  # the second evaluation tokenized nothing
+    plain = evaluation.evaluate(random_release_path, tiny_dataset, out=tmp_path / "c", **options)
+    for result in (second, plain):
+        assert result["diagnosis"] == first["diagnosis"] and result["retrieval"] == first["retrieval"]

@@ -13,6 +13,7 @@ import pytest
 from prima import load_release
 from prima.manifest import read_manifest
 from prima.predict import predict
+from training.evaluate import FOCAL_DIAGNOSES
 from training.release import ReleaseConfig, build, check_release_config
 from training.runtime import read_config_file
 
@@ -33,6 +34,7 @@ def tiny_release_config(manifest: Path, tmp_path: Path) -> ReleaseConfig:
         heads={"train_views": 2, "epochs": 3, "precision": "fp32"},
         evaluate={"n_boot": 20, "lime_samples": 16, "lime_max": 2, "precision": "fp32"},
         shifted={"n": 2, "spacing": 6.0, "max_series": 3},
+        localisation={"n": 2, "spacing": 6.0, "max_series": 3},
         scaling={"fractions": [0.5], "steps": "proportional"},
     )
 
@@ -41,10 +43,15 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     folder = build(tiny_release_config(tiny_dataset, tmp_path), "python -m training.release --config tiny.yaml")
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert list(stages) == ["data", "token cache", "report LM", "series names", "clip", "heads", "assemble",
-                            "evaluate", "shifted test set", "scaling"]
+                            "evaluate", "shifted test set", "localisation test set", "scaling"]
     shifted = json.loads((folder / "evaluation" / "shifted" / "eval.json").read_text())
     assert shifted["split"] == "all" and shifted["studies"] == 2
     assert json.loads((tmp_path / "work" / "shifted" / "synth_config.json").read_text())["shift"] == 1.0
+    localisation = json.loads((folder / "evaluation" / "localisation" / "eval.json").read_text())
+    assert localisation["studies"] == 2 and localisation["lime_localisation"]["candidates"] >= 2
+    focal = set(FOCAL_DIAGNOSES)
+    assert all(any(entry.labels[key] for key in focal) for entry in read_manifest(
+        tmp_path / "work" / "localisation" / "manifest.jsonl"))
     curve = json.loads((folder / "evaluation" / "scaling.json").read_text())
     assert [p["fraction"] for p in curve] == [0.5, 1.0]
     assert curve[0]["train_studies"] < curve[1]["train_studies"] == 8
@@ -61,7 +68,7 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     evaluation = json.loads((folder / "evaluation" / "eval.json").read_text())
     assert evaluation["studies"] == 2 and evaluation["split"] == "test"
     card = (folder / "README.md").read_text()
-    assert "not for clinical use" in card and "## Targets" in card
+    assert "not for clinical use" in card and "## Targets" in card and "Localisation test set (2" in card
     assert (folder / "evaluation" / "eval.md").read_text().strip() in card
     assert (folder / "evaluation" / "reliability.png").stat().st_size > 1000
     # a second build finds every stage done (nothing is trained or evaluated again) and the same release

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shift", type=float, default=0.0,
                         help="draw pose, size, deformation, contrast, bias, noise and resolution this many range "
                              "widths beyond the training ranges (0-1; 0 = training), for a shifted test set")
+    parser.add_argument("--primary", nargs="+", metavar="KEY", default=None,
+                        help="draw every study's primary diagnosis among these diagnosis keys (no normal studies), "
+                             "e.g. a test set of focal lesions for LIME localisation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
     start = time.perf_counter()
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_dataset(a.n, a.out, seed=a.seed, fmt=a.format, workers=a.workers, spacing=a.spacing,
                                  max_series=a.max_series, protocol_blind=a.protocol_blind,
                                  metadata_only=a.metadata_only, progress=not a.no_progress, balance=a.balance,
-                                 shift=a.shift)
+                                 shift=a.shift, primary=a.primary)
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - start

@@ -12,7 +12,7 @@ The per-label signatures are documented in ``docs/synth_labels.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -210,7 +210,17 @@ def primary_weights(balance: float = 0.0) -> np.ndarray:
     return weights / weights.sum()
 
 
-def sample_diagnoses(rng: np.random.Generator, balance: float = 0.0) -> list[str]:
+def check_primary(primary: Sequence[str] | None) -> None:
+    """Raises ``ValueError`` unless ``primary`` is None or a non-empty list of known diagnosis keys."""
+    if primary is None:
+        return
+    unknown = [k for k in primary if k not in DIAGNOSES]
+    if not primary or unknown:
+        raise ValueError(f"primary must name known diagnosis keys, got {list(primary)}")
+
+
+def sample_diagnoses(rng: np.random.Generator, balance: float = 0.0,
+                     primary: Sequence[str] | None = None) -> list[str]:
     """Diagnosis keys of one study (empty for about 40% of studies), co-occurrences included.
 
     An abnormal study has one primary diagnosis (``primary_weights(balance)``), its causes,
@@ -219,11 +229,19 @@ def sample_diagnoses(rng: np.random.Generator, balance: float = 0.0) -> list[str
     incidental findings come along). ``balance`` changes only the probabilities of the primary draw,
     which takes one uniform number either way, so balance 0 makes exactly the clinical draws.
 
+    ``primary`` restricts the primary diagnosis to these keys (``primary_weights(balance)`` renormalised
+    over them) and makes every study abnormal, e.g. for a test set of focal lesions to score LIME
+    localisation on; the same random numbers are drawn.
+
     Raises:
-        ValueError: ``balance`` outside [0, 1].
+        ValueError: ``balance`` outside [0, 1] or ``primary`` empty or with unknown keys.
     """
     primary_p = primary_weights(balance)
-    if rng.random() < UNREMARKABLE_FRACTION:
+    check_primary(primary)
+    if primary is not None:
+        primary_p = np.where(np.isin(list(DIAGNOSES), list(primary)), primary_p, 0.0)
+        primary_p /= primary_p.sum()
+    if rng.random() < UNREMARKABLE_FRACTION and primary is None:
         return []
     keys = list(DIAGNOSES)
     weights = np.array([DIAGNOSES[k].weight for k in keys])

@@ -12,13 +12,14 @@ arguments, so a plan is exactly the metadata of the study ``generate_study`` mak
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Sequence
 
 import numpy as np
 
 from prima.labels import default_label_space
 from prima.manifest import unique_series_name
 from training.synth.anatomy import make_subject
-from training.synth.pathology import KEY_SEQUENCES, apply_findings, primary_weights, sample_diagnoses
+from training.synth.pathology import KEY_SEQUENCES, apply_findings, check_primary, primary_weights, sample_diagnoses
 from training.synth.phantom import Finding, Phantom
 from training.synth.protocols import (
     VENDORS,
@@ -139,6 +140,7 @@ def is_protocol_blind(setting: str, split: str) -> bool:
 def plan_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
     max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
+    primary: Sequence[str] | None = None,
 ) -> StudyPlan:
     """Plan study ``index`` of the data set drawn with ``seed``: everything but the images.
 
@@ -157,6 +159,8 @@ def plan_study(
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
         balance: label balancing of the sampled primary diagnosis, 0 (clinical frequencies) .. 1
             (uniform over the labels); see ``pathology.primary_weights``. Ignored with ``keys``.
+        primary: draw the primary diagnosis among these keys only, every study abnormal
+            (``pathology.sample_diagnoses``). Ignored with ``keys``.
         shift: 0 draws the training ranges; > 0 draws pose, size, elastic deformation, property jitter,
             SNR, TR/TE and resolution (and, when generated, the bias field) beyond them, by that many range
             widths (``training.synth.shift``). The same random draws are made: split, age, sex and the
@@ -169,11 +173,12 @@ def plan_study(
 
     Raises:
         ValueError: ``max_series`` outside [2, 8], ``balance`` outside [0, 1], ``shift`` outside
-            [0, ``shift.MAX_SHIFT``] or unknown ``keys``.
+            [0, ``shift.MAX_SHIFT``], unknown ``keys`` or a bad ``primary``.
     """
     if not 2 <= max_series <= 8:
         raise ValueError(f"max_series must be in [2, 8], got {max_series}")
     primary_weights(balance)  # validates balance before any work
+    check_primary(primary)
     check_shift(shift)
     space = default_label_space()
     if keys is not None:
@@ -183,7 +188,7 @@ def plan_study(
     rngs = study_streams(seed, index)
     split = _split_of(rngs["split"])
     phantom = make_subject(rngs["subject"], spacing=spacing, shift=shift)
-    requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"], balance))
+    requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"], balance, primary))
     if requested:
         apply_findings(phantom, requested, rngs["pathology"])
     positives = sorted({f.key for f in phantom.findings} | set(requested), key=space.diagnosis_keys.index)
@@ -232,6 +237,7 @@ def plan_study(
 def generate_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
     max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
+    primary: Sequence[str] | None = None,
 ) -> SyntheticStudy:
     """Generate study ``index`` of the data set drawn with ``seed``: ``plan_study``, then its images.
 
@@ -244,13 +250,15 @@ def generate_study(
         max_series: most series in the study (2..8).
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
         balance: label balancing of the sampled primary diagnosis (see ``plan_study``).
+        primary: the primary diagnosis among these keys only (see ``plan_study``).
         shift: draws beyond the training ranges (see ``plan_study``), the bias field's strength included.
 
     Returns:
         The study with its simulated series and masks.
     """
     plan = plan_study(seed, index, protocol_blind=protocol_blind, spacing=spacing, keys=keys,
-                      max_series=max_series, full_resolution=full_resolution, balance=balance, shift=shift)
+                      max_series=max_series, full_resolution=full_resolution, balance=balance, shift=shift,
+                      primary=primary)
     rng = study_streams(seed, index)["series"]
     series: list[SimulatedSeries] = []
     dwi: SimulatedSeries | None = None

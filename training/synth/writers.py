@@ -22,6 +22,7 @@ import re
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from prima.io import write_dicom_series
 from prima.labels import default_label_space
 from prima.manifest import LesionMask, SeriesEntry, StudyEntry, manifest_line, read_manifest
-from training.synth.pathology import primary_weights
+from training.synth.pathology import check_primary, primary_weights
 from training.synth.shift import check_shift
 from training.synth.study import (
     DEFAULT_PROTOCOL_BLIND,
@@ -240,10 +241,12 @@ def plan_entry(plan: StudyPlan, out_dir: str | Path, fmt: str = "nifti") -> Stud
 
 
 def write_one(seed: int, index: int, out: str, fmt: str, spacing: float, max_series: int, protocol_blind: str,
-              metadata_only: bool, balance: float = 0.0, shift: float = 0.0) -> StudyEntry:
+              metadata_only: bool, balance: float = 0.0, shift: float = 0.0,
+              primary: Sequence[str] | None = None) -> StudyEntry:
     """Generate and write study ``index`` (or only plan it); returns its manifest entry (runs in a worker)."""
     blind = is_protocol_blind(protocol_blind, study_split(seed, index))
-    settings = dict(protocol_blind=blind, spacing=spacing, max_series=max_series, balance=balance, shift=shift)
+    settings = dict(protocol_blind=blind, spacing=spacing, max_series=max_series, balance=balance, shift=shift,
+                    primary=primary)
     if metadata_only:
         return plan_entry(plan_study(seed, index, **settings), out, fmt)
     return write_study(generate_study(seed, index, **settings), out, fmt, uid_seed=f"seed{seed}")
@@ -265,7 +268,7 @@ def _init_worker() -> None:
 def write_dataset(
     n: int, out: str | Path, *, seed: int = 0, fmt: str = "nifti", workers: int | None = None, spacing: float = 1.5,
     max_series: int = 8, protocol_blind: str = DEFAULT_PROTOCOL_BLIND, metadata_only: bool = False,
-    progress: bool = True, balance: float = 0.0, shift: float = 0.0,
+    progress: bool = True, balance: float = 0.0, shift: float = 0.0, primary: Sequence[str] | None = None,
 ) -> Path:
     """Generate ``n`` studies under ``out`` with ``workers`` spawned processes; returns the manifest path.
 
@@ -290,12 +293,14 @@ def write_dataset(
             the 52 labels); see ``pathology.primary_weights``.
         shift: 0 (training ranges) .. ``shift.MAX_SHIFT``: pose, size, deformation, contrast, bias, noise
             and resolution drawn beyond the training ranges, for a held-out test set (``study.plan_study``).
+        primary: draw every study's primary diagnosis among these keys, no normal studies (e.g. a test set of
+            focal lesions for LIME localisation); None draws over all labels.
 
     Returns:
         The path of ``manifest.jsonl``.
 
     Raises:
-        ValueError: a bad ``n``, ``workers``, ``fmt``, ``protocol_blind``, ``balance`` or ``shift``.
+        ValueError: a bad ``n``, ``workers``, ``fmt``, ``protocol_blind``, ``balance``, ``shift`` or ``primary``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -307,14 +312,18 @@ def write_dataset(
         raise ValueError(f"protocol_blind must be one of {sorted(PROTOCOL_BLIND_SPLITS)}, got {protocol_blind!r}")
     primary_weights(balance)  # validates balance
     check_shift(shift)
+    check_primary(primary)
+    primary = None if primary is None else list(primary)
     workers = min(available_cores() if workers is None else workers, n)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     config = {"n": n, "seed": seed, "format": fmt, "spacing": spacing, "max_series": max_series,
               "protocol_blind": protocol_blind, "metadata_only": metadata_only, "balance": balance, "shift": shift}
+    if primary is not None:  # recorded only when used, so earlier data sets keep their config
+        config["primary"] = primary
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n")
     manifest = root / "manifest.jsonl"
-    args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance, shift)
+    args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance, shift, primary)
             for i in range(n)]
     with manifest.open("w", encoding="utf-8") as f, tqdm(total=n, unit="study", disable=not progress) as bar:
         if workers == 1:

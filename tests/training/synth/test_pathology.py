@@ -211,3 +211,15 @@ def test_balanced_sampling_raises_the_rarest_labels():
     assert sum(positives[1.0][k] for k in rarest) > 1.12 * sum(positives[0.0][k] for k in rarest)
     common = [k for k, d in DIAGNOSES.items() if d.weight == 3.0]
     assert sum(positives[1.0][k] for k in common) < 0.8 * sum(positives[0.0][k] for k in common)
+
+
+def test_a_primary_list_makes_every_study_abnormal_with_one_of_its_keys_first():
+    focal = ["tumor_adult_meningioma", "vascular_malformation_cavernoma"]
+    rng = np.random.default_rng(2)
+    draws = [sample_diagnoses(rng, 1.0, focal) for _ in range(400)]
+    assert all(d and set(d) & set(focal) for d in draws)
+    counts = Counter(k for d in draws for k in d if k in focal)
+    assert min(counts.values()) > 150  # uniform over the two keys at balance 1
+    for bad in ([], ["not_a_diagnosis"]):
+        with pytest.raises(ValueError):
+            sample_diagnoses(np.random.default_rng(0), 0.0, bad)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from prima.manifest import read_manifest
 from training.synth.__main__ import main
 from training.synth.writers import label_count_summary, label_counts
 
@@ -54,6 +55,14 @@ def test_balance_is_recorded_and_label_counts_are_printed(tmp_path, capsys):
     assert summary and err[-len(summary):] == summary  # the release log ends with the positives per split
 
 
+def test_primary_keys_are_recorded_and_every_study_has_one(tmp_path):
+    keys = ["tumor_adult_meningioma", "cyst_colloid_cyst"]
+    assert main(["--n", "6", "--seed", "3", "--spacing", "6", "--metadata-only", "--workers", "1", "--no-progress",
+                 "--primary", *keys, "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "synth_config.json").read_text())["primary"] == keys
+    assert all(any(e.labels[k] for k in keys) for e in read_manifest(tmp_path / "manifest.jsonl"))
+
+
 def test_shift_is_recorded_and_moves_the_subjects(tmp_path):
     args = ["--n", "4", "--seed", "3", "--spacing", "6", "--metadata-only", "--workers", "1", "--no-progress"]
     for shift in ("0", "1"):
@@ -82,7 +91,8 @@ def test_module_entry_point_runs(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--n", "0"], ["--workers", "0"], ["--format", "png"], ["--protocol-blind", "x"],
-                                 ["--balance", "2"], ["--shift", "-1"], ["--shift", "1.5"]])
+                                 ["--balance", "2"], ["--shift", "-1"], ["--shift", "1.5"],
+                                 ["--primary", "not_a_diagnosis"]])
 def test_bad_arguments_exit_with_usage_error(tmp_path, bad):
     with pytest.raises(SystemExit) as error:
         main([*bad, "--out", str(tmp_path)])

@@ -77,6 +77,14 @@ def test_unknown_keys_and_bad_arguments_raise():
         study_streams(-1, 0)
     with pytest.raises(ValueError):
         plan_study(0, 0, spacing=6.0, balance=1.5)
+    with pytest.raises(ValueError):
+        plan_study(0, 0, spacing=6.0, primary=["not_a_diagnosis"])
+
+
+def test_primary_keys_draw_the_studys_diagnosis_and_keep_its_split_and_subject():
+    plain, focal = plan_study(0, 3, spacing=6.0), plan_study(0, 3, spacing=6.0, primary=["cyst_colloid_cyst"])
+    assert focal.labels["cyst_colloid_cyst"] == 1
+    assert (focal.split, focal.subject, focal.vendor) == (plain.split, plain.subject, plain.vendor)
 
 
 def test_splits_are_drawn_80_10_10():
