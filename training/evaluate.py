@@ -256,7 +256,7 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
                                            max_explanations=lime_max, seed=seed, precision=precision)
     reliability_diagram(result["calibration"], out / RELIABILITY_PNG, f"{release.config.name}: diagnoses, {split}")
     result["provenance"] = {
-        "release": str(release_path), "model": release.config.name, "commit": git_commit(),
+        "release": str(release_path), "model": release.config.name, "commit": git_commit(ignore=(release.path,)),
         "manifest": str(manifest), "manifest_sha256": file_digest(manifest),
         "model_sha256": file_digest(Path(release.path) / "model.safetensors"), "device": str(
             release.model.logit_scale.device), "precision": str(dtype), "seed": seed, "n_boot": n_boot,

@@ -211,7 +211,7 @@ def build(config: ReleaseConfig, command: str) -> Path:
     def write_card(curve: list[dict] | None, shifted: dict | None, localisation: dict | None) -> None:
         """provenance.json and README.md, written once the release is evaluated (again with the scaling curve)."""
         provenance = {
-            "command": command, "commit": git_commit(), "config": dataclasses.asdict(config),
+            "command": command, "commit": git_commit(ignore=(out,)), "config": dataclasses.asdict(config),
             "manifest_sha256": file_digest(manifest), "stage_seconds": timer.times,
             "volume_tokenizer": volume_tokenizer_provenance(volume_tokenizer_path),
             "stage_summaries": {name: _summary(work / folder / file) for name, folder, file in (

@@ -275,14 +275,23 @@ def weights_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def git_commit(folder: str | Path | None = None) -> str | None:
-    """The commit of the code that runs (``<sha>`` or ``<sha>-dirty``), None outside a git checkout."""
+def git_commit(folder: str | Path | None = None, ignore: tuple[str | Path, ...] = ()) -> str | None:
+    """The commit of the code that runs (``<sha>`` or ``<sha>-dirty``), None outside a git checkout.
+
+    Changes to tracked files under ``ignore`` (e.g. the release folder being written, which the repository
+    ships) do not count as dirty: they are the run's output, not its code."""
     cwd = Path(folder) if folder is not None else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip())
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                 capture_output=True, text=True, check=True, timeout=10).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return None
+    ignored = [Path(path).resolve() for path in ignore]
+    dirty = [line for line in changed
+             if not any((top / line[3:].split(" -> ")[-1].strip('"')).resolve().is_relative_to(path)
+                        for path in ignored)]
     return f"{sha}-dirty" if dirty else sha

@@ -141,3 +141,26 @@ def test_weights_digest_ignores_the_order_safetensors_writes_metadata_in(tmp_pat
     assert len(digests) == 1
     save_file({**tensors, "a": tensors["a"] + 1}, tmp_path / "other.safetensors", metadata=metadata)
     assert weights_digest(tmp_path / "other.safetensors") not in digests
+
+
+def test_git_commit_is_dirty_for_changed_code_but_not_for_an_ignored_output_folder(tmp_path):
+    import subprocess
+
+    from training.runtime import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "weights.bin").write_text("old")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "out" / "weights.bin").write_text("new")
+    assert git_commit(tmp_path, ignore=(tmp_path / "out",)) == sha
+    assert git_commit(tmp_path) == f"{sha}-dirty"
+    (tmp_path / "code.py").write_text("x = 2")
+    assert git_commit(tmp_path, ignore=(tmp_path / "out",)) == f"{sha}-dirty"
