@@ -28,7 +28,7 @@ from timing import machine_line
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers.browser import WATCH_VIEWER_JS  # noqa: E402
+from helpers.browser import WATCH_VIEWER_JS, click_slider  # noqa: E402
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
 
@@ -69,8 +69,7 @@ def slice_times(page, clicks: int) -> list[float]:
     page.evaluate(WATCH_VIEWER_JS)
     for i in range(clicks):
         fraction = 0.05 + 0.9 * ((i * 7) % clicks) / max(clicks - 1, 1)
-        page.mouse.click(box["x"] + fraction * box["width"], box["y"] + box["height"] / 2)
-        page.wait_for_timeout(200)
+        click_slider(page, box, fraction, i + 1)
     return page.evaluate("window.__sliceMs")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.browser import WATCH_VIEWER_JS
+from helpers.browser import WATCH_VIEWER_JS, click_slider
 from prima.predict import predict
 
 pytestmark = pytest.mark.browser
@@ -82,13 +82,14 @@ def test_slice_slider_changes_the_image_without_the_server(explored):
     explored.evaluate(WATCH_VIEWER_JS)
     before = viewer_href(explored)
     positions = (0.1, 0.3, 0.5, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8, 0.15, 0.35, 0.55)
-    for fraction in positions:
-        explored.mouse.click(box["x"] + fraction * box["width"], box["y"] + box["height"] / 2)
-        explored.wait_for_timeout(250)
+    shown_images = []
+    for shown, fraction in enumerate(positions, start=1):
+        click_slider(explored, box, fraction, shown)
+        shown_images.append(viewer_href(explored))
     times = explored.evaluate("window.__sliceMs")
     explored.remove_listener("request", on_request)
     record("slice_change_ms", {"median": round(statistics.median(times), 1), "all": [round(t, 1) for t in times]})
-    assert viewer_href(explored) != before
+    assert shown_images[0] != before  # (a later click may return to the first slice shown)
     assert len(times) == len(positions)  # every click showed a new slice
     assert requests == []  # slicing is client-side: never a round trip, never LIME
     shot(explored, "explore_sliced")
