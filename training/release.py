@@ -226,27 +226,23 @@ def build(config: ReleaseConfig, command: str) -> Path:
                                                   evaluation_markdown, f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}",
                                                   curve, shifted, localisation), encoding="utf-8")
 
+    def test_only_evaluation(name: str, settings: dict, **overrides: Any) -> dict:
+        """The whole evaluation (``--split all``) of a test-only synthetic set written to ``<work>/<name>``."""
+        test_manifest = synthesise_once(work / name, settings)
+        return evaluate_once(out, test_manifest, out / EVALUATION_FOLDER / name, split="all",
+                             device=config.device, seed=config.seed, **{**options, **overrides})
+
     shifted = None
     if config.shifted:
-        def shifted_evaluation() -> dict:
-            settings = {"seed": config.seed + 1, "shift": 1.0, "protocol_blind": "all", **config.shifted}
-            shifted_manifest = synthesise_once(work / "shifted", settings)
-            return evaluate_once(out, shifted_manifest, out / EVALUATION_FOLDER / "shifted", split="all",
-                                 device=config.device, seed=config.seed, **{**options, "lime_max": 0})
-
-        shifted = timer.run("shifted test set", shifted_evaluation)
+        shifted = timer.run("shifted test set", lambda: test_only_evaluation("shifted", {
+            "seed": config.seed + 1, "shift": 1.0, "protocol_blind": "all", **config.shifted}, lime_max=0))
     localisation = None
     if config.localisation:
-        def localisation_evaluation() -> dict:
-            """The whole evaluation on test-only studies whose primary diagnosis is focal (the paper scores
-            LIME on BraTS), protocol-blind; its LIME localisation is the one the targets are read on."""
-            settings = {"seed": config.seed + 2, "protocol_blind": "all", "balance": 1.0,
-                        "primary": list(FOCAL_DIAGNOSES), **config.localisation}
-            localisation_manifest = synthesise_once(work / "localisation", settings)
-            return evaluate_once(out, localisation_manifest, out / EVALUATION_FOLDER / "localisation",
-                                 split="all", device=config.device, seed=config.seed, **options)
-
-        localisation = timer.run("localisation test set", localisation_evaluation)
+        # Test-only studies whose primary diagnosis is focal (the paper scores LIME on BraTS): the LIME target
+        # is read on this set.
+        localisation = timer.run("localisation test set", lambda: test_only_evaluation("localisation", {
+            "seed": config.seed + 2, "protocol_blind": "all", "balance": 1.0, "primary": list(FOCAL_DIAGNOSES),
+            **config.localisation}))
     write_card(None, shifted, localisation)  # the release is usable now; the scaling curve takes as long again
     if config.scaling.get("fractions"):
         proportional = config.scaling.get("steps", "same") == "proportional"

@@ -286,12 +286,10 @@ def git_commit(folder: str | Path | None = None, ignore: tuple[str | Path, ...] 
                              timeout=10).stdout.strip()
         top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True,
                                   check=True, timeout=10).stdout.strip())
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                 capture_output=True, text=True, check=True, timeout=10).stdout.splitlines()
+        excluded = [f":(top,exclude){Path(path).resolve().relative_to(top).as_posix()}" for path in ignore
+                    if Path(path).resolve().is_relative_to(top)]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excluded],
+                               cwd=cwd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    ignored = [Path(path).resolve() for path in ignore]
-    dirty = [line for line in changed
-             if not any((top / line[3:].split(" -> ")[-1].strip('"')).resolve().is_relative_to(path)
-                        for path in ignored)]
     return f"{sha}-dirty" if dirty else sha
