@@ -9,6 +9,8 @@ voxel of the patch along array axis ``a``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from einops import rearrange
 from skimage.filters import threshold_otsu
@@ -144,8 +146,9 @@ def foreground_fractions(
         (N,) float32 in [0, 1].
     """
     _check_volume(volume, through_axis, patch_size)
-    mask_patches, _ = patchify(foreground_mask(volume).astype(np.float32), through_axis, patch_size)
-    return mask_patches.reshape(len(mask_patches), -1).mean(axis=1)
+    mask_patches, _ = patchify(foreground_mask(volume), through_axis, patch_size)
+    voxels = np.count_nonzero(mask_patches.reshape(len(mask_patches), -1), axis=1)
+    return (voxels / math.prod(patch_size)).astype(np.float32)
 
 
 def select_tokens(fractions: np.ndarray, min_fraction: float, min_tokens: int = 25) -> np.ndarray:

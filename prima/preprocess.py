@@ -37,6 +37,34 @@ def detect_plane(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[str, int]:
     return PLANE_OF_THROUGH_AXIS[axis], axis
 
 
+def linear_resize_axis(array: np.ndarray, axis: int, new_size: int) -> np.ndarray:
+    """Linear interpolation of one axis to ``new_size`` voxels over the same extent, float32.
+
+    Bit for bit ``scipy.ndimage.zoom(array, zoom, order=1, mode="nearest", grid_mode=True,
+    prefilter=False)`` with ``zoom`` 1 on the other axes (tested against it): the same sample
+    positions, weights and float64 arithmetic. scipy evaluates its order-1 spline on all three axes
+    (8 neighbours per voxel) even where the zoom is 1; blending two slices at a time is 4-20x faster.
+    """
+    old_size = array.shape[axis]
+    # New voxel i samples old index (i + 0.5) * old/new - 0.5, clamped to the edge voxels ("nearest").
+    positions = np.clip((np.arange(new_size, dtype=np.float64) + 0.5) * (old_size / new_size) - 0.5,
+                        0, old_size - 1)
+    lower = np.floor(positions).astype(np.intp)
+    upper = np.minimum(lower + 1, old_size - 1)
+    weights = positions - lower
+    source = np.moveaxis(array, axis, 0)
+    shape = list(array.shape)
+    shape[axis] = new_size
+    out = np.empty(shape, dtype=np.float32)
+    target = np.moveaxis(out, axis, 0)
+    for index in range(new_size):
+        blend = source[lower[index]].astype(np.float64)
+        blend *= 1.0 - weights[index]
+        blend += source[upper[index]] * weights[index]
+        target[index] = blend
+    return out
+
+
 def _resample_axis(array: np.ndarray, affine: np.ndarray, axis: int, new_size: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Resample one axis to ``new_size`` voxels covering the same extent (voxel edges aligned)."""
@@ -47,9 +75,7 @@ def _resample_axis(array: np.ndarray, affine: np.ndarray, axis: int, new_size: i
     if factor > 1.0:
         # Anti-aliasing before decimation; sigma ~ half the decimation factor (in old voxels).
         array = ndimage.gaussian_filter1d(array, sigma=0.5 * factor, axis=axis, mode="nearest")
-    zoom = [1.0, 1.0, 1.0]
-    zoom[axis] = new_size / old_size
-    array = ndimage.zoom(array, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False)
+    array = linear_resize_axis(array, axis, new_size)
     # New voxel i sits at old index (i + 0.5) * factor - 0.5.
     scale = np.eye(4)
     scale[axis, axis] = factor
@@ -116,7 +142,8 @@ def normalize_intensity(array: np.ndarray, lower_percentile: float = 0.5, upper_
         raise ValueError(f"need 0 <= lower_percentile < upper_percentile <= 100, got "
                          f"{lower_percentile}, {upper_percentile}")
     values = np.asarray(array, dtype=np.float32)
-    finite = values[np.isfinite(values)]
+    all_finite = bool(np.isfinite(values).all())  # the usual case: no masked copies needed
+    finite = values.ravel() if all_finite else values[np.isfinite(values)]
     if finite.size == 0:
         return np.zeros(values.shape, dtype=np.float32)
     sample = finite
@@ -129,9 +156,11 @@ def normalize_intensity(array: np.ndarray, lower_percentile: float = 0.5, upper_
     lo, hi = (np.float32(v) for v in np.percentile(sample, [lower_percentile, upper_percentile]))
     if not hi > lo:
         return np.zeros(values.shape, dtype=np.float32)
-    out = (np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo)
-    out = np.clip(out, 0.0, 1.0).astype(np.float32)
-    out[np.isnan(values)] = 0.0
+    out = (values if all_finite else np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)) - lo
+    out /= hi - lo
+    np.clip(out, 0.0, 1.0, out=out)
+    if not all_finite:
+        out[np.isnan(values)] = 0.0
     return out
 
 

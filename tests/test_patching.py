@@ -7,6 +7,7 @@ import pytest
 
 from prima.patching import (
     foreground_fractions,
+    foreground_mask,
     patch_extent,
     patch_grid_shape,
     patchify,
@@ -88,6 +89,16 @@ def test_filter_lowers_its_threshold_when_too_few_survive() -> None:
     # never more than asked once thresholds run out: the largest fractions win
     assert len(select_tokens(fractions, 0.5, min_tokens=6)) == 6
     assert len(select_tokens(fractions, 0.5, min_tokens=25)) == 7
+
+
+@pytest.mark.parametrize("through_axis", [0, 1, 2])
+@pytest.mark.parametrize("patch_size", [(32, 32, 4), (5, 7, 3)])
+def test_fractions_are_the_mean_of_each_mask_patch(through_axis: int, patch_size: tuple[int, int, int]) -> None:
+    volume = np.random.default_rng(through_axis).random((41, 37, 29)).astype(np.float32)
+    mask_patches, _ = patchify(foreground_mask(volume).astype(np.float32), through_axis, patch_size)
+    fractions = foreground_fractions(volume, through_axis, patch_size)
+    assert fractions.dtype == np.float32
+    np.testing.assert_array_equal(fractions, mask_patches.reshape(len(mask_patches), -1).mean(axis=1))
 
 
 def test_constant_volume_has_no_foreground() -> None:

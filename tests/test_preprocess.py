@@ -7,11 +7,16 @@ import dataclasses
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
 
+from helpers import fuzz
 from prima.io import Series, load_study
 from prima.preprocess import (
     PreprocessConfig,
     detect_plane,
+    linear_resize_axis,
     normalize_intensity,
     preprocess_series,
     reorient_to_lps,
@@ -69,6 +74,22 @@ def test_resample_geometry_and_values():
     expected = new_world[..., 0] * 0.3 + new_world[..., 1] * 0.2
     interior = (slice(4, -4), slice(4, -4), slice(None))
     np.testing.assert_allclose(out[interior], expected[interior], atol=1e-3)
+
+
+fuzz.keep_hypothesis_out_of_the_repo()
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=150)
+@given(shape=st.tuples(*[st.integers(1, 24)] * 3), axis=st.integers(0, 2), new_size=st.integers(1, 70),
+       scale=st.sampled_from([1e-3, 1.0, 4095.0]), seed=st.integers(0, 2**16))
+def test_linear_resize_is_scipy_zoom_bit_for_bit(shape, axis, new_size, scale, seed):
+    array = (np.random.default_rng(seed).random(shape) * scale).astype(np.float32)
+    zoom = [1.0, 1.0, 1.0]
+    zoom[axis] = new_size / shape[axis]
+    expected = ndimage.zoom(array, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False)
+    resized = linear_resize_axis(array, axis, new_size)
+    assert resized.dtype == np.float32 and resized.flags.c_contiguous
+    np.testing.assert_array_equal(resized, expected)
 
 
 def test_coarse_slices_are_kept():

@@ -37,6 +37,7 @@ from training.runtime import (
     RunLog,
     config_dict,
     distributed,
+    finished_run,
     git_commit,
     resume,
     save_checkpoint,
@@ -181,19 +182,23 @@ def train(config: ClipTrainConfig) -> Path:
         groups = parameter_groups(model, config)
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
         checkpoint = resume(out / CHECKPOINT_FILE, config, context.device, may_differ=RESUMABLE_CHANGES)
-        step = 0
+        path = out / CLIP_FILE
+        if finished_run(checkpoint, config.steps, path, out / SUMMARY_FILE):
+            return path
+        step, seconds_before, history = 0, 0.0, []
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            step = checkpoint["step"]
+            step, seconds_before, history = checkpoint["step"], checkpoint["seconds"], checkpoint["validation"]
         wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
         clip_loss, patdis_loss = ClipLoss(), PatientDiscriminationLoss()
         dtype = autocast_dtype(context.device, config.precision)
 
         def checkpoint_now() -> None:
             if context.is_main:
-                save_checkpoint(out / CHECKPOINT_FILE, {"model": model.state_dict(),
-                                                        "optimizer": optimizer.state_dict(), "step": step}, config)
+                save_checkpoint(out / CHECKPOINT_FILE, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "seconds": seconds_before + time.perf_counter() - started, "validation": history}, config)
 
         def evaluate_now() -> dict:
             record = validate(model, val_studies, tokenizer, config, dtype) if val_studies else {}
@@ -201,7 +206,6 @@ def train(config: ClipTrainConfig) -> Path:
             return record
 
         log = RunLog(out, config.steps, step, unit="studies", enabled=context.is_main, description="clip")
-        history: list[dict] = []
         model.train()
         while step < config.steps:
             indices = rank_share(global_batch(len(train_studies), config.batch_size, probabilities, config.seed, step),
@@ -249,11 +253,11 @@ def train(config: ClipTrainConfig) -> Path:
                 break
         checkpoint_now()
         log.close()
-        path = out / CLIP_FILE
         if context.is_main:
             save_file(module_state(model), path, metadata={"format": "pt"})
             summary = {"steps": step, "processes": context.world_size, "train_studies": len(train_studies),
-                       "val_studies": len(val_studies), "validation": history, "seconds": time.perf_counter() - started,
+                       "val_studies": len(val_studies), "validation": history,
+                       "seconds": seconds_before + time.perf_counter() - started,
                        "commit": git_commit(), "config": config_dict(config)}
             (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         context.barrier()

@@ -112,7 +112,9 @@ def stage_config(cls: type, section: dict, where: str, **paths: Any):
 
 
 class StageTimer:
-    """Runs stages, records each one's seconds in ``<work>/stages.json`` (kept across resumed runs)."""
+    """Runs stages, records each one's seconds in ``<work>/stages.json``: the wall time spent in the stage
+    over every run of the work folder, so an interrupted stage counts the part done before it was resumed
+    (and a finished stage that a later run only checks adds those seconds of checking)."""
 
     def __init__(self, work: Path) -> None:
         self.path = work / STAGES_FILE
@@ -121,9 +123,11 @@ class StageTimer:
     def run(self, name: str, function: Callable[[], Any]) -> Any:
         print(f"== {name}", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        result = function()
-        self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - started, 1)
-        self.path.write_text(json.dumps(self.times, indent=1) + "\n", encoding="utf-8")
+        try:
+            result = function()
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - started, 1)
+            self.path.write_text(json.dumps(self.times, indent=1) + "\n", encoding="utf-8")
         print(f"== {name}: {self.times[name]:.0f} s", file=sys.stderr, flush=True)
         return result
 

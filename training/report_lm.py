@@ -48,6 +48,7 @@ from training.runtime import (
     cache_key,
     config_dict,
     distributed,
+    finished_run,
     git_commit,
     resume,
     save_checkpoint,
@@ -292,6 +293,9 @@ def train(config: ReportLMConfig) -> Path:
         objective = NextTokenLoss(tower)
         optimizer = torch.optim.AdamW(parameter_groups(tower, config.weight_decay), lr=config.lr)
         checkpoint = resume(out / CHECKPOINT_FILE, config, context.device, may_differ=RESUMABLE_CHANGES)
+        path = out / TEXT_TOWER_FILE
+        if finished_run(checkpoint, config.steps, path, out / SUMMARY_FILE):
+            return path
         step, train_loss, seconds = 0, None, 0.0
         if checkpoint is not None:
             tower.load_state_dict(checkpoint["model"])
@@ -349,7 +353,6 @@ def train(config: ReportLMConfig) -> Path:
         log.close()
         if evaluated_at != step:  # resumed a run that had already finished
             val_loss = evaluate(objective, tokenizer, val_reports, share, context, dtype)
-        path = out / TEXT_TOWER_FILE
         if context.is_main:
             provenance = {"commit": git_commit(), "manifest_sha256": manifest_digest(config.manifest), "steps": step,
                           "processes": context.world_size, "config": config_dict(config)}

@@ -197,6 +197,13 @@ def resume(path: Path, config: Any, device: torch.device | str = "cpu",
     return checkpoint
 
 
+def finished_run(checkpoint: dict | None, steps: int, *outputs: Path) -> bool:
+    """Whether ``checkpoint`` is of a run that completed its ``steps`` and left every one of ``outputs``:
+    running it again would only rewrite them, and a summary rewritten by a run that trained nothing
+    would lose the validation history, the seconds and the commit of the run that did the training."""
+    return checkpoint is not None and checkpoint["step"] >= steps and all(Path(p).exists() for p in outputs)
+
+
 class RunLog:
     """A progress bar on stderr and a ``log.jsonl`` line per logging interval (main process only).
 

@@ -55,6 +55,7 @@ from training.runtime import (
     RunLog,
     config_dict,
     distributed,
+    finished_run,
     git_commit,
     resume,
     save_checkpoint,
@@ -335,6 +336,9 @@ def train(config: SeriesNamesConfig) -> Path:
         model = model.to(context.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         checkpoint = resume(out / CHECKPOINT_FILE, config, context.device, may_differ=RESUMABLE_CHANGES)
+        path = out / SERIES_NAMES_FILE
+        if finished_run(checkpoint, config.steps, path, out / SUMMARY_FILE):
+            return path
         step, seconds_before, train_loss = 0, 0.0, None
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
@@ -393,7 +397,6 @@ def train(config: SeriesNamesConfig) -> Path:
                 break
         checkpoint_now()
         log.close()
-        path = out / SERIES_NAMES_FILE
         if context.is_main:
             val = val or validate()  # a resumed run with no step left still reports its scores
             save_file({key: value for key, value in module_state(model).items() if key.startswith(TRAINED_PREFIXES)},

@@ -59,6 +59,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tiny_token_cache,
     summary = json.loads((tmp_path / "whole" / "clip.json").read_text())
     assert summary["steps"] == 4 and [v["step"] for v in summary["validation"]] == [2, 4]
     assert {"top1", "top5"} <= set(summary["validation"][-1]["image_to_text"])
+    resumed = json.loads((tmp_path / "parts" / "clip.json").read_text())
+    assert resumed["validation"] == summary["validation"]  # the history before the interruption is kept
+    finished = (tmp_path / "whole" / "clip.json").read_bytes(), whole.stat().st_mtime_ns
+    assert train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "whole")) == whole
+    assert ((tmp_path / "whole" / "clip.json").read_bytes(), whole.stat().st_mtime_ns) == finished
     logged = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert "val_image_to_text_top1" in logged[1] and "val_text_to_image_top5" in logged[3]
     model = load_clip(whole, "prima-lite")  # loads into the release's model config

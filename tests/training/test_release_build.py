@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from prima import load_release
 from prima.manifest import read_manifest
 from prima.predict import predict
 from training.evaluate import FOCAL_DIAGNOSES
-from training.release import ReleaseConfig, build, check_release_config
+from training.release import ReleaseConfig, StageTimer, build, check_release_config
 from training.runtime import read_config_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,3 +101,14 @@ def test_a_typo_in_a_release_section_is_refused_before_any_work(tmp_path):
     doc["clip"]["stpes"] = 10
     with pytest.raises(ConfigError, match="stpes"):
         check_release_config(doc)
+
+
+def test_an_interrupted_stage_keeps_the_seconds_it_ran(tmp_path):
+    def interrupted():
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        StageTimer(tmp_path).run("clip", interrupted)
+    StageTimer(tmp_path).run("clip", lambda: time.sleep(0.2))  # the resumed run, in a new process
+    assert json.loads((tmp_path / "stages.json").read_text())["clip"] >= 0.4

@@ -90,6 +90,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset: Path, tmp_path: P
     assert (interrupted / REPORT_TOKENIZER_FILE).read_bytes() == tokenizer_bytes
     assert all(torch.equal(resumed[key], straight[key]) for key in straight)
     assert [r["loss"] for r in _log(interrupted)] == [r["loss"] for r in _log(tmp_path / "straight")]
+    summary = (interrupted / "report_lm.json").read_bytes()
+    train(_config(tiny_dataset, interrupted, steps=8))  # finished: nothing is trained or rewritten
+    assert (interrupted / "report_lm.json").read_bytes() == summary
     with pytest.raises(ConfigError, match="lr"):  # another config must not silently continue this run
         train(_config(tiny_dataset, interrupted, steps=9, lr=1e-4))
     (interrupted / "report_tokenizer.key.json").write_text('{"key": "another corpus"}')

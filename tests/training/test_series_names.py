@@ -105,6 +105,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny_dataset: Path, tiny_toke
     assert resumed["step"] == straight["step"] == 8
     assert all(torch.equal(resumed["model"][key], value) for key, value in straight["model"].items())
     assert [r["loss"] for r in _log(tmp_path / "resumed")] == [r["loss"] for r in _log(tmp_path / "straight")]
+    summary = (tmp_path / "resumed" / "series_names.json").read_bytes()
+    train(_config(tiny_dataset, tiny_token_cache, tmp_path / "resumed", steps=8))  # finished: nothing is rewritten
+    assert (tmp_path / "resumed" / "series_names.json").read_bytes() == summary
 
 
 def test_global_batches_hold_distinct_names_and_depend_only_on_seed_and_step() -> None:
