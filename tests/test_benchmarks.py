@@ -95,6 +95,11 @@ def test_predict_benchmark_splits_the_time_and_compares_the_naive_path():
     assert row[-1].endswith("x") and "speedup = naive path" in out
 
 
+def test_preprocess_benchmark_checks_the_resize_against_scipy():
+    out = run_benchmark("bench_preprocess.py", "--series", "2", "--runs", "1", "--threads", "1")
+    assert "identical on 2/2 series" in out and "scipy zoom path / linear_resize_axis" in out
+
+
 def test_lime_benchmark_compares_batched_and_serial():
     out = run_benchmark(*LIME_SMOKE)
     (row,) = model_rows(out)
