@@ -50,7 +50,7 @@ from training.metrics import (
     reliability_diagram,
     retrieval_top_k,
 )
-from training.runtime import cache_key, file_digest, git_commit, weights_digest
+from training.runtime import cache_key, file_digest, git_commit, machine_description, weights_digest
 from training.study_data import label_targets
 
 EVAL_JSON, EVAL_MARKDOWN, RELIABILITY_PNG = "eval.json", "eval.md", "reliability.png"
@@ -260,6 +260,7 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
         "manifest": str(manifest), "manifest_sha256": file_digest(manifest),
         "model_sha256": file_digest(Path(release.path) / "model.safetensors"), "device": str(
             release.model.logit_scale.device), "precision": str(dtype), "seed": seed, "n_boot": n_boot,
+        "machine": machine_description(release.model.logit_scale.device),
         "seconds": {"predict": predicted_at - started, "total": time.perf_counter() - started},
     }
     (out / EVAL_JSON).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

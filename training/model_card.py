@@ -22,6 +22,18 @@ def _value(result: dict, path: tuple[str, ...]):
     return result
 
 
+def machine_rows(machine: dict | None) -> list[str]:
+    """Where the release was built and evaluated: bf16 figures reproduce exactly only on the same bf16 kernels."""
+    if machine is None:
+        return []
+    flags = ", ".join(machine["cpu_half_precision_flags"]) or "none"
+    gpu = f", GPU {machine['cuda']}" if "cuda" in machine else ""
+    return [f"Built on: {machine['cpu']} ({machine['cpu_capability']}; half-precision instructions: {flags}){gpu}, "
+            f"torch {machine['torch']}. The figures were computed in the precision `eval.json` records; in bf16 "
+            "a fresh `training.evaluate` reproduces them bit for bit on a machine with the same bf16 kernels, "
+            "and another CPU kind (AMX rather than AVX512-BF16 alone) moves them in the third decimal.", ""]
+
+
 def target_rows(result: dict, localisation: dict | None = None) -> list[str]:
     """Markdown rows: target, measured value, met or not (the unk-names and baseline gaps included); LIME
     localisation is read on the localisation test set when there is one."""
@@ -172,6 +184,7 @@ def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_m
         f"Commit: `{provenance['commit']}`. Stage times (seconds): "
         + ", ".join(f"{name} {seconds:.0f}" for name, seconds in stages.items()) + ".",
         "",
+        *machine_rows(provenance.get("machine")),
         "Release config:",
         "",
         "```json",

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 from prima.config import config_from_dict
+from prima.distributed import resolve_device
 from prima.errors import ConfigError
 from prima.factory import get_model_config
 from prima.manifest import read_manifest, write_manifest
@@ -42,7 +43,7 @@ from training import heads as heads_stage
 from training import report_lm, series_names
 from training.evaluate import EVAL_JSON, EVAL_MARKDOWN, FOCAL_DIAGNOSES, RELIABILITY_PNG, evaluate
 from training.model_card import model_card
-from training.runtime import cache_key, file_digest, git_commit, read_config_file, weights_digest
+from training.runtime import cache_key, file_digest, git_commit, machine_description, read_config_file, weights_digest
 from training.synth.writers import write_dataset
 from training.token_cache import TokenCacheConfig, build_token_cache
 from training.volume_tokenizer import train as volume_tokenizer_stage
@@ -113,8 +114,9 @@ def stage_config(cls: type, section: dict, where: str, **paths: Any):
 
 class StageTimer:
     """Runs stages, records each one's seconds in ``<work>/stages.json``: the wall time spent in the stage
-    over every run of the work folder, so an interrupted stage counts the part done before it was resumed
-    (and a finished stage that a later run only checks adds those seconds of checking)."""
+    over every run of the work folder, so a stage interrupted by Ctrl-C or an error counts the part done
+    before it was resumed (a killed process records nothing of that stage), and a finished stage that a
+    later run only checks adds those seconds of checking."""
 
     def __init__(self, work: Path) -> None:
         self.path = work / STAGES_FILE
@@ -217,6 +219,7 @@ def build(config: ReleaseConfig, command: str) -> Path:
         provenance = {
             "command": command, "commit": git_commit(ignore=(out,)), "config": dataclasses.asdict(config),
             "manifest_sha256": file_digest(manifest), "stage_seconds": timer.times,
+            "machine": machine_description(resolve_device(config.device)),
             "volume_tokenizer": volume_tokenizer_provenance(volume_tokenizer_path),
             "stage_summaries": {name: _summary(work / folder / file) for name, folder, file in (
                 ("report_lm", "report_lm", "report_lm.json"), ("series_names", "series_names", "series_names.json"),

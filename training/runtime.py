@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import random
 import re
 import subprocess
@@ -300,3 +301,33 @@ def git_commit(folder: str | Path | None = None, ignore: tuple[str | Path, ...] 
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if dirty else sha
+
+
+# The CPU instruction sets (Linux /proc/cpuinfo flags) that bf16 and fp16 kernels are chosen by: two CPUs that
+# differ here run different bf16 kernels, whose results differ in the last bits.
+HALF_PRECISION_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
+
+
+def machine_description(device: torch.device | str = "cpu") -> dict:
+    """What a figure was computed on. A bf16 result reproduces bit for bit only where the bf16 kernels are
+    the same (an AMX CPU and an AVX512-BF16-only one give predictions that differ in the last bits, and
+    evaluation figures that differ in the third decimal), so the provenance of an evaluation records them."""
+    from prima.precision import cpu_capability, describe_cpu_bf16
+
+    model, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    machine = {"cpu": model, "cpu_capability": cpu_capability(), "cpu_half_precision_flags": sorted(
+        flags & set(HALF_PRECISION_CPU_FLAGS)), "cpu_bf16": describe_cpu_bf16(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__}
+    if torch.device(device).type == "cuda":
+        machine["cuda"] = torch.cuda.get_device_name(torch.device(device))
+    return machine

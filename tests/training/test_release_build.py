@@ -16,7 +16,7 @@ from prima.manifest import read_manifest
 from prima.predict import predict
 from training.evaluate import FOCAL_DIAGNOSES
 from training.release import ReleaseConfig, StageTimer, build, check_release_config
-from training.runtime import read_config_file
+from training.runtime import machine_description, read_config_file
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_VOLUME_TOKENIZER = REPO / "assets/volume-tokenizer-lite/volume_tokenizer.safetensors"
@@ -68,15 +68,19 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert len(release.config.diagnosis_thresholds) == 52 and len(release.config.referral_thresholds) == 11
     evaluation = json.loads((folder / "evaluation" / "eval.json").read_text())
     assert evaluation["studies"] == 2 and evaluation["split"] == "test"
+    assert evaluation["provenance"]["machine"]["cpu_capability"] == machine_description()["cpu_capability"]
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "## Targets" in card and "Localisation test set (2" in card
-    assert (folder / "evaluation" / "eval.md").read_text().strip() in card
+    assert (folder / "evaluation" / "eval.md").read_text().strip() in card and "Built on: " in card
     assert (folder / "evaluation" / "reliability.png").stat().st_size > 1000
     # a second build finds every stage done (nothing is trained or evaluated again) and the same release
     before = (folder / "model.safetensors").read_bytes()
     evaluated = (folder / "evaluation" / "eval.json").stat().st_mtime_ns
+    summaries = {name: (tmp_path / "work" / name / f"{name}.json").read_bytes()
+                 for name in ("report_lm", "series_names", "clip")}
     build(tiny_release_config(tiny_dataset, tmp_path), "python -m training.release --config tiny.yaml")
     assert (folder / "model.safetensors").read_bytes() == before
+    assert summaries == {name: (tmp_path / "work" / name / f"{name}.json").read_bytes() for name in summaries}
     assert (folder / "evaluation" / "eval.json").stat().st_mtime_ns == evaluated
 
 

@@ -13,11 +13,13 @@ import torch
 
 from prima.errors import ConfigError
 from training.runtime import (
+    HALF_PRECISION_CPU_FLAGS,
     RunLog,
     add_config_arguments,
     cache_key,
     distributed,
     load_stage_config,
+    machine_description,
     resume,
     save_checkpoint,
     warmup_cosine,
@@ -164,3 +166,11 @@ def test_git_commit_is_dirty_for_changed_code_but_not_for_an_ignored_output_fold
     assert git_commit(tmp_path) == f"{sha}-dirty"
     (tmp_path / "code.py").write_text("x = 2")
     assert git_commit(tmp_path, ignore=(tmp_path / "out",)) == f"{sha}-dirty"
+
+
+def test_machine_description_names_the_bf16_kernels_and_serialises() -> None:
+    machine = machine_description("cpu")
+    assert json.loads(json.dumps(machine)) == machine
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(machine["cpu_half_precision_flags"]) <= set(HALF_PRECISION_CPU_FLAGS)
+    assert machine["torch"] == torch.__version__ and "cuda" not in machine
