@@ -33,8 +33,10 @@ from training.report_lm import load_text_tower
 from training.runtime import (
     parse_stage_args,
     print_on_main,
+    ATTENTION_KERNELS,
     CHECKPOINT_FILE,
     RunLog,
+    attention_kernel,
     config_dict,
     distributed,
     finished_run,
@@ -93,6 +95,7 @@ class ClipTrainConfig:
     checkpoint_every: int = 100  # steps between last.pt saves
     time_limit_min: float | None = None  # stop (and save) after this many minutes
     precision: str = "auto"  # auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16
+    attention: str = "auto"  # training attention kernel: auto (math on CPU: 1.6x faster steps), torch or math
     device: str = "auto"  # auto (CUDA when visible), cpu or cuda
     threads: int | None = None  # torch CPU threads per process
     seed: int = 0  # seeds initialisation, batches and augmentation
@@ -157,6 +160,8 @@ def validate(model: PrimaCLIP, studies, tokenizer: ReportTokenizer, config: Clip
 
 def train(config: ClipTrainConfig) -> Path:
     """Run (or resume) CLIP training; returns the path of ``clip.safetensors``."""
+    if config.attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {config.attention!r}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -220,7 +225,7 @@ def train(config: ClipTrainConfig) -> Path:
             lr = warmup_cosine(step, config.steps, config.warmup, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            with autocast(context.device, dtype):
+            with autocast(context.device, dtype), attention_kernel(config.attention, context.device):
                 output = wrapped(batch, ids.to(context.device), mask.to(context.device))
             contrastive = clip_loss(output.image_features.float(), output.text_features.float(), output.logit_scale)
             patient = patdis_loss(output.series_features.float(), output.series_study, output.patdis_logit_scale,

@@ -83,6 +83,17 @@ def test_bad_arguments_raise(tiny_dataset, tiny_token_cache, report_tokenizer, t
         train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "a", batch_size=64))
     with pytest.raises(ValueError, match="token_dropout"):
         _config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "b", token_dropout=1.5).augment()
+    with pytest.raises(ValueError, match="attention"):
+        train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / "c", attention="flash"))
+
+
+def test_the_attention_kernels_train_the_same_function(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path):
+    # fp32: the math and flash kernels differ only by rounding, so two steps give nearly the same losses
+    losses = {}
+    for kernel in ("math", "torch"):
+        train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path / kernel, steps=2, attention=kernel))
+        losses[kernel] = [json.loads(line)["loss"] for line in (tmp_path / kernel / "log.jsonl").read_text().splitlines()]
+    assert np.allclose(losses["math"], losses["torch"], rtol=1e-4)
 
 
 def test_two_torchrun_processes_give_the_loss_of_one(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path):

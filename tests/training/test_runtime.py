@@ -16,6 +16,7 @@ from training.runtime import (
     HALF_PRECISION_CPU_FLAGS,
     RunLog,
     add_config_arguments,
+    attention_kernel,
     cache_key,
     distributed,
     load_stage_config,
@@ -174,3 +175,15 @@ def test_machine_description_names_the_bf16_kernels_and_serialises() -> None:
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert set(machine["cpu_half_precision_flags"]) <= set(HALF_PRECISION_CPU_FLAGS)
     assert machine["torch"] == torch.__version__ and "cuda" not in machine
+
+
+@pytest.mark.parametrize("choice,device,expected", [("auto", "cpu", "MATH"), ("math", "cpu", "MATH"),
+                                                    ("torch", "cpu", "FLASH_ATTENTION")])
+def test_attention_kernel_picks_the_sdpa_backend(choice: str, device: str, expected: str) -> None:
+    from torch.nn.attention import SDPBackend
+
+    q = torch.rand(2, 4, 9, 8)
+    with attention_kernel(choice, device):
+        assert torch._fused_sdp_choice(q, q, q) == int(getattr(SDPBackend, expected))
+    with pytest.raises(ValueError, match="attention"):
+        attention_kernel("flash", device)
