@@ -142,8 +142,9 @@ def normalize_intensity(array: np.ndarray, lower_percentile: float = 0.5, upper_
         raise ValueError(f"need 0 <= lower_percentile < upper_percentile <= 100, got "
                          f"{lower_percentile}, {upper_percentile}")
     values = np.asarray(array, dtype=np.float32)
-    all_finite = bool(np.isfinite(values).all())  # the usual case: no masked copies needed
-    finite = values.ravel() if all_finite else values[np.isfinite(values)]
+    finite_mask = np.isfinite(values)
+    all_finite = bool(finite_mask.all())  # the usual case: no masked copies needed
+    finite = values.ravel() if all_finite else values[finite_mask]
     if finite.size == 0:
         return np.zeros(values.shape, dtype=np.float32)
     sample = finite

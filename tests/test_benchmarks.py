@@ -97,7 +97,7 @@ def test_predict_benchmark_splits_the_time_and_compares_the_naive_path():
 
 def test_preprocess_benchmark_checks_the_resize_against_scipy():
     out = run_benchmark("bench_preprocess.py", "--series", "2", "--runs", "1", "--threads", "1")
-    assert "identical on 2/2 series" in out and "scipy zoom path / linear_resize_axis" in out
+    assert "identical on 2/2 series" in out and "scipy zoom / linear_resize_axis" in out
 
 
 def test_lime_benchmark_compares_batched_and_serial():

@@ -33,10 +33,10 @@ from training.report_lm import load_text_tower
 from training.runtime import (
     parse_stage_args,
     print_on_main,
-    ATTENTION_KERNELS,
     CHECKPOINT_FILE,
     RunLog,
     attention_kernel,
+    check_attention_kernel,
     config_dict,
     distributed,
     finished_run,
@@ -160,8 +160,7 @@ def validate(model: PrimaCLIP, studies, tokenizer: ReportTokenizer, config: Clip
 
 def train(config: ClipTrainConfig) -> Path:
     """Run (or resume) CLIP training; returns the path of ``clip.safetensors``."""
-    if config.attention not in ATTENTION_KERNELS:
-        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {config.attention!r}")
+    check_attention_kernel(config.attention)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:

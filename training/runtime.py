@@ -202,6 +202,12 @@ def resume(path: Path, config: Any, device: torch.device | str = "cpu",
 ATTENTION_KERNELS = ("auto", "torch", "math")
 
 
+def check_attention_kernel(choice: str) -> None:
+    """Raise ValueError unless ``choice`` is one of ``ATTENTION_KERNELS`` (before a run does any work)."""
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {choice!r}")
+
+
 def attention_kernel(choice: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """The scaled-dot-product-attention kernel a training forward (and so its backward) runs in.
 
@@ -211,8 +217,7 @@ def attention_kernel(choice: str, device: torch.device | str) -> contextlib.Abst
     time, and a whole CLIP step is 1.6x faster with math (docs/training.md). The kernels round
     differently, so a run continues only with the kernel it began with.
     """
-    if choice not in ATTENTION_KERNELS:
-        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {choice!r}")
+    check_attention_kernel(choice)
     if choice == "math" or (choice == "auto" and torch.device(device).type == "cpu"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
