@@ -43,7 +43,15 @@ from training import heads as heads_stage
 from training import report_lm, series_names
 from training.evaluate import EVAL_JSON, EVAL_MARKDOWN, FOCAL_DIAGNOSES, RELIABILITY_PNG, evaluate
 from training.model_card import model_card
-from training.runtime import cache_key, file_digest, git_commit, machine_description, read_config_file, weights_digest
+from training.runtime import (
+    cache_key,
+    file_digest,
+    git_commit,
+    machine_description,
+    read_config_file,
+    stop_on_terminate,
+    weights_digest,
+)
 from training.synth.writers import write_dataset
 from training.token_cache import TokenCacheConfig, build_token_cache
 from training.volume_tokenizer import train as volume_tokenizer_stage
@@ -115,8 +123,8 @@ def stage_config(cls: type, section: dict, where: str, **paths: Any):
 class StageTimer:
     """Runs stages, records each one's seconds in ``<work>/stages.json``: the wall time spent in the stage
     over every run of the work folder, so a stage interrupted by Ctrl-C or an error counts the part done
-    before it was resumed (a killed process records nothing of that stage), and a finished stage that a
-    later run only checks adds those seconds of checking."""
+    before it was resumed (``main`` turns SIGTERM into such an exit; SIGKILL records nothing of that
+    stage), and a finished stage that a later run only checks adds those seconds of checking."""
 
     def __init__(self, work: Path) -> None:
         self.path = work / STAGES_FILE
@@ -377,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     config = check_release_config(doc)
     command = "python -m training.release " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                   else sys.argv[1:]))
-    folder = build(config, command)
+    with stop_on_terminate():
+        folder = build(config, command)
     if args.push_to_hub:
         print(push_to_hub(folder, args.push_to_hub, args.private))
     return 0

@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import time
 import types
@@ -230,6 +231,28 @@ def finished_run(checkpoint: dict | None, steps: int, *outputs: Path) -> bool:
     running it again would only rewrite them, and a summary rewritten by a run that trained nothing
     would lose the validation history, the seconds and the commit of the run that did the training."""
     return checkpoint is not None and checkpoint["step"] >= steps and all(Path(p).exists() for p in outputs)
+
+
+@contextlib.contextmanager
+def stop_on_terminate() -> typing.Iterator[None]:
+    """Within the block, SIGTERM (``kill``, a scheduler's stop) exits this process through ``SystemExit``
+    (status 128 + 15) instead of killing it outright, so ``finally`` blocks run as they do for Ctrl-C: a
+    release stage keeps the seconds it ran. A child process forked inside the block (synthesis workers)
+    dies of the signal as before."""
+    owner = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RunLog:

@@ -4,6 +4,8 @@ release loads with prima.load_release and predicts, and its model card holds the
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,3 +118,36 @@ def test_an_interrupted_stage_keeps_the_seconds_it_ran(tmp_path):
         StageTimer(tmp_path).run("clip", interrupted)
     StageTimer(tmp_path).run("clip", lambda: time.sleep(0.2))  # the resumed run, in a new process
     assert json.loads((tmp_path / "stages.json").read_text())["clip"] >= 0.4
+
+
+def test_a_terminated_release_keeps_the_seconds_of_its_stage(tmp_path):
+    """SIGTERM stops the stage through its ``finally`` (exit 143) and forked workers die of the signal."""
+    script = f"""
+import multiprocessing, sys, time
+from pathlib import Path
+from training.release import StageTimer
+from training.runtime import stop_on_terminate
+
+def stage():
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    print(worker.pid, flush=True)
+    try:
+        time.sleep(60)
+    finally:
+        worker.join(30)
+        print(worker.exitcode, file=sys.stderr, flush=True)
+
+with stop_on_terminate():
+    StageTimer(Path({str(tmp_path)!r})).run("clip", stage)
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    worker = int(process.stdout.readline())
+    time.sleep(0.3)
+    os.kill(worker, signal.SIGTERM)
+    process.terminate()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == str(-signal.SIGTERM)
+    assert json.loads((tmp_path / "stages.json").read_text())["clip"] >= 0.3
