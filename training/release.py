@@ -87,7 +87,7 @@ class ReleaseConfig:
 
 EVALUATE_OPTIONS = ("n_boot", "lime_samples", "lime_max", "precision")
 _SYNTH_OPTIONS = ("n", "seed", "fmt", "workers", "spacing", "max_series", "protocol_blind", "balance", "shift",
-                  "primary", "manifest")
+                  "primary", "stratify", "manifest")
 
 
 def check_release_config(doc: dict) -> ReleaseConfig:
@@ -95,8 +95,8 @@ def check_release_config(doc: dict) -> ReleaseConfig:
     work starts (a typo should not surface after an hour of synthesis). Raises ``ConfigError``."""
     config = config_from_dict(ReleaseConfig, doc, "release config")
     known = {"data": _SYNTH_OPTIONS, "evaluate": EVALUATE_OPTIONS,
-             "shifted": ("n", "shift", "seed", "spacing", "max_series"), "scaling": ("fractions", "steps"),
-             "localisation": ("n", "seed", "balance", "spacing", "max_series"),
+             "shifted": ("n", "shift", "seed", "spacing", "max_series", "stratify"), "scaling": ("fractions", "steps"),
+             "localisation": ("n", "seed", "balance", "spacing", "max_series", "stratify"),
              "volume_tokenizer": ("weights", *(f.name for f in dataclasses.fields(
                  volume_tokenizer_stage.VolumeTokenizerTrainConfig))),
              "token_cache": [f.name for f in dataclasses.fields(TokenCacheConfig)],

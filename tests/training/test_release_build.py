@@ -37,7 +37,7 @@ def tiny_release_config(manifest: Path, tmp_path: Path) -> ReleaseConfig:
         heads={"train_views": 2, "epochs": 3, "precision": "fp32"},
         evaluate={"n_boot": 20, "lime_samples": 16, "lime_max": 2, "precision": "fp32"},
         shifted={"n": 2, "spacing": 6.0, "max_series": 3},
-        localisation={"n": 2, "spacing": 6.0, "max_series": 3},
+        localisation={"n": 2, "spacing": 6.0, "max_series": 3, "stratify": True},
         scaling={"fractions": [0.5], "steps": "proportional"},
     )
 
@@ -53,6 +53,7 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     localisation = json.loads((folder / "evaluation" / "localisation" / "eval.json").read_text())
     assert localisation["studies"] == 2 and localisation["lime_localisation"]["candidates"] >= 2
     focal = set(FOCAL_DIAGNOSES)
+    assert json.loads((tmp_path / "work" / "localisation" / "synth_config.json").read_text())["stratify"] is True
     assert all(any(entry.labels[key] for key in focal) for entry in read_manifest(
         tmp_path / "work" / "localisation" / "manifest.jsonl"))
     curve = json.loads((folder / "evaluation" / "scaling.json").read_text())

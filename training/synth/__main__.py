@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--primary", nargs="+", metavar="KEY", default=None,
                         help="draw every study's primary diagnosis among these diagnosis keys (no normal studies), "
                              "e.g. a test set of focal lesions for LIME localisation")
+    parser.add_argument("--stratify", action="store_true",
+                        help="share the primary diagnoses out over each split's abnormal studies in proportion to "
+                             "their weights (every label has positives in a split of >= 52 abnormal studies) "
+                             "instead of drawing them independently")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
     start = time.perf_counter()
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_dataset(a.n, a.out, seed=a.seed, fmt=a.format, workers=a.workers, spacing=a.spacing,
                                  max_series=a.max_series, protocol_blind=a.protocol_blind,
                                  metadata_only=a.metadata_only, progress=not a.no_progress, balance=a.balance,
-                                 shift=a.shift, primary=a.primary)
+                                 shift=a.shift, primary=a.primary, stratify=a.stratify)
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - start

@@ -190,24 +190,30 @@ def _closure(keys) -> list[str]:
     return sorted(out, key=order.index)
 
 
-def primary_weights(balance: float = 0.0) -> np.ndarray:
+def primary_weights(balance: float = 0.0, primary: Sequence[str] | None = None) -> np.ndarray:
     """Probabilities of the primary diagnosis of an abnormal study, in ``DIAGNOSES`` order.
 
     Args:
         balance: 0 draws with the clinical weights (``Diagnosis.weight``), 1 uniformly over all
             labels, in between with ``weight ** (1 - balance)``: rare labels gain positives.
+        primary: only these keys (the others get 0, the rest is renormalised); None = all.
 
     Returns:
         Probabilities summing to 1.
 
     Raises:
-        ValueError: ``balance`` outside [0, 1].
+        ValueError: ``balance`` outside [0, 1] or a bad ``primary`` (``check_primary``).
     """
     if not 0.0 <= balance <= 1.0:
         raise ValueError(f"balance must be in [0, 1], got {balance}")
+    check_primary(primary)
     # x ** 1.0 == x exactly, so balance 0 gives the clinical probabilities bit for bit.
     weights = np.array([d.weight for d in DIAGNOSES.values()]) ** (1.0 - balance)
-    return weights / weights.sum()
+    probabilities = weights / weights.sum()
+    if primary is not None:
+        probabilities = np.where(np.isin(list(DIAGNOSES), list(primary)), probabilities, 0.0)
+        probabilities /= probabilities.sum()
+    return probabilities
 
 
 def check_primary(primary: Sequence[str] | None) -> None:
@@ -219,8 +225,13 @@ def check_primary(primary: Sequence[str] | None) -> None:
         raise ValueError(f"primary must name known diagnosis keys, got {list(primary)}")
 
 
+def draws_unremarkable(rng: np.random.Generator) -> bool:
+    """The first draw of ``sample_diagnoses``: whether the study has no finding (``UNREMARKABLE_FRACTION``)."""
+    return bool(rng.random() < UNREMARKABLE_FRACTION)
+
+
 def sample_diagnoses(rng: np.random.Generator, balance: float = 0.0,
-                     primary: Sequence[str] | None = None) -> list[str]:
+                     primary: Sequence[str] | None = None, primary_key: str | None = None) -> list[str]:
     """Diagnosis keys of one study (empty for about 40% of studies), co-occurrences included.
 
     An abnormal study has one primary diagnosis (``primary_weights(balance)``), its causes,
@@ -233,22 +244,26 @@ def sample_diagnoses(rng: np.random.Generator, balance: float = 0.0,
     over them) and makes every study abnormal, e.g. for a test set of focal lesions to score LIME
     localisation on; the same random numbers are drawn.
 
+    ``primary_key`` is the primary diagnosis of the study if it is abnormal, chosen beforehand (a stratified
+    data set, ``study.stratified_primaries``); the primary draw is still made, so whether the study is normal
+    is that of the unstratified study (what follows the primary diagnosis depends on it).
+
     Raises:
-        ValueError: ``balance`` outside [0, 1] or ``primary`` empty or with unknown keys.
+        ValueError: ``balance`` outside [0, 1], ``primary`` empty or with unknown keys, or ``primary_key``
+            unknown or outside ``primary``.
     """
-    primary_p = primary_weights(balance)
-    check_primary(primary)
-    if primary is not None:
-        primary_p = np.where(np.isin(list(DIAGNOSES), list(primary)), primary_p, 0.0)
-        primary_p /= primary_p.sum()
-    if rng.random() < UNREMARKABLE_FRACTION and primary is None:
+    primary_p = primary_weights(balance, primary)
+    if primary_key is not None and (primary_key not in DIAGNOSES or (primary is not None and primary_key not in primary)):
+        raise ValueError(f"primary_key must be a diagnosis key{' of primary' if primary else ''}, got {primary_key!r}")
+    if draws_unremarkable(rng) and primary is None:
         return []
     keys = list(DIAGNOSES)
     weights = np.array([DIAGNOSES[k].weight for k in keys])
-    primary = keys[int(rng.choice(len(keys), p=primary_p))]
-    chosen = [primary]
-    if primary in CAUSES:
-        causes = CAUSES[primary]
+    drawn = keys[int(rng.choice(len(keys), p=primary_p))]
+    first = drawn if primary_key is None else primary_key
+    chosen = [first]
+    if first in CAUSES:
+        causes = CAUSES[first]
         chosen.append(causes[int(rng.integers(len(causes)))])
     if rng.random() < INCIDENTAL_PROBABILITY:
         chosen.append(keys[int(rng.choice(len(keys), p=weights / weights.sum()))])

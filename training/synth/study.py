@@ -2,7 +2,9 @@
 
 Every random draw comes from a ``numpy.random.SeedSequence`` built from ``(seed, study_index)`` and
 split into independent streams (subject, pathology, protocol, series, report, split), so a study depends
-only on the seed and its index, never on which worker made it or in which order.
+only on the seed and its index, never on which worker made it or in which order. A stratified data set
+(``stratified_primaries``) fixes each abnormal study's primary diagnosis beforehand from the draws of all
+``n`` studies, so there a study depends on the seed, its index and ``n``.
 
 ``plan_study`` draws everything but the images (the painted phantom, labels, split, protocol, series
 names and parameters, report); ``generate_study`` simulates the planned series. Both take the same
@@ -19,7 +21,15 @@ import numpy as np
 from prima.labels import default_label_space
 from prima.manifest import unique_series_name
 from training.synth.anatomy import make_subject
-from training.synth.pathology import KEY_SEQUENCES, apply_findings, check_primary, primary_weights, sample_diagnoses
+from training.synth.pathology import (
+    DIAGNOSES,
+    KEY_SEQUENCES,
+    apply_findings,
+    check_primary,
+    draws_unremarkable,
+    primary_weights,
+    sample_diagnoses,
+)
 from training.synth.phantom import Finding, Phantom
 from training.synth.protocols import (
     VENDORS,
@@ -122,6 +132,56 @@ def study_split(seed: int, index: int) -> str:
     return _split_of(study_streams(seed, index)["split"])
 
 
+def stratified_primaries(seed: int, n: int, *, balance: float = 0.0,
+                         primary: Sequence[str] | None = None) -> list[str | None]:
+    """The primary diagnosis of each of the ``n`` studies of a stratified data set (None for a normal one).
+
+    Drawn independently, a label of expected count 1 in a split has no positive there one time in three
+    (e^-1), and a rare label can miss the training split. Here the abnormal studies of each split share out
+    the labels in proportion to ``primary_weights(balance, primary)``: a label gets its expected count
+    rounded down, the largest remainders one more (ties in a random order), so with uniform weights every
+    label is the primary diagnosis of a split as soon as the split has as many abnormal studies as there
+    are labels. The labels are then dealt to the split's abnormal studies in a random order. Which studies
+    are normal and in which split a study lies are the draws of the unstratified data set.
+
+    Args:
+        seed: data-set seed.
+        n: number of studies in the data set.
+        balance: label balancing (``pathology.primary_weights``).
+        primary: only these diagnosis keys as primary diagnoses, every study abnormal (as in ``plan_study``).
+
+    Returns:
+        ``n`` entries, in study order: a diagnosis key for an abnormal study, None for a normal one.
+
+    Raises:
+        ValueError: ``n < 1``, a bad ``balance`` or ``primary``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    probabilities = primary_weights(balance, primary)
+    keys = list(DIAGNOSES)
+    by_split: dict[str, list[int]] = {}
+    for index in range(n):
+        streams = study_streams(seed, index)
+        split = _split_of(streams["split"])
+        if primary is not None or not draws_unremarkable(streams["pathology"]):
+            by_split.setdefault(split, []).append(index)
+    primaries: list[str | None] = [None] * n
+    for number, (split, _) in enumerate(SPLIT_FRACTIONS):
+        abnormal = by_split.get(split, [])
+        rng = np.random.default_rng(np.random.SeedSequence([seed, n, number]))
+        expected = probabilities * len(abnormal)
+        counts = np.floor(expected).astype(int)
+        remainders = expected - counts
+        order = rng.permutation(len(keys))  # ties between equal remainders in a random order
+        ranked = order[np.argsort(-remainders[order], kind="stable")]
+        counts[ranked[: len(abnormal) - counts.sum()]] += 1
+        dealt = rng.permutation(np.repeat(np.arange(len(keys)), counts))
+        for index, key in zip(abnormal, dealt):
+            primaries[index] = keys[key]
+    return primaries
+
+
 def is_protocol_blind(setting: str, split: str) -> bool:
     """Whether a study of ``split`` is drawn protocol-blind under the data-set ``setting``.
 
@@ -140,7 +200,7 @@ def is_protocol_blind(setting: str, split: str) -> bool:
 def plan_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
     max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
-    primary: Sequence[str] | None = None,
+    primary: Sequence[str] | None = None, primary_key: str | None = None,
 ) -> StudyPlan:
     """Plan study ``index`` of the data set drawn with ``seed``: everything but the images.
 
@@ -161,6 +221,8 @@ def plan_study(
             (uniform over the labels); see ``pathology.primary_weights``. Ignored with ``keys``.
         primary: draw the primary diagnosis among these keys only, every study abnormal
             (``pathology.sample_diagnoses``). Ignored with ``keys``.
+        primary_key: the primary diagnosis if the study is abnormal, from ``stratified_primaries``
+            (the same random draws are made). Ignored with ``keys``.
         shift: 0 draws the training ranges; > 0 draws pose, size, elastic deformation, property jitter,
             SNR, TR/TE and resolution (and, when generated, the bias field) beyond them, by that many range
             widths (``training.synth.shift``). The same random draws are made: split, age, sex and the
@@ -173,7 +235,7 @@ def plan_study(
 
     Raises:
         ValueError: ``max_series`` outside [2, 8], ``balance`` outside [0, 1], ``shift`` outside
-            [0, ``shift.MAX_SHIFT``], unknown ``keys`` or a bad ``primary``.
+            [0, ``shift.MAX_SHIFT``], unknown ``keys``, a bad ``primary`` or ``primary_key``.
     """
     if not 2 <= max_series <= 8:
         raise ValueError(f"max_series must be in [2, 8], got {max_series}")
@@ -188,7 +250,8 @@ def plan_study(
     rngs = study_streams(seed, index)
     split = _split_of(rngs["split"])
     phantom = make_subject(rngs["subject"], spacing=spacing, shift=shift)
-    requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"], balance, primary))
+    requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"], balance, primary,
+                                                                                 primary_key))
     if requested:
         apply_findings(phantom, requested, rngs["pathology"])
     positives = sorted({f.key for f in phantom.findings} | set(requested), key=space.diagnosis_keys.index)
@@ -237,7 +300,7 @@ def plan_study(
 def generate_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
     max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
-    primary: Sequence[str] | None = None,
+    primary: Sequence[str] | None = None, primary_key: str | None = None,
 ) -> SyntheticStudy:
     """Generate study ``index`` of the data set drawn with ``seed``: ``plan_study``, then its images.
 
@@ -251,6 +314,7 @@ def generate_study(
         full_resolution: scanner-native matrices and 1 mm 3D series instead of the modest default.
         balance: label balancing of the sampled primary diagnosis (see ``plan_study``).
         primary: the primary diagnosis among these keys only (see ``plan_study``).
+        primary_key: the primary diagnosis if the study is abnormal (see ``plan_study``).
         shift: draws beyond the training ranges (see ``plan_study``), the bias field's strength included.
 
     Returns:
@@ -258,7 +322,7 @@ def generate_study(
     """
     plan = plan_study(seed, index, protocol_blind=protocol_blind, spacing=spacing, keys=keys,
                       max_series=max_series, full_resolution=full_resolution, balance=balance, shift=shift,
-                      primary=primary)
+                      primary=primary, primary_key=primary_key)
     rng = study_streams(seed, index)["series"]
     series: list[SimulatedSeries] = []
     dwi: SimulatedSeries | None = None

@@ -45,6 +45,7 @@ from training.synth.study import (
     generate_study,
     is_protocol_blind,
     plan_study,
+    stratified_primaries,
     study_split,
 )
 
@@ -242,11 +243,11 @@ def plan_entry(plan: StudyPlan, out_dir: str | Path, fmt: str = "nifti") -> Stud
 
 def write_one(seed: int, index: int, out: str, fmt: str, spacing: float, max_series: int, protocol_blind: str,
               metadata_only: bool, balance: float = 0.0, shift: float = 0.0,
-              primary: Sequence[str] | None = None) -> StudyEntry:
+              primary: Sequence[str] | None = None, primary_key: str | None = None) -> StudyEntry:
     """Generate and write study ``index`` (or only plan it); returns its manifest entry (runs in a worker)."""
     blind = is_protocol_blind(protocol_blind, study_split(seed, index))
     settings = dict(protocol_blind=blind, spacing=spacing, max_series=max_series, balance=balance, shift=shift,
-                    primary=primary)
+                    primary=primary, primary_key=primary_key)
     if metadata_only:
         return plan_entry(plan_study(seed, index, **settings), out, fmt)
     return write_study(generate_study(seed, index, **settings), out, fmt, uid_seed=f"seed{seed}")
@@ -269,11 +270,13 @@ def write_dataset(
     n: int, out: str | Path, *, seed: int = 0, fmt: str = "nifti", workers: int | None = None, spacing: float = 1.5,
     max_series: int = 8, protocol_blind: str = DEFAULT_PROTOCOL_BLIND, metadata_only: bool = False,
     progress: bool = True, balance: float = 0.0, shift: float = 0.0, primary: Sequence[str] | None = None,
+    stratify: bool = False,
 ) -> Path:
     """Generate ``n`` studies under ``out`` with ``workers`` spawned processes; returns the manifest path.
 
     Studies are written as workers finish them and listed in the manifest in study order; each study
-    depends only on ``(seed, index)``, so the output is identical for any number of workers.
+    depends only on ``(seed, index)`` (and ``n`` when stratified), so the output is identical for any
+    number of workers.
 
     Args:
         n: number of studies.
@@ -295,6 +298,9 @@ def write_dataset(
             and resolution drawn beyond the training ranges, for a held-out test set (``study.plan_study``).
         primary: draw every study's primary diagnosis among these keys, no normal studies (e.g. a test set of
             focal lesions for LIME localisation); None draws over all labels.
+        stratify: share the primary diagnoses out over each split's abnormal studies in proportion to their
+            weights instead of drawing them independently (``study.stratified_primaries``): every label has
+            positives in every split that has as many abnormal studies as there are labels.
 
     Returns:
         The path of ``manifest.jsonl``.
@@ -321,10 +327,13 @@ def write_dataset(
               "protocol_blind": protocol_blind, "metadata_only": metadata_only, "balance": balance, "shift": shift}
     if primary is not None:  # recorded only when used, so earlier data sets keep their config
         config["primary"] = primary
+    if stratify:
+        config["stratify"] = True
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n")
     manifest = root / "manifest.jsonl"
-    args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance, shift, primary)
-            for i in range(n)]
+    primary_keys = stratified_primaries(seed, n, balance=balance, primary=primary) if stratify else [None] * n
+    args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance, shift, primary,
+             primary_keys[i]) for i in range(n)]
     with manifest.open("w", encoding="utf-8") as f, tqdm(total=n, unit="study", disable=not progress) as bar:
         if workers == 1:
             with threadpool_limits(1):  # as in the workers, so every worker count gives the same bytes

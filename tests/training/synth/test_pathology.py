@@ -223,3 +223,15 @@ def test_a_primary_list_makes_every_study_abnormal_with_one_of_its_keys_first():
     for bad in ([], ["not_a_diagnosis"]):
         with pytest.raises(ValueError):
             sample_diagnoses(np.random.default_rng(0), 0.0, bad)
+
+
+def test_a_primary_key_replaces_only_the_primary_draw():
+    for seed in range(200):
+        drawn = sample_diagnoses(np.random.default_rng(seed), 1.0)
+        given = sample_diagnoses(np.random.default_rng(seed), 1.0, primary_key="cyst_colloid_cyst")
+        assert bool(drawn) == bool(given)  # whether a study is normal is still its own draw
+        assert not given or "cyst_colloid_cyst" in given
+    with pytest.raises(ValueError):
+        sample_diagnoses(np.random.default_rng(0), 0.0, primary_key="not_a_diagnosis")
+    with pytest.raises(ValueError):  # outside the primary list
+        sample_diagnoses(np.random.default_rng(0), 0.0, ["tumor_adult_meningioma"], "cyst_colloid_cyst")

@@ -63,6 +63,15 @@ def test_primary_keys_are_recorded_and_every_study_has_one(tmp_path):
     assert all(any(e.labels[k] for k in keys) for e in read_manifest(tmp_path / "manifest.jsonl"))
 
 
+def test_stratify_is_recorded_and_gives_each_split_its_share_of_every_label(tmp_path):
+    assert main(["--n", "140", "--seed", "0", "--spacing", "6", "--metadata-only", "--balance", "1", "--stratify",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "synth_config.json").read_text())["stratify"] is True
+    counts = label_counts(tmp_path / "manifest.jsonl")
+    # 140 studies leave ~67 abnormal ones in train: every label is the primary diagnosis of one or two.
+    assert min(counts["train"].values()) >= 1
+
+
 def test_shift_is_recorded_and_moves_the_subjects(tmp_path):
     args = ["--n", "4", "--seed", "3", "--spacing", "6", "--metadata-only", "--workers", "1", "--no-progress"]
     for shift in ("0", "1"):

@@ -16,11 +16,14 @@ from training.synth.study import (
     PROTOCOL_BLIND_SPLITS,
     generate_study,
     is_protocol_blind,
+    SPLIT_FRACTIONS,
     plan_study,
+    stratified_primaries,
     study_split,
     study_streams,
     _split_of,
 )
+from training.synth.pathology import draws_unremarkable, primary_weights
 
 SPACING = 3.0
 KEYS = default_label_space().diagnosis_keys
@@ -85,6 +88,42 @@ def test_primary_keys_draw_the_studys_diagnosis_and_keep_its_split_and_subject()
     plain, focal = plan_study(0, 3, spacing=6.0), plan_study(0, 3, spacing=6.0, primary=["cyst_colloid_cyst"])
     assert focal.labels["cyst_colloid_cyst"] == 1
     assert (focal.split, focal.subject, focal.vendor) == (plain.split, plain.subject, plain.vendor)
+
+
+def test_stratified_primaries_share_the_labels_out_within_each_split():
+    n = 700
+    primaries = stratified_primaries(0, n, balance=1.0)
+    assert stratified_primaries(0, n, balance=1.0) == primaries  # deterministic
+    for index, key in enumerate(primaries):  # normal studies stay those of the unstratified draw
+        assert (key is None) == draws_unremarkable(study_streams(0, index)["pathology"])
+    for split, _ in SPLIT_FRACTIONS:
+        keys = [k for i, k in enumerate(primaries) if k is not None and study_split(0, i) == split]
+        counts = Counter(keys)
+        expected = len(keys) / len(KEYS)
+        assert all(np.floor(expected) <= counts.get(k, 0) <= np.ceil(expected) for k in KEYS), split
+        if len(keys) >= len(KEYS):
+            assert set(counts) == set(KEYS)
+    train = [k for i, k in enumerate(primaries) if k is not None and study_split(0, i) == "train"]
+    assert train[:len(KEYS)] != sorted(train[:len(KEYS)], key=KEYS.index)  # dealt in a random order
+    # Clinical weights: a common label gets its expected share, rounded.
+    clinical = stratified_primaries(0, n, balance=0.0)
+    weights = dict(zip(DIAGNOSES, primary_weights(0.0)))
+    abnormal_train = [k for i, k in enumerate(clinical) if k is not None and study_split(0, i) == "train"]
+    common = max(weights, key=weights.get)
+    assert abs(abnormal_train.count(common) - weights[common] * len(abnormal_train)) < 1
+
+
+def test_stratified_primaries_with_a_primary_list_and_their_plans():
+    focal = ["tumor_adult_meningioma", "cyst_colloid_cyst", "tumor_adult_glioma"]
+    primaries = stratified_primaries(3, 30, balance=1.0, primary=focal)
+    assert all(key in focal for key in primaries)  # every study abnormal, with one of the keys
+    plain = plan_study(3, 0, spacing=6.0, balance=1.0, primary=focal)
+    fixed = plan_study(3, 0, spacing=6.0, balance=1.0, primary=focal, primary_key=primaries[0])
+    assert fixed.labels[primaries[0]] == 1
+    assert (fixed.split, fixed.subject, fixed.vendor) == (plain.split, plain.subject, plain.vendor)
+    for bad in (dict(n=0), dict(n=5, balance=2.0), dict(n=5, primary=["not_a_diagnosis"])):
+        with pytest.raises(ValueError):
+            stratified_primaries(0, **bad)
 
 
 def test_splits_are_drawn_80_10_10():
