@@ -64,11 +64,14 @@ class PreparedStudy:
 
 
 class PreparedStudies(Dataset):
-    """Manifest studies -> ``PreparedStudy`` (run inside DataLoader workers: numpy/scipy only, no model)."""
+    """Manifest studies -> ``PreparedStudy`` (run inside DataLoader workers: numpy/scipy only, no model);
+    ``min_fraction`` is the background-filter threshold (``prima.tokens.filter_patches``; default the
+    config's)."""
 
-    def __init__(self, entries: Sequence[StudyEntry], config: PrimaConfig) -> None:
+    def __init__(self, entries: Sequence[StudyEntry], config: PrimaConfig, min_fraction: float | None = None) -> None:
         self.entries = list(entries)
         self.config = config
+        self.min_fraction = min_fraction
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -79,7 +82,8 @@ class PreparedStudies(Dataset):
         try:
             study = load_entry_study(entry)
             loaded = time.perf_counter()
-            series = [filter_patches(series_patches(s, self.config), self.config) for s in study.series]
+            series = [filter_patches(series_patches(s, self.config), self.config, self.min_fraction)
+                      for s in study.series]
         # Any reader's error (a truncated file, odd geometry) is one study's problem: it must not end a run
         # over thousands of studies, so it is caught whatever its type, and the type is reported.
         except Exception as error:  # noqa: BLE001
@@ -145,9 +149,11 @@ def _selected(manifest: str | Path, splits: Iterable[str] | None, workers: int) 
     return entries
 
 
-def prepared_studies(entries: Sequence[StudyEntry], config: PrimaConfig, workers: int) -> DataLoader:
+def prepared_studies(entries: Sequence[StudyEntry], config: PrimaConfig, workers: int,
+                     min_fraction: float | None = None) -> DataLoader:
     """Manifest studies prepared by ``workers`` DataLoader processes (0: in this process), in manifest order."""
-    return DataLoader(PreparedStudies(entries, config), batch_size=None, num_workers=workers, collate_fn=_as_is)
+    return DataLoader(PreparedStudies(entries, config, min_fraction), batch_size=None, num_workers=workers,
+                      collate_fn=_as_is)
 
 
 def _study_tokens(entries: Sequence[StudyEntry], release: Release, context: DistributedContext, workers: int,

@@ -9,6 +9,12 @@ a changed input gives a new cache and a stale one is never read. Each process to
 ``world_size``-th study and appends to its own shard; the main process writes ``index.json`` last, so a
 folder with an index is complete. A token is stored as its 128 VQ-VAE codes (int16) plus the codebook,
 so reading a cache reproduces the features of ``prima.tokens.tokenize_series`` bit for bit.
+
+As in ``prima predict-batch`` (``prima.batch.prepared_studies``), ``workers`` DataLoader processes load
+each study and cut it into filtered patches while this process encodes the previous one, so the encoder
+does not wait on file reading and resampling (on a GPU; on a 2-core CPU the encoder already keeps both
+cores busy, and 0, 1 or 2 workers took the same 36-41 s for 16 studies). A study that cannot be loaded or
+preprocessed is recorded in the shard's ``skipped`` list with the reason, and the cache goes on.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prima.batch import DEFAULT_WORKERS, prepared_studies
 from prima.config import PrimaConfig
 from prima.distributed import resolve_device
-from prima.errors import StudyLoadError
 from prima.factory import get_model_config
-from prima.manifest import load_entry_study, manifest_digest, read_manifest
+from prima.manifest import manifest_digest, read_manifest
 from prima.precision import autocast_dtype
 from prima.release import load_volume_tokenizer
-from prima.tokens import SeriesTokens, StudyTokens, code_dtype, tokenize_series
+from prima.tokens import SeriesTokens, StudyTokens, check_volume_tokenizer, code_dtype, encode_filtered
 from training.runtime import add_config_arguments, cache_key, distributed, file_digest, load_stage_config
 
 CACHE_VERSION = 1
@@ -58,6 +64,8 @@ class TokenCacheConfig:
     precision: str = "auto"  # the encoder's precision (prima.precision); predictions that should match use the same
     device: str = "auto"  # auto (CUDA when visible), cpu or cuda
     threads: int | None = None  # torch CPU threads per process
+    workers: int = DEFAULT_WORKERS  # DataLoader processes per process that load and patch studies (0 = in
+    #                                 this process); they do not change the tokens, so not part of the key
 
 
 def cache_folder(config: TokenCacheConfig, settings: PrimaConfig) -> Path:
@@ -104,6 +112,8 @@ class _ShardWriter:
 def build_token_cache(config: TokenCacheConfig, progress: bool = True) -> Path:
     """Tokenize every series of the manifest's splits (sharded over torchrun processes); returns the cache
     folder. An existing complete cache with the same key is returned as it is."""
+    if config.workers < 0:
+        raise ValueError(f"workers must be >= 0, got {config.workers}")
     settings = get_model_config(config.model)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -116,6 +126,7 @@ def build_token_cache(config: TokenCacheConfig, progress: bool = True) -> Path:
     with distributed(config.device) as context:
         volume_tokenizer = load_volume_tokenizer(config.volume_tokenizer, context.device)
         settings = dataclasses.replace(settings, volume_tokenizer=volume_tokenizer.config)
+        check_volume_tokenizer(volume_tokenizer, settings)
         shard = folder / f"shard-{context.rank:05d}-of-{context.world_size:05d}"
         if shard.exists():  # left by an interrupted run: its content is incomplete
             shutil.rmtree(shard)
@@ -123,19 +134,17 @@ def build_token_cache(config: TokenCacheConfig, progress: bool = True) -> Path:
         writer = _ShardWriter(shard, code_dtype(volume_tokenizer.config.codebook_size))
         skipped = []
         mine = studies[context.rank :: context.world_size]
-        for study in tqdm(mine, desc=f"token cache [{context.rank}]", unit="study",
+        prepared = prepared_studies(mine, settings, config.workers, config.min_fraction)
+        for study in tqdm(prepared, total=len(mine), desc=f"token cache [{context.rank}]", unit="study",
                           disable=not progress or not context.is_main):
-            try:
-                loaded = load_entry_study(study)
-            except StudyLoadError as error:
-                skipped.append({"study_id": study.study_id, "series": None, "reason": str(error)})
+            if study.error is not None:
+                skipped.append({"study_id": study.study_id, "series": None, "reason": study.error})
                 continue
-            skipped += [{"study_id": study.study_id, "series": s.name, "reason": s.reason} for s in loaded.skipped]
-            for series in loaded.series:
-                writer.add(study.study_id, tokenize_series(series, volume_tokenizer, settings,
-                                                           min_fraction=config.min_fraction,
-                                                           batch_size=config.batch_size,
-                                                           precision=config.precision))
+            skipped += [{"study_id": study.study_id, "series": s["name"], "reason": s["reason"]}
+                        for s in study.skipped]
+            for series in study.series:
+                writer.add(study.study_id, encode_filtered(series, volume_tokenizer, config.batch_size,
+                                                           config.precision))
         writer.close(skipped)
         context.barrier()
         if context.is_main:

@@ -94,3 +94,21 @@ def test_two_torchrun_processes_write_the_same_tokens(tmp_path, weights):
     for study_id in one.study_ids:
         for a, b in zip(two.study_tokens(study_id).series, one.study_tokens(study_id).series):
             assert torch.equal(a.features, b.features)
+
+
+def test_an_unreadable_study_is_skipped_with_its_reason_for_any_worker_count(weights, tmp_path):
+    manifest = build_mni_manifest(tmp_path / "mni", subjects=2, seed=4, series_per_subject=1)
+    entries = read_manifest(manifest)
+    broken = entries[1].series[0].path
+    broken.write_bytes(b"not a NIfTI file")
+    shards = {}
+    for workers in (0, 1):
+        config = dataclasses.replace(_config(manifest, tmp_path / f"cache{workers}", weights),
+                                     splits=tuple(sorted({e.split for e in entries})), workers=workers)
+        cache = TokenCache(build_token_cache(config, progress=False))
+        assert cache.study_ids == [entries[0].study_id]
+        assert [s["study_id"] for s in cache.skipped] == [entries[1].study_id] and cache.skipped[0]["reason"]
+        shards[workers] = {p.name: p.read_bytes() for p in sorted(cache.folder.glob("shard-*/*"))}
+    assert shards[0] == shards[1]  # the workers do not change a byte
+    with pytest.raises(ValueError, match="workers"):
+        build_token_cache(dataclasses.replace(config, workers=-1, out=str(tmp_path / "bad")), progress=False)
