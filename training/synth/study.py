@@ -222,7 +222,7 @@ def plan_study(
         primary: draw the primary diagnosis among these keys only, every study abnormal
             (``pathology.sample_diagnoses``). Ignored with ``keys``.
         primary_key: the primary diagnosis if the study is abnormal, from ``stratified_primaries``
-            (the same random draws are made). Ignored with ``keys``.
+            (whether it is normal stays its own draw; ``pathology.sample_diagnoses``). Ignored with ``keys``.
         shift: 0 draws the training ranges; > 0 draws pose, size, elastic deformation, property jitter,
             SNR, TR/TE and resolution (and, when generated, the bias field) beyond them, by that many range
             widths (``training.synth.shift``). The same random draws are made: split, age, sex and the
