@@ -259,7 +259,7 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
         "release": str(release_path), "model": release.config.name, "commit": git_commit(ignore=(release.path,)),
         "manifest": str(manifest), "manifest_sha256": file_digest(manifest),
         "model_sha256": file_digest(Path(release.path) / "model.safetensors"), "device": str(
-            release.model.logit_scale.device), "precision": str(dtype), "seed": seed, "n_boot": n_boot,
+            release.model.logit_scale.device), "precision": str(dtype or torch.float32), "seed": seed, "n_boot": n_boot,
         "machine": machine_description(release.model.logit_scale.device),
         "seconds": {"predict": predicted_at - started, "total": time.perf_counter() - started},
     }
@@ -272,13 +272,22 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def _split_words(result: dict) -> tuple[str, str]:
+    """How the tables name the evaluated studies: ("the test split", "test ") or, for a test-only set scored
+    with --split all, ("every study of the manifest", "")."""
+    if result["split"] == ALL_SPLITS:
+        return "every study of the manifest", ""
+    return f"the {result['split']} split", f"{result['split']} "
+
+
 def summary_rows(result: dict) -> list[dict]:
     """The headline figures, one row each (the model card's evaluation table)."""
     lime = result["lime_localisation"]
     scored = result["diagnosis"]["n_labels_scored"]
     disparity = result["tpr_disparity"]
     return [
-        {"metric": f"Diagnosis mean AUROC ({scored} of 52 labels have test positives and negatives)",
+        {"metric": f"Diagnosis mean AUROC ({scored} of 52 labels have {_split_words(result)[1]}positives and "
+                   "negatives)",
          "value": result["diagnosis"]["mean_auroc"]},
         {"metric": "Diagnosis mean AUROC, series names and description `unk`",
          "value": result["diagnosis_unk_names"]["mean_auroc"]},
@@ -300,7 +309,7 @@ def summary_rows(result: dict) -> list[dict]:
 
 def markdown_report(result: dict, space) -> str:
     """eval.md: the summary table, then per-label AUROCs beside the baseline and the unk-names run."""
-    lines = [f"## Evaluation on the {result['split']} split ({result['studies']} studies)", "",
+    lines = [f"## Evaluation on {_split_words(result)[0]} ({result['studies']} studies)", "",
              markdown_table(summary_rows(result), [("metric", "Metric"), ("value", "Value")]), ""]
     rows = []
     for diagnosis in space.diagnoses:

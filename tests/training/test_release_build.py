@@ -49,6 +49,9 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
                             "evaluate", "shifted test set", "localisation test set", "scaling"]
     shifted = json.loads((folder / "evaluation" / "shifted" / "eval.json").read_text())
     assert shifted["split"] == "all" and shifted["studies"] == 2
+    shifted_md = (folder / "evaluation" / "shifted" / "eval.md").read_text()
+    assert shifted_md.startswith("## Evaluation on every study of the manifest (2 studies)")
+    assert "labels have positives and negatives)" in shifted_md
     assert json.loads((tmp_path / "work" / "shifted" / "synth_config.json").read_text())["shift"] == 1.0
     localisation = json.loads((folder / "evaluation" / "localisation" / "eval.json").read_text())
     assert localisation["studies"] == 2 and localisation["lime_localisation"]["candidates"] >= 2
@@ -71,7 +74,9 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert len(release.config.diagnosis_thresholds) == 52 and len(release.config.referral_thresholds) == 11
     evaluation = json.loads((folder / "evaluation" / "eval.json").read_text())
     assert evaluation["studies"] == 2 and evaluation["split"] == "test"
+    assert "labels have test positives and negatives)" in (folder / "evaluation" / "eval.md").read_text()
     assert evaluation["provenance"]["machine"]["cpu_capability"] == machine_description()["cpu_capability"]
+    assert evaluation["provenance"]["precision"] == "torch.float32"  # the config's fp32, named
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "## Targets" in card and "Localisation test set (2" in card
     assert (folder / "evaluation" / "eval.md").read_text().strip() in card and "Built on: " in card
