@@ -272,12 +272,9 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def _split_words(result: dict) -> tuple[str, str]:
-    """How the tables name the evaluated studies: ("the test split", "test ") or, for a test-only set scored
-    with --split all, ("every study of the manifest", "")."""
-    if result["split"] == ALL_SPLITS:
-        return "every study of the manifest", ""
-    return f"the {result['split']} split", f"{result['split']} "
+def _evaluated_studies(split: str) -> str:
+    """The studies an evaluation covers, as its heading names them (--split all: a test-only set)."""
+    return "every study of the manifest" if split == ALL_SPLITS else f"the {split} split"
 
 
 def summary_rows(result: dict) -> list[dict]:
@@ -285,9 +282,9 @@ def summary_rows(result: dict) -> list[dict]:
     lime = result["lime_localisation"]
     scored = result["diagnosis"]["n_labels_scored"]
     disparity = result["tpr_disparity"]
+    positives = "positives" if result["split"] == ALL_SPLITS else f"{result['split']} positives"
     return [
-        {"metric": f"Diagnosis mean AUROC ({scored} of 52 labels have {_split_words(result)[1]}positives and "
-                   "negatives)",
+        {"metric": f"Diagnosis mean AUROC ({scored} of 52 labels have {positives} and negatives)",
          "value": result["diagnosis"]["mean_auroc"]},
         {"metric": "Diagnosis mean AUROC, series names and description `unk`",
          "value": result["diagnosis_unk_names"]["mean_auroc"]},
@@ -309,7 +306,7 @@ def summary_rows(result: dict) -> list[dict]:
 
 def markdown_report(result: dict, space) -> str:
     """eval.md: the summary table, then per-label AUROCs beside the baseline and the unk-names run."""
-    lines = [f"## Evaluation on {_split_words(result)[0]} ({result['studies']} studies)", "",
+    lines = [f"## Evaluation on {_evaluated_studies(result['split'])} ({result['studies']} studies)", "",
              markdown_table(summary_rows(result), [("metric", "Metric"), ("value", "Value")]), ""]
     rows = []
     for diagnosis in space.diagnoses:
