@@ -36,6 +36,7 @@ from prima.manifest import StudyEntry, load_entry_study, read_manifest
 from prima.models.name_encoder import UNK_NAME
 from prima.precision import autocast, autocast_dtype
 from prima.predict import Prediction, predict_tokens, ready_release
+from prima.config import PreprocessConfig
 from prima.preprocess import reorient_to_lps, resample_series
 from prima.release import Release
 from prima.tokens import StudyTokens, tokenize_study
@@ -88,20 +89,24 @@ def subgroups(entry: StudyEntry) -> dict[str, str | None]:
             "age group": age_group(entry.subject.get("age"))}
 
 
-def lesion_mask_on_grid(entry: StudyEntry, series_name: str, key: str, tokens, release: Release) -> np.ndarray | None:
-    """The lesion mask of ``key`` on the preprocessed grid of a series (None when the study has none there)."""
+def lesion_mask_on_grid(entry: StudyEntry, series_name: str, key: str | None, grid,
+                        preprocess: PreprocessConfig) -> np.ndarray | None:
+    """The lesion mask of ``key`` (``None``: of every lesion the series shows) on the preprocessed grid of a
+    series (``grid``: its ``SeriesTokens`` or ``SeriesPatches``); None when the study records none there."""
     masks = entry.lesion_masks or {}
-    if series_name not in masks or key not in masks[series_name].keys:
+    if series_name not in masks or (key is not None and key not in masks[series_name].keys):
         return None
     image = nib.load(str(masks[series_name].path))
     data = np.asarray(image.dataobj, dtype=np.float32)
-    channel = data if data.ndim == 3 else data[..., masks[series_name].keys.index(key)]
+    if data.ndim == 3:
+        channel = data
+    else:
+        channel = data.max(axis=-1) if key is None else data[..., masks[series_name].keys.index(key)]
     array, affine = reorient_to_lps(channel, image.affine)
-    preprocess = release.config.preprocess
-    array, _ = resample_series(array, affine, tokens.through_axis, preprocess.in_plane_size,
+    array, _ = resample_series(array, affine, grid.through_axis, preprocess.in_plane_size,
                                preprocess.min_slice_spacing_mm)
-    if array.shape != tuple(tokens.shape):
-        raise ValueError(f"{entry.study_id}/{series_name}: mask grid {array.shape} != series grid {tokens.shape}")
+    if array.shape != tuple(grid.shape):
+        raise ValueError(f"{entry.study_id}/{series_name}: mask grid {array.shape} != series grid {grid.shape}")
     mask = array > MASK_LEVEL
     return mask if mask.any() else None
 
@@ -150,7 +155,7 @@ def localise(entries: list[StudyEntry], tokens_list: list[StudyTokens], release:
         column = space.diagnosis_keys.index(key)
         series_index = int(np.argmax(contribution.deltas[:, column]))
         series = tokens.series[series_index]
-        mask = lesion_mask_on_grid(entries[i], series.name, key, series, release)
+        mask = lesion_mask_on_grid(entries[i], series.name, key, series, release.config.preprocess)
         if mask is None:  # the lesion lies outside this series' field of view
             records.append({"study_id": entries[i].study_id, "key": key, "series": series.name, "hit": None})
             continue

@@ -87,7 +87,7 @@ def test_lesion_masks_land_on_the_series_grid_where_the_lesion_is(tiny_dataset, 
     key = next(k for k in lesion.keys if k in FOCAL_DIAGNOSES)
     series_entry = next(s for s in entry.series if s.name == name)
     tokens = next(s for s in tokenize_study(load_study([series_entry.path], series_names=[name]), release).series)
-    on_grid = lesion_mask_on_grid(entry, name, key, tokens, release)
+    on_grid = lesion_mask_on_grid(entry, name, key, tokens, release.config.preprocess)
     assert on_grid is not None and on_grid.shape == tuple(tokens.shape)
     image = nib.load(str(lesion.path))
     channel = np.asarray(image.dataobj, dtype=np.float32)

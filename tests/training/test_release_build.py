@@ -92,7 +92,7 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert (folder / "evaluation" / "eval.json").stat().st_mtime_ns == evaluated
 
 
-@pytest.mark.parametrize("name", ["release-lite.yaml", "release-paper.yaml"])
+@pytest.mark.parametrize("name", ["release-lite.yaml", "release-paper.yaml", "release-cuda-check.yaml"])
 def test_shipped_release_configs_name_only_known_fields(name):
     check_release_config(read_config_file(REPO / "training" / "configs" / name))
 

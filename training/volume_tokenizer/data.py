@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from prima.config import PrimaConfig
 from prima.manifest import StudyEntry, load_entry_study, manifest_digest, read_manifest
-from prima.patching import select_tokens
+from prima.patching import patchify, select_tokens
 from prima.tokens import series_patches
+from training.evaluate import lesion_mask_on_grid
 from training.runtime import cache_key
 from training.volume_tokenizer.augment import random_token_selection
 
@@ -54,11 +55,16 @@ class PatchSet:
     series_index: np.ndarray  # (N,) int32 row of ``series_names`` / ``planes`` the patch comes from
     series_names: list[str]  # one per series
     planes: list[str]  # "axial" | "coronal" | "sagittal", one per series
+    lesions: np.ndarray | None = None  # (N, 32, 32, 4) bool lesion voxels, as ``patches`` (extract_patch_set's
+    #                                    ``lesions=True``; all False where the study has no lesion mask)
+    lesions_known: np.ndarray | None = None  # (N,) bool: the patch's study records its lesion masks
 
     def __len__(self) -> int:
         return len(self.patches)
 
     def save(self, path: Path | str) -> None:
+        lesions = {} if self.lesions is None else {"lesions": np.packbits(self.lesions, axis=None),
+                                                    "lesions_known": self.lesions_known}
         np.savez(
             path,
             patches=self.patches,
@@ -66,17 +72,24 @@ class PatchSet:
             series_index=self.series_index,
             series_names=np.array(self.series_names, dtype=str),
             planes=np.array(self.planes, dtype=str),
+            **lesions,
         )
 
     @classmethod
     def load(cls, path: Path | str) -> "PatchSet":
         with np.load(path) as saved:
+            patches = saved["patches"]
+            lesions = None
+            if "lesions" in saved:
+                lesions = np.unpackbits(saved["lesions"], count=patches.size).astype(bool).reshape(patches.shape)
             return cls(
-                patches=saved["patches"],
+                patches=patches,
                 coords=saved["coords"],
                 series_index=saved["series_index"],
                 series_names=[str(name) for name in saved["series_names"]],
                 planes=[str(plane) for plane in saved["planes"]],
+                lesions=lesions,
+                lesions_known=saved["lesions_known"] if lesions is not None else None,
             )
 
 
@@ -86,6 +99,7 @@ def extract_patch_set(
     fraction_range: tuple[float, float] | None = None,
     seed: int = 0,
     progress: bool = True,
+    lesions: bool = False,
 ) -> PatchSet:
     """Patches of every series of ``studies``, preprocessed as ``config`` says.
 
@@ -95,10 +109,13 @@ def extract_patch_set(
             uniformly in this range (the paper's filtering augmentation); otherwise the config's.
         seed: seeds those draws.
         progress: show a progress bar over studies on stderr (extraction takes minutes).
+        lesions: also cut each series' lesion masks (the manifest's ``lesion_masks``, every lesion of the
+            series at once) into patches, for the evaluation's lesion fidelity.
     """
     rng = np.random.default_rng(seed)
     filter_config = config.volume_tokenizer
     chunks, coords, series_index, names, planes = [], [], [], [], []
+    lesion_chunks, known = [], []
     for study in tqdm(studies, desc="extracting patches", unit="study", disable=not progress):
         loaded = load_entry_study(study)
         for skipped in loaded.skipped:
@@ -110,13 +127,19 @@ def extract_patch_set(
             else:
                 kept = random_token_selection(patches.fractions, rng, *fraction_range, min_tokens=filter_config.min_tokens)
             chunks.append(patches.patches[kept].astype(np.float16))
+            if lesions:
+                mask = lesion_mask_on_grid(study, series.name, None, patches, config.preprocess)
+                lesion_chunks.append(np.zeros(chunks[-1].shape, dtype=bool) if mask is None else
+                                     patchify(mask, patches.through_axis, config.volume_tokenizer.patch_size)[0][kept])
+                known.append(np.full(len(kept), study.lesion_masks is not None))
             coords.append(patches.coords[kept])
             series_index.append(np.full(len(kept), len(names), dtype=np.int32))
             names.append(series.name)
             planes.append(patches.plane)
     if not chunks:
         raise ValueError("no usable series in the given studies")
-    return PatchSet(np.concatenate(chunks), np.concatenate(coords), np.concatenate(series_index), names, planes)
+    return PatchSet(np.concatenate(chunks), np.concatenate(coords), np.concatenate(series_index), names, planes,
+                    np.concatenate(lesion_chunks) if lesions else None, np.concatenate(known) if lesions else None)
 
 
 def patch_set_key(manifest: Path | str, splits: list[str], config: PrimaConfig,

@@ -5,7 +5,9 @@
 
 Reports, over foreground patches (the deterministic filter at the config's minimum fraction):
 L1 and PSNR overall, per sequence type and per plane; codebook utilisation; orientation
-consistency; and writes ``reconstructions.png`` (original / reconstruction / difference).
+consistency; where the manifest has lesion masks, the same metrics for the patches that touch a
+lesion and for the others, and the share of each lesion's contrast the reconstruction keeps; and
+writes ``reconstructions.png`` (original / reconstruction / difference).
 ``eval.json`` records its provenance (the evaluating commit, the manifest's SHA-256, splits, seed,
 the weights' SHA-256 and the training provenance stored in the weights file) and a few evaluated
 patches are saved beside it (``eval_samples.npz``) with their codes and PSNR, so anyone can check that
@@ -87,6 +89,42 @@ def reconstruction_metrics(originals: np.ndarray, recons: np.ndarray) -> dict:
         "psnr_db": psnr(float((errors**2).mean())),
         "mean_patch_psnr_db": float(np.mean(patch_psnrs(originals, recons))),
     }
+
+
+def lesion_contrast(originals: np.ndarray, recons: np.ndarray, lesions: np.ndarray, min_voxels: int = 20,
+                    min_contrast: float = 0.03) -> dict:
+    """How much of a lesion's contrast the reconstruction keeps, over patches that hold both lesion and
+    other voxels.
+
+    A patch's contrast is the mean intensity of its lesion voxels minus that of its other voxels; its
+    kept fraction is the reconstruction's contrast over the same voxels divided by the original's (1 =
+    kept, 0 = the lesion is blurred into its surroundings, negative = inverted). Patches with fewer than
+    ``min_voxels`` voxels on either side, or an original contrast below ``min_contrast`` in absolute value,
+    are left out (their ratio is noise).
+
+    Args:
+        originals, recons: aligned (N, ...) patches and reconstructions.
+        lesions: (N, ...) bool lesion voxels of the same patches.
+    """
+    originals = originals.reshape(len(originals), -1).astype(np.float32)
+    recons = recons.reshape(len(recons), -1).astype(np.float32)
+    lesions = lesions.reshape(len(lesions), -1)
+    inside, outside = lesions.sum(axis=1), (~lesions).sum(axis=1)
+    usable = (inside >= min_voxels) & (outside >= min_voxels)
+
+    def contrast(values: np.ndarray) -> np.ndarray:
+        lesion_mean = (values * lesions).sum(axis=1)[usable] / inside[usable]
+        other_mean = (values * ~lesions).sum(axis=1)[usable] / outside[usable]
+        return lesion_mean - other_mean
+
+    original, reconstructed = contrast(originals), contrast(recons)
+    measured = np.abs(original) >= min_contrast
+    kept = reconstructed[measured] / original[measured]
+    if not kept.size:
+        return {"patches": 0}
+    return {"patches": int(kept.size), "original_abs_median": float(np.median(np.abs(original[measured]))),
+            "kept_median": float(np.median(kept)), "kept_mean": float(np.mean(kept)),
+            "sign_kept": float(np.mean(kept > 0))}
 
 
 @torch.no_grad()
@@ -190,6 +228,15 @@ def evaluate(model: VQVAE, patch_set: PatchSet, out: Path, consistency_patches: 
                     "psnr_db": patch_psnrs(patch_set.patches[kept_samples], recons[kept_samples]).tolist()},
         "provenance": provenance or {},
     }
+    if patch_set.lesions is not None and patch_set.lesions_known.any():
+        # Lesions are a small share of the patches: a tokenizer can reach a high PSNR overall and still
+        # blur them away, and then no model can find them in its tokens.
+        touching = patch_set.lesions_known & patch_set.lesions.reshape(len(patch_set), -1).any(axis=1)
+        result["lesions"] = {
+            "touching_lesion": metrics_where(touching),
+            "no_lesion": metrics_where(patch_set.lesions_known & ~touching),
+            "contrast": lesion_contrast(patch_set.patches[touching], recons[touching], patch_set.lesions[touching]),
+        }
     result["figure"] = reconstruction_figure(patch_set, recons, out / "reconstructions.png", seed=seed).name
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
@@ -230,9 +277,10 @@ def main(argv: list[str] | None = None) -> None:
         "weights_sha256": file_digest(args.volume_tokenizer),
         "training": training,
     }
-    result = evaluate(model, extract_patch_set(studies, settings), args.out, seed=args.seed, provenance=provenance)
-    shown = ("overall", "by_sequence", "by_plane", "codebook", "orientation_consistency")
-    print(json.dumps({key: result[key] for key in shown}, indent=2))
+    result = evaluate(model, extract_patch_set(studies, settings, lesions=True), args.out, seed=args.seed,
+                      provenance=provenance)
+    shown = ("overall", "by_sequence", "by_plane", "codebook", "orientation_consistency", "lesions")
+    print(json.dumps({key: result[key] for key in shown if key in result}, indent=2))
     print(summary_line(result))
 
 

@@ -12,7 +12,7 @@ import torch
 from prima.factory import get_model_config
 from prima.manifest import read_manifest
 from training.volume_tokenizer.augment import orient_patches, random_orientation, random_token_selection
-from training.volume_tokenizer.data import PatchSet, cached_patch_set, sequence_type
+from training.volume_tokenizer.data import PatchSet, cached_patch_set, extract_patch_set, sequence_type
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,34 @@ def test_patch_cache_is_keyed_by_what_built_it(mni_manifest: Path, tmp_path: Pat
     cached_patch_set(manifest_copy, ["train"], tmp_path, coarser)  # another manifest: not the cache either
     assert len(list(tmp_path.glob("patches-*.npz"))) == 3
     assert len(small) < len(cached_patch_set(mni_manifest, ["train"], tmp_path, config))
+
+
+def test_lesion_patches_follow_the_manifest_masks_and_survive_a_save(tiny_dataset: Path, tmp_path: Path) -> None:
+    from prima.manifest import load_entry_study
+    from prima.tokens import series_patches
+    from training.evaluate import lesion_mask_on_grid
+    from training.metrics import token_overlap
+
+    config = get_model_config("prima-lite")
+    entries = read_manifest(tiny_dataset)
+    with_lesion = next(e for e in entries if e.lesion_masks)
+    without = next(e for e in entries if e.lesion_masks == {})
+    patch_set = extract_patch_set([with_lesion, without], config, progress=False, lesions=True)
+    assert patch_set.lesions.shape == patch_set.patches.shape and patch_set.lesions_known.all()
+    per_patch = patch_set.lesions.reshape(len(patch_set), -1).mean(axis=1)
+    series_count = len(load_entry_study(with_lesion).series)
+    assert not per_patch[patch_set.series_index >= series_count].any()  # the study without a lesion
+    # the first lesion series: its patches' lesion share is the mask's overlap with each kept token
+    name = next(iter(with_lesion.lesion_masks))
+    row = patch_set.series_names.index(name)
+    series = next(s for s in load_entry_study(with_lesion).series if s.name == name)
+    grid = series_patches(series, config)
+    mask = lesion_mask_on_grid(with_lesion, name, None, grid, config.preprocess)
+    rows = patch_set.series_index == row
+    expected = token_overlap(patch_set.coords[rows], mask, config.volume_tokenizer.patch_size, grid.through_axis)
+    assert expected.any() and np.allclose(per_patch[rows], expected)
+    patch_set.save(tmp_path / "set.npz")
+    loaded = PatchSet.load(tmp_path / "set.npz")
+    assert np.array_equal(loaded.lesions, patch_set.lesions)
+    assert np.array_equal(loaded.lesions_known, patch_set.lesions_known)
+    assert extract_patch_set([without], config, progress=False).lesions is None  # only when asked for

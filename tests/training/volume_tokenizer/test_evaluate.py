@@ -17,6 +17,7 @@ from training.volume_tokenizer.data import extract_patch_set
 from training.volume_tokenizer.evaluate import (
     SAMPLES_FILE,
     evaluate,
+    lesion_contrast,
     main,
     psnr,
     reconstruct,
@@ -33,6 +34,36 @@ def test_psnr_and_l1_of_a_known_error() -> None:
     assert metrics["psnr_db"] == pytest.approx(20.0, abs=1e-4)  # MSE 0.01, peak 1
     assert metrics["mean_patch_psnr_db"] == pytest.approx(20.0, abs=1e-4)
     assert psnr(1e-3) == pytest.approx(30.0)
+
+
+def test_lesion_contrast_of_known_reconstructions() -> None:
+    lesions = np.zeros((3, 32, 32, 4), dtype=bool)
+    lesions[:, :8] = True  # a quarter of each patch
+    lesions[2] = False
+    lesions[2, 0, 0, :2] = True  # 2 voxels: too few to measure
+    originals = np.where(lesions, 0.8, 0.2).astype(np.float16)
+    halved = lesion_contrast(originals, 0.5 * originals + 0.25, lesions)
+    assert halved["patches"] == 2 and halved["original_abs_median"] == pytest.approx(0.6, abs=1e-3)
+    assert halved["kept_median"] == pytest.approx(0.5, abs=1e-3) and halved["sign_kept"] == 1.0
+    inverted = lesion_contrast(originals, 1.0 - originals, lesions)
+    assert inverted["kept_mean"] == pytest.approx(-1.0, abs=1e-3) and inverted["sign_kept"] == 0.0
+    flat = np.full_like(originals, 0.5)
+    assert lesion_contrast(flat, flat, lesions) == {"patches": 0}  # no contrast to keep
+
+
+def test_evaluation_reports_lesion_fidelity_where_the_manifest_has_masks(tiny_dataset: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_volume_tokenizer(VolumeTokenizerConfig(channels=8, res_layers=1, codebook_size=64)).eval()
+    entries = [e for e in read_manifest(tiny_dataset) if e.lesion_masks is not None][:4]
+    patch_set = extract_patch_set(entries, get_model_config("prima-lite"), progress=False, lesions=True)
+    lesions = evaluate(model, patch_set, tmp_path, consistency_patches=16)["lesions"]
+    touching = patch_set.lesions.reshape(len(patch_set), -1).any(axis=1).sum()
+    assert lesions["touching_lesion"]["patches"] == touching > 0
+    assert lesions["touching_lesion"]["patches"] + lesions["no_lesion"]["patches"] == len(patch_set)
+    assert 0 < lesions["contrast"]["patches"] <= touching
+    without_masks = evaluate(model, extract_patch_set(entries, get_model_config("prima-lite"), progress=False),
+                             tmp_path / "plain", consistency_patches=16)
+    assert "lesions" not in without_masks
 
 
 def test_evaluate_writes_metrics_and_figure(mni_manifest: Path, tmp_path: Path) -> None:
