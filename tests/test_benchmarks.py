@@ -124,3 +124,33 @@ def test_load_benchmark_checks_every_answer():
 def test_fuzz_benchmark_reports_cases_and_failures():
     out = run_benchmark("bench_fuzz.py", "--cases", "20", "--seed", "0")
     assert "cases tried: 20" in out and "failing cases: 0" in out
+
+
+def test_release_cuda_script_runs_every_stage_and_predicts(tmp_path):
+    """benchmarks/release_cuda.sh with DEVICE=cpu on a tiny synthetic release: the script itself, which a
+    GPU session runs in one call, must not be the part that fails there."""
+    import json
+
+    volume_tokenizer = BENCHMARKS.parent / "assets/volume-tokenizer-lite/volume_tokenizer.safetensors"
+    steps = {"steps": 2, "batch_size": 4, "warmup": 1, "eval_every": 2, "log_every": 1, "precision": "fp32"}
+    config = {
+        "out": str(tmp_path / "unused"), "work": str(tmp_path / "unused"), "seed": 0,
+        "data": {"n": 12, "seed": 3, "spacing": 6.0, "max_series": 3, "workers": 1},  # as tests/training's tiny_dataset
+        "volume_tokenizer": {"weights": str(volume_tokenizer)},
+        "token_cache": {"min_fraction": 0.02, "precision": "fp32", "workers": 0},
+        "report_lm": steps, "series_names": {**steps, "max_tokens": 32}, "clip": {**steps, "max_tokens": 32},
+        "heads": {"train_views": 1, "epochs": 2, "precision": "fp32"},
+        "evaluate": {"n_boot": 5, "lime_samples": 8, "lime_max": 1, "precision": "fp32"},
+    }
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "CONFIG": str(tmp_path / "tiny.json"),
+           "WORK": str(tmp_path / "work"), "REPORT_DIR": str(tmp_path / "report")}
+    done = subprocess.run(["bash", str(BENCHMARKS / "release_cuda.sh")], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "== release built in " in done.stdout and "example predicted in " in done.stdout
+    assert "## Evaluation on the test split" in done.stdout
+    stages = json.loads((tmp_path / "report" / "stages.json").read_text())
+    assert {"data", "token cache", "clip", "heads", "evaluate"} <= set(stages)
+    prediction = json.loads((tmp_path / "report" / "prediction.json").read_text())
+    assert len(prediction["diagnoses"]) == 52
