@@ -11,6 +11,7 @@ import pytest
 
 from prima import load_release
 from prima.predict import predict
+from training.release import card_from_files
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "weights" / "prima-lite"
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "glioma_high_grade.zip"
@@ -38,3 +39,7 @@ def test_model_card_carries_the_shipped_evaluation_and_how_it_was_made():
     provenance = json.loads((evaluation / "provenance.json").read_text(encoding="utf-8"))
     assert result["split"] == "test" and provenance["config"]["model"] == "prima-lite"
     assert (evaluation / "reliability.png").stat().st_size > 0
+
+
+def test_shipped_card_is_what_the_card_code_writes_from_the_release_files():
+    assert card_from_files(SHIPPED) == (SHIPPED / "README.md").read_text(encoding="utf-8")

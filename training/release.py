@@ -358,6 +358,24 @@ def _label_counts(manifest: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
+def card_from_files(folder: Path) -> str:
+    """The model card of the release in ``folder`` rendered again from the files its build wrote there (the
+    evaluation, provenance, the shifted and localisation evaluations, the scaling curve): how the card of a
+    built release follows a change of the card's code without training again."""
+    evaluation = folder / EVALUATION_FOLDER
+
+    def read(path: Path) -> Any:
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    provenance = read(evaluation / "provenance.json")
+    if provenance is None:
+        raise FileNotFoundError(f"{evaluation / 'provenance.json'} is missing: {folder} is not a built release")
+    return model_card(get_model_config(provenance["config"]["model"]), read(evaluation / EVAL_JSON), provenance,
+                      (evaluation / EVAL_MARKDOWN).read_text(encoding="utf-8"),
+                      f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}", read(evaluation / SCALING_JSON),
+                      read(evaluation / "shifted" / EVAL_JSON), read(evaluation / "localisation" / EVAL_JSON))
+
+
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     """Upload a release folder to the Hugging Face Hub (needs network and a token); returns its URL."""
     from huggingface_hub import HfApi
@@ -371,13 +389,19 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.release", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="release config (YAML or JSON)")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--config", type=Path, help="release config (YAML or JSON)")
+    task.add_argument("--rewrite-card", type=Path, metavar="RELEASE",
+                      help="only write RELEASE/README.md again from the files its build left there")
     parser.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda)")
     parser.add_argument("--out", default=None, help="override the release folder")
     parser.add_argument("--work", default=None, help="override the work folder")
     parser.add_argument("--push-to-hub", metavar="OWNER/REPO", default=None, help="upload the release afterwards")
     parser.add_argument("--private", action="store_true", help="create the hub repository as private")
     args = parser.parse_args(argv)
+    if args.rewrite_card:
+        (args.rewrite_card / "README.md").write_text(card_from_files(args.rewrite_card), encoding="utf-8")
+        return 0
     doc = read_config_file(args.config)
     for key in ("device", "out", "work"):
         if getattr(args, key) is not None:

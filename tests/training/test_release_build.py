@@ -17,7 +17,7 @@ from prima import load_release
 from prima.manifest import read_manifest
 from prima.predict import predict
 from training.evaluate import FOCAL_DIAGNOSES
-from training.release import ReleaseConfig, StageTimer, build, check_release_config
+from training.release import ReleaseConfig, StageTimer, build, card_from_files, check_release_config, main
 from training.runtime import machine_description, read_config_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +81,11 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert "not for clinical use" in card and "## Targets" in card and "Localisation test set (2" in card
     assert (folder / "evaluation" / "eval.md").read_text().strip() in card and "Built on: " in card
     assert (folder / "evaluation" / "reliability.png").stat().st_size > 1000
+    # the card is what the card code renders from the files the build left (how a shipped card is rewritten)
+    assert card_from_files(folder) == card and "| Release build time, every stage (minutes) | <= 120 |" in card
+    assert "Synthesis (studies per minute" not in card  # the data came from a manifest
+    (folder / "README.md").write_text("stale card")
+    assert main(["--rewrite-card", str(folder)]) == 0 and (folder / "README.md").read_text() == card
     # a second build finds every stage done (nothing is trained or evaluated again) and the same release
     before = (folder / "model.safetensors").read_bytes()
     evaluated = (folder / "evaluation" / "eval.json").stat().st_mtime_ns
