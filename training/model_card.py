@@ -18,6 +18,10 @@ BUILD_MINUTES_BOUND = 120  # the lite release builds from nothing within this on
 SYNTHESIS_RATE_BOUND = 30  # studies per minute the data stage synthesises on a 2-core CPU
 
 
+def _verdict(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
 def _value(result: dict, path: tuple[str, ...]):
     for key in path:
         result = result.get(key) if isinstance(result, dict) else None
@@ -47,15 +51,15 @@ def target_rows(result: dict, localisation: dict | None = None) -> list[str]:
             name, value = f"{name} (localisation set, {lime['explanations']} explanations)", lime["top3_accuracy"]
         met = value is not None and value >= bound
         rows.append(f"| {name} | >= {bound:.2f} | {'—' if value is None else f'{value:.3f}'} | "
-                    f"{'met' if met else '**not met**'} |")
+                    f"{_verdict(met)} |")
     full, unk = result["diagnosis"]["mean_auroc"], result["diagnosis_unk_names"]["mean_auroc"]
     baseline = result["metadata_baseline"]["mean_auroc"]
     if full is not None and unk is not None:
         rows.append(f"| `unk`-names AUROC within 0.02 of the full one | <= 0.02 | {abs(full - unk):.3f} | "
-                    f"{'met' if abs(full - unk) <= 0.02 else '**not met**'} |")
+                    f"{_verdict(abs(full - unk) <= 0.02)} |")
     if full is not None and baseline is not None:
         rows.append(f"| Margin over the metadata-only baseline | >= 0.30 | {full - baseline:.3f} | "
-                    f"{'met' if full - baseline >= 0.30 else '**not met**'} |")
+                    f"{_verdict(full - baseline >= 0.30)} |")
     return rows
 
 
@@ -65,12 +69,12 @@ def build_rows(provenance: dict) -> list[str]:
     seconds = provenance["stage_seconds"]
     minutes = sum(seconds.values()) / 60
     rows = [f"| Release build time, every stage (minutes) | <= {BUILD_MINUTES_BOUND} | {minutes:.0f} | "
-            f"{'met' if minutes <= BUILD_MINUTES_BOUND else '**not met**'} |"]
+            f"{_verdict(minutes <= BUILD_MINUTES_BOUND)} |"]
     data = provenance["config"]["data"]
     if "manifest" not in data and seconds.get("data"):
         rate = data["n"] / seconds["data"] * 60
         rows.append(f"| Synthesis (studies per minute, data stage) | >= {SYNTHESIS_RATE_BOUND} | {rate:.1f} | "
-                    f"{'met' if rate >= SYNTHESIS_RATE_BOUND else '**not met**'} |")
+                    f"{_verdict(rate >= SYNTHESIS_RATE_BOUND)} |")
     return rows
 
 

@@ -59,6 +59,7 @@ from training.volume_tokenizer import train as volume_tokenizer_stage
 STAGES_FILE = "stages.json"
 SCALING_JSON, SCALING_PNG = "scaling.json", "scaling.png"
 EVALUATION_FOLDER = "evaluation"
+PROVENANCE_JSON = "provenance.json"
 
 
 @dataclass
@@ -222,8 +223,8 @@ def build(config: ReleaseConfig, command: str) -> Path:
                                                          device=config.device, seed=config.seed,
                                                          token_memo=test_tokens, **options))
 
-    def write_card(curve: list[dict] | None, shifted: dict | None, localisation: dict | None) -> None:
-        """provenance.json and README.md, written once the release is evaluated (again with the scaling curve)."""
+    def write_card(with_scaling: bool) -> None:
+        """provenance.json, then README.md from the release's files (again once the scaling curve is written)."""
         provenance = {
             "command": command, "commit": git_commit(ignore=(out,)), "config": dataclasses.asdict(config),
             "manifest_sha256": file_digest(manifest), "stage_seconds": timer.times,
@@ -234,12 +235,9 @@ def build(config: ReleaseConfig, command: str) -> Path:
                 ("clip", "clip", clip_stage.SUMMARY_FILE), ("heads", "heads", heads_stage.SUMMARY_FILE))},
             "label_counts": _label_counts(manifest),
         }
-        (out / EVALUATION_FOLDER / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n",
-                                                               encoding="utf-8")
-        evaluation_markdown = (out / EVALUATION_FOLDER / EVAL_MARKDOWN).read_text(encoding="utf-8")
-        (out / "README.md").write_text(model_card(get_model_config(config.model), result, provenance,
-                                                  evaluation_markdown, f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}",
-                                                  curve, shifted, localisation), encoding="utf-8")
+        (out / EVALUATION_FOLDER / PROVENANCE_JSON).write_text(json.dumps(provenance, indent=1) + "\n",
+                                                             encoding="utf-8")
+        (out / "README.md").write_text(card_from_files(out, with_scaling=with_scaling), encoding="utf-8")
 
     def test_only_evaluation(name: str, settings: dict, **overrides: Any) -> dict:
         """The whole evaluation (``--split all``) of a test-only synthetic set written to ``<work>/<name>``."""
@@ -247,18 +245,16 @@ def build(config: ReleaseConfig, command: str) -> Path:
         return evaluate_once(out, test_manifest, out / EVALUATION_FOLDER / name, split="all",
                              device=config.device, seed=config.seed, **{**options, **overrides})
 
-    shifted = None
     if config.shifted:
-        shifted = timer.run("shifted test set", lambda: test_only_evaluation("shifted", {
+        timer.run("shifted test set", lambda: test_only_evaluation("shifted", {
             "seed": config.seed + 1, "shift": 1.0, "protocol_blind": "all", **config.shifted}, lime_max=0))
-    localisation = None
     if config.localisation:
         # Test-only studies whose primary diagnosis is focal (the paper scores LIME on BraTS): the LIME target
         # is read on this set.
-        localisation = timer.run("localisation test set", lambda: test_only_evaluation("localisation", {
+        timer.run("localisation test set", lambda: test_only_evaluation("localisation", {
             "seed": config.seed + 2, "protocol_blind": "all", "balance": 1.0, "primary": list(FOCAL_DIAGNOSES),
             **config.localisation}))
-    write_card(None, shifted, localisation)  # the release is usable now; the scaling curve takes as long again
+    write_card(with_scaling=False)  # the release is usable now; the scaling curve takes as long again
     if config.scaling.get("fractions"):
         proportional = config.scaling.get("steps", "same") == "proportional"
 
@@ -281,7 +277,7 @@ def build(config: ReleaseConfig, command: str) -> Path:
         full = {**scaling_point(1.0, manifest, result), "clip_steps": clip_config.steps}
         curve = timer.run("scaling", lambda: [*(point(f) for f in sorted(config.scaling["fractions"]) if f < 1), full])
         write_scaling(curve, out / EVALUATION_FOLDER)
-        write_card(curve, shifted, localisation)
+        write_card(with_scaling=True)
     print(f"release written to {out} ({json.dumps(timer.times)})", file=sys.stderr)
     return out
 
@@ -358,22 +354,26 @@ def _label_counts(manifest: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
-def card_from_files(folder: Path) -> str:
-    """The model card of the release in ``folder`` rendered again from the files its build wrote there (the
-    evaluation, provenance, the shifted and localisation evaluations, the scaling curve): how the card of a
-    built release follows a change of the card's code without training again."""
+def card_from_files(folder: Path, with_scaling: bool = True) -> str:
+    """The model card of the release in ``folder`` rendered from the files its build wrote there: the
+    evaluation, provenance, and the shifted, localisation and (``with_scaling``) scaling results of the
+    sections its config has. The build writes its card so, and a built release's card follows a change of
+    the card's code the same way, without training again."""
     evaluation = folder / EVALUATION_FOLDER
 
-    def read(path: Path) -> Any:
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    def read(path: Path, wanted: Any = True) -> Any:
+        return json.loads(path.read_text(encoding="utf-8")) if wanted and path.exists() else None
 
-    provenance = read(evaluation / "provenance.json")
+    provenance = read(evaluation / PROVENANCE_JSON)
     if provenance is None:
-        raise FileNotFoundError(f"{evaluation / 'provenance.json'} is missing: {folder} is not a built release")
-    return model_card(get_model_config(provenance["config"]["model"]), read(evaluation / EVAL_JSON), provenance,
+        raise FileNotFoundError(f"{evaluation / PROVENANCE_JSON} is missing: {folder} is not a built release")
+    sections = provenance["config"]
+    return model_card(get_model_config(sections["model"]), read(evaluation / EVAL_JSON), provenance,
                       (evaluation / EVAL_MARKDOWN).read_text(encoding="utf-8"),
-                      f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}", read(evaluation / SCALING_JSON),
-                      read(evaluation / "shifted" / EVAL_JSON), read(evaluation / "localisation" / EVAL_JSON))
+                      f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}",
+                      read(evaluation / SCALING_JSON, with_scaling and sections["scaling"].get("fractions")),
+                      read(evaluation / "shifted" / EVAL_JSON, sections["shifted"]),
+                      read(evaluation / "localisation" / EVAL_JSON, sections["localisation"]))
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
