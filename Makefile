@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: run test test-slow bench chromium clean
+.PHONY: run test test-slow bench chromium dcmtk clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,20 @@ chromium:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# dcmtk's dsrdump renders the DICOM SR that prima.export writes as text (tests/test_export.py).
+dcmtk:
+	@command -v dsrdump >/dev/null 2>&1 || { \
+	  echo "installing Debian's dcmtk for the DICOM SR test"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk >/dev/null; }
+
 run: $(VENV)/.installed
 	GRADIO_SERVER_NAME=$(HOST) GRADIO_SERVER_PORT=$(PORT) $(PY) app.py
 
-test: $(VENV)/.installed-test chromium
+test: $(VENV)/.installed-test chromium dcmtk
 	$(PY) -m pytest -q
 
-test-slow: $(VENV)/.installed-test chromium
+test-slow: $(VENV)/.installed-test chromium dcmtk
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.installed

@@ -18,6 +18,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     logging.getLogger("prima.io").setLevel(logging.WARNING)  # its INFO lines name the uploaded files
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name the DICOM objects' UIDs
     demo = build_demo()
     demo.queue(max_size=int(os.environ.get("PRIMA_QUEUE_SIZE", "32")),
                default_concurrency_limit=int(os.environ.get("PRIMA_CONCURRENCY", "1")))

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from prima.explain import Explanation, SeriesContribution, explain, heatmap, series_contribution, zero_shot
+from prima.export import SeriesGeometry, export_dicom
 from prima.io import load_study
 from prima.predict import Prediction, Progress, predict
 from prima.preprocess import preprocess_series
@@ -44,6 +46,8 @@ class StudySession:
     volumes: list[np.ndarray]  # per series: (X, Y, Z) uint8 preprocessed image (the grid the heatmap is on)
     contribution: SeriesContribution  # the series-drop analysis of every diagnosis
     explanations: dict[tuple[str, int], Explanation] = field(default_factory=dict)  # (target, series) -> LIME
+    sources: list[str] = field(default_factory=list)  # what the study was loaded from (the DICOM export reads it)
+    geometry: list[SeriesGeometry] = field(default_factory=list)  # per series: its grid and source, no voxels
     _workdir: Path | None = None  # exported files, made on the first export
 
     @property
@@ -94,6 +98,7 @@ def analyse(sources: str | Path | Sequence[str | Path], release: Release, descri
     """
     report = progress or (lambda fraction, stage: None)
     report(0.0, "loading the study")
+    sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(source) for source in sources]
     study = load_study(sources, study_description=description.strip() if description and description.strip() else None)
     prediction = predict(study, release, return_embedding=True,
                          progress=lambda fraction, stage: report(0.05 + 0.85 * fraction, stage))
@@ -103,7 +108,8 @@ def analyse(sources: str | Path | Sequence[str | Path], release: Release, descri
     contribution = series_contribution(prediction.tokens, release)
     log.info("analysed a study: %d series, %d skipped, %.1f s", len(prediction.series), len(prediction.skipped),
              prediction.timings_s.get("total", 0.0))
-    return StudySession(prediction, volumes, contribution)
+    return StudySession(prediction, volumes, contribution, sources=sources,
+                        geometry=[SeriesGeometry.of(series) for series in study.series])
 
 
 def explanation(session: StudySession, release: Release, target: str, series: int,
@@ -164,4 +170,27 @@ def export_view(session: StudySession, volume: ViewVolume, plane: str, index: in
         raise ValueError(f"plane must be one of {PLANES}, got {plane!r}")
     path = session.workdir / f"prima-view-{plane}-{index}.png"
     path.write_bytes(view_png(volume, plane, index, opacity))
+    return path
+
+
+def export_dicom_zip(session: StudySession, lime: Explanation) -> Path:
+    """The explanation and the prediction as DICOM (parametric map, segmentation, SR over the source series'
+    own slices), **de-identified** (the app returns no identifier, docs/app.md), with the de-identified copy
+    of the source series the objects reference, zipped.
+
+    Raises:
+        ExportError: the series cannot be exported (NIfTI, enhanced multi-frame, its files are gone or changed).
+    """
+    name = f"prima-dicom-{lime.target}-series{lime.series_index}"
+    staging = Path(tempfile.mkdtemp(prefix="dicom-", dir=session.workdir))
+    try:
+        written = export_dicom(staging / name, session.sources, session.geometry[lime.series_index], lime,
+                               session.prediction.tokens.series[lime.series_index], session.prediction, deidentify=True)
+        path = session.workdir / f"{name}.zip"
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for file in written.files:
+                archive.write(file, f"{name}/{file.relative_to(written.folder).as_posix()}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported DICOM objects of one explanation (%d files)", len(written.files))
     return path

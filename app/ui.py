@@ -21,13 +21,13 @@ from typing import Sequence
 import gradio as gr
 from fastapi.responses import PlainTextResponse
 
-from prima.errors import ReleaseError, StudyLoadError
+from prima.errors import ExportError, ReleaseError, StudyLoadError
 from prima.predict import ready_release
 from prima.release import Release
 
 from app import charts, viewer
 from app.session import (StudySession, analyse, ask, close_session, default_series, default_target, explanation,
-                         export_heatmap, export_prediction, export_view, view_volume)
+                         export_dicom_zip, export_heatmap, export_prediction, export_view, view_volume)
 
 log = logging.getLogger("prima.app")
 
@@ -186,6 +186,12 @@ class Handlers:
             raise gr.Error("Explain a diagnosis first: there is no heatmap to export yet.")
         if kind == "heatmap":
             return str(export_heatmap(session, lime))
+        if kind == "dicom":
+            _check_present(session.sources)
+            try:
+                return str(export_dicom_zip(session, lime))
+            except ExportError as error:
+                raise gr.Error(f"No DICOM export for this series: {error}") from error
         volume = view_volume(session, int(series), lime)
         count = viewer.slice_count(volume, plane)
         index = int(slice_index) if slice_index is not None and 0 <= slice_index < count else viewer.default_slice(
@@ -295,7 +301,8 @@ def _explore_tab(handlers: Handlers, examples: list[ExampleStudy]):
     with gr.Row():
         export_buttons = {kind: gr.Button(label, size="sm", elem_id=f"export-{kind}") for kind, label in
                           (("prediction", "Download prediction (JSON)"), ("heatmap", "Download heatmap (NIfTI)"),
-                           ("view", "Download view (PNG)"))}
+                           ("view", "Download view (PNG)"),
+                           ("dicom", "Download DICOM (SEG + parametric map + SR, zip)"))}
         export_file = gr.File(label="Export", elem_id="export-file", interactive=False)
     series_table = gr.Dataframe(headers=SERIES_COLUMNS, label="Series", interactive=False, elem_id="series-table")
     skipped_table = gr.Dataframe(headers=SKIPPED_COLUMNS, label="Skipped series", interactive=False,

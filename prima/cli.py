@@ -20,8 +20,9 @@ from prima.errors import PrimaError, ReleaseError
 
 if TYPE_CHECKING:  # the model modules load torch, which `prima inspect` and `--help` do without
     from prima.explain import Explanation
+    from prima.io import Series, Study
     from prima.predict import Prediction
-    from prima.tokens import SeriesTokens
+    from prima.tokens import SeriesTokens, StudyTokens
 
 # The release the repository ships (added by the training work); ``PRIMA_WEIGHTS`` or ``--weights`` win over it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "weights" / "prima-lite"
@@ -152,13 +153,85 @@ def _write_heatmap(path: str, explanation: Explanation, tokens: SeriesTokens) ->
     return out
 
 
+def input_grid_path(path: str | Path) -> Path:
+    """Where the heatmap on a NIfTI input's own grid goes beside ``--heatmap PATH``: ``NAME_input_grid.nii.gz``."""
+    path = Path(path)
+    for suffix in (".nii.gz", ".nii"):
+        if path.name.lower().endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)] + "_input_grid" + path.name[-len(suffix):])
+    return path.with_name(path.name + "_input_grid.nii.gz")
+
+
+def _heatmap_lines(path: str, explanation: Explanation, tokens: SeriesTokens, series: Series) -> list[str]:
+    """Write the heatmap NIfTI on the preprocessed grid and, for a NIfTI series, also on the input file's own
+    grid (same shape and affine as the input, so it overlays it voxel for voxel)."""
+    lines = [f"Heatmap (NIfTI on the preprocessed series grid): {_write_heatmap(path, explanation, tokens)}"]
+    if series.meta.get("format") == "nifti":
+        import nibabel as nib
+
+        from prima.explain import heatmap
+        from prima.export import heatmap_on_input_grid
+
+        array, affine = heatmap_on_input_grid(heatmap(explanation, tokens), tokens.affine, series)
+        out = input_grid_path(path)
+        nib.save(nib.Nifti1Image(array, affine), str(out))
+        lines.append(f"Heatmap (NIfTI on the input's own grid): {out}")
+    return lines
+
+
+def _check_output_options(args: argparse.Namespace) -> None:
+    """Refuse output options that do not go together, and a DICOM folder in the way, before any work."""
+    if args.deidentify and args.dicom_out is None:
+        raise ValueError("--deidentify goes with --dicom-out DIR")
+    if args.dicom_out is not None:
+        from prima.export import check_output_folder
+
+        check_output_folder(args.dicom_out)
+
+
+def _check_dicom_source(args: argparse.Namespace, study: Study, tokens: StudyTokens) -> None:
+    """With --dicom-out: the explained series must have DICOM files to reference (checked before LIME runs)."""
+    if args.dicom_out is None:
+        return
+    from prima.explain import _resolve_series
+    from prima.export import read_source_series
+
+    read_source_series(_study_source(args.study), study.series[_resolve_series(tokens, _series_arg(args))])
+
+
+def _dicom_lines(args: argparse.Namespace, study: Study, explanation: Explanation, tokens: SeriesTokens,
+                 prediction: Prediction) -> list[str]:
+    from prima.export import export_dicom
+
+    written = export_dicom(args.dicom_out, _study_source(args.study), study.series[explanation.series_index],
+                           explanation, tokens, prediction, deidentify=args.deidentify)
+    kinds = "parametric map, segmentation, SR" if written.segmentation is not None else "parametric map, SR"
+    extra = f", de-identified with a copy of the source series ({len(written.source)} files)" if args.deidentify else ""
+    return [f"DICOM ({kinds}{extra}): {written.folder}"]
+
+
+def _series_arg(args: argparse.Namespace) -> str | int:
+    return 0 if args.series is None else args.series
+
+
+def _load_timed(args: argparse.Namespace) -> tuple[Study, float]:
+    import time
+
+    from prima.io import load_study
+
+    started = time.perf_counter()
+    study = load_study(_study_source(args.study))
+    return study, time.perf_counter() - started
+
+
 def _predict(args: argparse.Namespace) -> int:
     if args.embedding and args.out is None:
         raise ValueError("--embedding needs --out: the embedding is written to the prediction JSON")
     if args.top < 0:
         raise ValueError(f"--top must be >= 0, got {args.top}")
-    if args.explain is None and (args.series is not None or args.heatmap is not None):
-        raise ValueError("--series and --heatmap go with --explain KEY")
+    if args.explain is None and (args.series is not None or args.heatmap is not None or args.dicom_out is not None):
+        raise ValueError("--series, --heatmap and --dicom-out go with --explain KEY")
+    _check_output_options(args)
     from tqdm import tqdm
 
     from prima.distributed import resolve_device
@@ -171,19 +244,30 @@ def _predict(args: argparse.Namespace) -> int:
             bar.set_description_str(stage, refresh=False)
             bar.update(round(100 * fraction) - bar.n)
 
-        prediction = predict(_study_source(args.study), release, device=device, precision=args.precision,
-                             return_embedding=args.embedding, progress=progress)
+        study, load_s = None, 0.0
+        if args.explain is not None:  # the explained series' grid and files are needed: load here, keep the study
+            progress(0.0, "loading the study")
+            study, load_s = _load_timed(args)
+        prediction = predict(study if study is not None else _study_source(args.study), release, device=device,
+                             precision=args.precision, return_embedding=args.embedding, progress=progress)
+    if study is not None:
+        timings = prediction.timings_s
+        prediction.timings_s = {"load": round(load_s, 4), **timings,
+                                "total": round(timings.get("total", 0.0) + load_s, 4)}
     lines = _prediction_lines(prediction, args.top)
     if args.explain is not None:
         from prima.explain import explain
 
-        explanation = explain(prediction.tokens, release, args.explain, 0 if args.series is None else args.series,
+        _check_dicom_source(args, study, prediction.tokens)
+        explanation = explain(prediction.tokens, release, args.explain, _series_arg(args),
                               num_samples=args.samples, seed=args.seed, device=device, precision=args.precision)
         tokens = prediction.tokens.series[explanation.series_index]
         prediction.explanations.append(explanation.to_dict())
         lines += _explanation_lines(explanation, tokens)
         if args.heatmap is not None:
-            lines.append(f"Heatmap (NIfTI on the preprocessed series grid): {_write_heatmap(args.heatmap, explanation, tokens)}")
+            lines += _heatmap_lines(args.heatmap, explanation, tokens, study.series[explanation.series_index])
+        if args.dicom_out is not None:
+            lines += _dicom_lines(args, study, explanation, tokens, prediction)
     print("\n".join(lines))
     if args.out is not None:
         out = Path(args.out)
@@ -194,22 +278,27 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    _check_output_options(args)
     from prima.distributed import resolve_device
     from prima.explain import explain
-    from prima.io import load_study
-    from prima.predict import ready_release
+    from prima.predict import predict_tokens, ready_release
     from prima.tokens import tokenize_study
 
     device = resolve_device(args.device)
     release = ready_release(_weights(args), device)
-    tokens = tokenize_study(load_study(_study_source(args.study)), release)
-    explanation = explain(tokens, release, args.target, 0 if args.series is None else args.series,
+    study, _ = _load_timed(args)
+    tokens = tokenize_study(study, release)
+    _check_dicom_source(args, study, tokens)
+    explanation = explain(tokens, release, args.target, _series_arg(args),
                           num_samples=args.samples, seed=args.seed, device=device, precision=args.precision)
     series_tokens = tokens.series[explanation.series_index]
     lines = _explanation_lines(explanation, series_tokens)[1:]
     if args.heatmap is not None:
-        lines.append(f"Heatmap (NIfTI on the preprocessed series grid): "
-                     f"{_write_heatmap(args.heatmap, explanation, series_tokens)}")
+        lines += _heatmap_lines(args.heatmap, explanation, series_tokens, study.series[explanation.series_index])
+    if args.dicom_out is not None:  # the report needs the prediction: the model on the tokens already made
+        prediction = predict_tokens(tokens, release, precision=args.precision)
+        prediction.skipped = [{"name": s.name, "reason": s.reason} for s in study.skipped]
+        lines += _dicom_lines(args, study, explanation, series_tokens, prediction)
     print("\n".join(lines))
     if args.out is not None:
         out = Path(args.out)
@@ -231,7 +320,16 @@ def _add_explain_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, metavar="N", help="LIME samples (default: 3000 on a GPU, 1000 on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seeds LIME's samples (default 0)")
     parser.add_argument("--heatmap", metavar="HEATMAP.nii.gz",
-                        help="write the heatmap as NIfTI on the preprocessed series grid")
+                        help="write the heatmap as NIfTI on the preprocessed series grid (for a NIfTI series also "
+                             "HEATMAP_input_grid.nii.gz, on the input file's own grid)")
+    parser.add_argument("--dicom-out", metavar="DIR",
+                        help="write DICOM objects over the explained series' own slices into the new folder DIR: "
+                             "the heatmap as a parametric map, the top tokens as a segmentation and the prediction as "
+                             "a structured report (DICOM series of single-frame slices only)")
+    parser.add_argument("--deidentify", action="store_true",
+                        help="with --dicom-out: replace patient identifiers, dates and UIDs in every written object "
+                             "and add a de-identified copy of the source series (default: copy the patient and "
+                             "study from the source, as a PACS needs to file the objects)")
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -333,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied DICOM module is noise
     try:
         return args.handler(args)
     except (PrimaError, ValueError) as error:

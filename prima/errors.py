@@ -48,5 +48,10 @@ class ReleaseError(PrimaError):
     """A release folder or hub repository is missing files or holds corrupted or mismatched weights."""
 
 
+class ExportError(PrimaError, ValueError):
+    """A DICOM output cannot be written for this series (``prima.export``): NIfTI source, unsupported
+    storage, source files that no longer match the loaded series, an output folder in the way."""
+
+
 class ManifestError(PrimaError, ValueError):
     """A study manifest (``manifest.jsonl``) is missing, not JSON, or breaks the manifest contract."""

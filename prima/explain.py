@@ -32,7 +32,7 @@ from sklearn.metrics import pairwise_distances
 from torch import Tensor
 
 from prima.io import Study, load_study
-from prima.models.clip import MAX_LOGIT_SCALE
+from prima.models.clip import MAX_LOGIT_SCALE, zero_shot_prompt
 from prima.models.heads import HeadOutput
 from prima.models.name_encoder import encode_names
 from prima.patching import DEFAULT_PATCH_SIZE, unpatchify
@@ -108,7 +108,7 @@ class ZeroShot:
     text: str
     cosine: float  # cosine similarity of the study's and the text's joint-space embeddings
     logit: float  # logit_scale * cosine, the value CLIP training puts in its softmax
-    nearest: list[dict]  # [{key, name, similarity}] diagnoses whose display names embed closest to the text
+    nearest: list[dict]  # [{key, name, similarity}] diagnoses whose zero_shot_prompt embeds closest to the text
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -412,25 +412,17 @@ def series_contribution(
                               logits[0][0], logits[0] - logits[1])
 
 
-# Text embeddings of the diagnosis display names, per model and autocast dtype: computed on first use.
+# Text embeddings of the diagnosis prompts, per model and autocast dtype: computed on first use.
 _DIAGNOSIS_TEXT: weakref.WeakKeyDictionary[torch.nn.Module, dict[torch.dtype | None, Tensor]] = (
     weakref.WeakKeyDictionary())
 
 
-def _text_features(release: Release, texts: Sequence[str], dtype: torch.dtype | None) -> Tensor:
-    """(N, embed_dim) float32 L2-normalised joint-space embeddings of texts."""
-    model = release.model
-    device = model.logit_scale.device
-    ids, mask = release.report_tokenizer(texts, release.config.text.context_length)
-    with autocast(device, dtype):
-        features = model.encode_text(ids.to(device), mask.to(device), normalize=False)
-    return F.normalize(features.float(), dim=-1)  # normalised in fp32, whatever the autocast dtype
-
-
 def _diagnosis_text_features(release: Release, dtype: torch.dtype | None) -> Tensor:
+    """(n_diagnoses, embed_dim) embeddings of every diagnosis' ``zero_shot_prompt``, as the evaluation scores."""
     cached = _DIAGNOSIS_TEXT.setdefault(release.model, {})
     if dtype not in cached:
-        cached[dtype] = _text_features(release, [d.name for d in release.config.label_space.diagnoses], dtype)
+        prompts = [zero_shot_prompt(d.name) for d in release.config.label_space.diagnoses]
+        cached[dtype] = release.model.embed_texts(release.report_tokenizer, prompts, dtype)
     return cached[dtype].to(release.model.logit_scale.device)
 
 
@@ -457,8 +449,10 @@ def zero_shot(
 
     Returns:
         A :class:`ZeroShot`: the cosine similarity of the study's and the text's joint-space
-        embeddings, that cosine times the model's logit scale, and the ``top_k`` diagnoses whose
-        display names' text embeddings are most similar to the text's (cached per model).
+        embeddings (``PrimaCLIP.embed_texts``), that cosine times the model's logit scale, and the
+        ``top_k`` diagnoses whose prompts' text embeddings (``prima.models.clip.zero_shot_prompt``:
+        the display name as a sentence, as the evaluation scores) are most similar to the text's
+        (cached per model).
 
     Raises:
         ValueError: an empty text, a negative top_k, an embedding of the wrong width or a study
@@ -483,7 +477,7 @@ def zero_shot(
     with autocast(target, dtype):
         image = model.image_proj(embedding)
     image = F.normalize(image.float(), dim=-1)[0]
-    finding = _text_features(release, [text], dtype)[0]
+    finding = model.embed_texts(release.report_tokenizer, [text], dtype)[0]
     cosine = float(image @ finding)
     similarity = (_diagnosis_text_features(release, dtype) @ finding).cpu().numpy()
     diagnoses = release.config.label_space.diagnoses

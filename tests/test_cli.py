@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers.studies import NIBABEL_DATA, PYDICOM_FILES, rewrite_at_positions
@@ -138,3 +139,72 @@ def test_explain_command_writes_the_explanation_json(random_release_path, tmp_pa
 def test_series_without_explain_is_refused(capsys):
     assert main(["predict", str(EXAMPLE), "--series", "AX DWI"]) == 2
     assert "go with --explain" in capsys.readouterr().err
+
+
+def test_predict_dicom_out_writes_the_objects_over_the_explained_series(random_release_path, tmp_path, capsys):
+    import pydicom
+
+    from prima.io import load_study
+
+    out = tmp_path / "dicom"
+    argv = ["predict", str(EXAMPLE), "--weights", str(random_release_path), "--device", "cpu", "--precision", "fp32",
+            "--explain", "priority", "--series", "1", "--samples", "16", "--dicom-out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"DICOM (parametric map, segmentation, SR): {out}" in printed
+    assert "Timings: load " in printed  # the study is loaded by the command, its time still reported
+    series = load_study(EXAMPLE).series[1]
+    manifest = json.loads((out / "prima-dicom.json").read_text())
+    assert manifest["series"] == series.name and manifest["source"]["series_instance_uid"] == series.meta["series_uid"]
+    slices = series.shape[series.through_axis]
+    assert len(manifest["source"]["sop_instance_uids"]) == slices and not manifest["deidentified"]
+    pm = pydicom.dcmread(out / "parametric_map.dcm")
+    assert int(pm.NumberOfFrames) == slices and pm.StudyInstanceUID == series.meta["study_uid"]
+    assert pydicom.dcmread(out / "report.dcm").Modality == "SR"
+
+
+def test_explain_dicom_out_deidentified(random_release_path, tmp_path, capsys):
+    from prima.io import load_study
+
+    out = tmp_path / "dicom"
+    assert main(["explain", str(EXAMPLE), "--target", "priority", "--samples", "16", "--weights",
+                 str(random_release_path), "--device", "cpu", "--dicom-out", str(out), "--deidentify"]) == 0
+    assert "de-identified with a copy of the source series" in capsys.readouterr().out
+    manifest = json.loads((out / "prima-dicom.json").read_text())
+    assert manifest["deidentified"] and len(manifest["source"]["files"]) == len(manifest["source"]["sop_instance_uids"])
+    originals = {load_study(EXAMPLE).series[0].meta[key] for key in ("study_uid", "series_uid")}
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert not any(uid.encode() in path.read_bytes() for uid in originals)
+
+
+def test_dicom_out_options_are_checked_before_any_work(tmp_path, capsys):
+    assert main(["predict", str(EXAMPLE), "--dicom-out", str(tmp_path / "d")]) == 2
+    assert "go with --explain" in capsys.readouterr().err
+    assert main(["explain", str(EXAMPLE), "--target", "priority", "--deidentify"]) == 2
+    assert "--deidentify goes with --dicom-out" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep")
+    assert main(["explain", str(EXAMPLE), "--target", "priority", "--dicom-out", str(busy),
+                 "--weights", str(tmp_path / "no-such-release")]) == 2  # refused before the weights are read
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == ["mine.txt"]
+
+
+def test_a_nifti_series_gets_its_heatmap_on_the_input_grid_and_no_dicom(random_release_path, tmp_path, capsys):
+    import nibabel as nib
+
+    source = NIBABEL_DATA / "anatomical.nii"  # stored L,A,S; prima works on L,P,S
+    common = [str(source), "--target", "priority", "--samples", "16", "--weights", str(random_release_path),
+              "--device", "cpu"]
+    out = tmp_path / "dicom"
+    assert main(["explain", *common, "--dicom-out", str(out)]) == 2
+    assert "loaded from NIfTI" in capsys.readouterr().err and not out.exists()
+    heat = tmp_path / "heat.nii.gz"
+    assert main(["explain", *common, "--heatmap", str(heat)]) == 0
+    on_input = tmp_path / "heat_input_grid.nii.gz"
+    assert f"Heatmap (NIfTI on the input's own grid): {on_input}" in capsys.readouterr().out
+    image, original = nib.load(on_input), nib.load(source)
+    assert image.shape == original.shape and np.allclose(image.affine, original.affine, atol=1e-5)
+    assert float(np.abs(image.get_fdata()).max()) > 0

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from prima.explain import (DEFAULT_KERNEL_WIDTH, Explanation, explain, heatmap, keep_masks, lime_kernel,
                            masked_outputs, series_contribution, zero_shot)
 from prima.io import load_study
+from prima.models.clip import zero_shot_prompt
 from prima.models.heads import HeadOutput
 from prima.patching import patch_extent
 from prima.predict import predict_tokens, series_vectors, study_embedding
@@ -275,13 +276,14 @@ def test_zero_shot_on_a_toy_ranks_the_matching_prompt_first(tokens, random_relea
 def test_zero_shot_nearest_diagnoses_and_embedding_input(tokens, random_release):
     space = random_release.config.label_space
     meningioma = space.diagnosis("tumor_adult_meningioma")
-    result = zero_shot(tokens, random_release, meningioma.name, top_k=3, device="cpu", precision="fp32")
+    prompt = zero_shot_prompt(meningioma.name)  # "Meningioma.": the text the diagnoses are embedded as
+    result = zero_shot(tokens, random_release, prompt, top_k=3, device="cpu", precision="fp32")
     assert result.nearest[0]["key"] == meningioma.key and len(result.nearest) == 3
     assert result.nearest[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     embedding = predict_tokens(tokens, random_release, precision="fp32", return_embedding=True).embedding
-    from_embedding = zero_shot(embedding, random_release, meningioma.name, top_k=3, device="cpu", precision="fp32")
+    from_embedding = zero_shot(embedding, random_release, prompt, top_k=3, device="cpu", precision="fp32")
     assert from_embedding.cosine == pytest.approx(result.cosine, abs=1e-5)
-    assert json.loads(json.dumps(result.to_dict()))["text"] == meningioma.name
+    assert json.loads(json.dumps(result.to_dict()))["text"] == prompt
     with pytest.raises(ValueError, match=r"shape \(1024,\)"):
         zero_shot(embedding[:10], random_release, "mass", device="cpu")
 

@@ -35,6 +35,7 @@ from training.runtime import (
     print_on_main,
     CHECKPOINT_FILE,
     RunLog,
+    StepLoop,
     attention_kernel,
     check_attention_kernel,
     config_dict,
@@ -148,13 +149,7 @@ def validate(model: PrimaCLIP, studies, tokenizer: ReportTokenizer, config: Clip
     settings = model.config
     _, image = study_embeddings(model, [s.tokens() for s in studies], settings, batch_size=config.eval_batch_size,
                                 dtype=dtype)
-    device = model.logit_scale.device
-    texts = []
-    for start in range(0, len(studies), 64):
-        ids, mask = tokenizer([s.entry.report for s in studies[start : start + 64]], settings.text.context_length)
-        with autocast(device, dtype):
-            texts.append(model.encode_text(ids.to(device), mask.to(device), normalize=False).float())
-    text = torch.nn.functional.normalize(torch.cat(texts), dim=-1).cpu()
+    text = model.embed_texts(tokenizer, [s.entry.report for s in studies], dtype).cpu()
     return retrieval_top_k(image.numpy(), text.numpy(), ks=(1, 5), group_size=100, seed=config.seed)
 
 
@@ -204,12 +199,20 @@ def train(config: ClipTrainConfig) -> Path:
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "seconds": seconds_before + time.perf_counter() - started, "validation": history}, config)
 
-        def evaluate_now() -> dict:
-            record = validate(model, val_studies, tokenizer, config, dtype) if val_studies else {}
+        def evaluate_now() -> dict:  # on the main process: into the history, and the log line's fields
+            if not context.is_main:
+                return {}
+            evaluation = validate(model, val_studies, tokenizer, config, dtype)
             model.train()
-            return record
+            history.append({"step": step, **evaluation})
+            return {f"val_{direction}_{k}": v for direction in ("image_to_text", "text_to_image")
+                    for k, v in evaluation.get(direction, {}).items()}
 
         log = RunLog(out, config.steps, step, unit="studies", enabled=context.is_main, description="clip")
+        loop = StepLoop(context, log, config.steps, log_every=config.log_every, save=checkpoint_now,
+                        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every if val_studies else None,
+                        evaluate=evaluate_now, evaluate_at_time_limit=False, time_limit_min=config.time_limit_min,
+                        started=started)
         model.train()
         while step < config.steps:
             indices = rank_share(global_batch(len(train_studies), config.batch_size, probabilities, config.seed, step),
@@ -240,23 +243,9 @@ def train(config: ClipTrainConfig) -> Path:
             mean = [value / context.world_size for value in totals]
             log.update(config.batch_size, loss=mean[0], clip=mean[1], patdis=mean[2],
                        scale=float(output.logit_scale.detach()), lr=lr)
-            out_of_time = context.any(config.time_limit_min is not None
-                                      and time.perf_counter() - started > 60 * config.time_limit_min)
-            evaluation = {}
-            if context.is_main and val_studies and (step % config.eval_every == 0 or step == config.steps):
-                evaluation = evaluate_now()
-                history.append({"step": step, **evaluation})
-            if step % config.log_every == 0 or step == config.steps or out_of_time or evaluation:
-                log.write(step, **{f"val_{direction}_{k}": v for direction in ("image_to_text", "text_to_image")
-                                   for k, v in evaluation.get(direction, {}).items()})
-            if step % config.checkpoint_every == 0:
-                checkpoint_now()
-            if out_of_time:
-                if context.is_main:
-                    print(f"time limit reached at step {step}", flush=True)
+            if loop.end_step(step):
                 break
-        checkpoint_now()
-        log.close()
+        loop.finish()
         if context.is_main:
             save_file(module_state(model), path, metadata={"format": "pt"})
             summary = {"steps": step, "processes": context.world_size, "train_studies": len(train_studies),

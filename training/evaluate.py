@@ -7,13 +7,15 @@ by ``unk``. Written to ``--out`` (default ``<release>/evaluation``): ``eval.json
 
 - diagnoses: per-label AUROC with a 95% bootstrap CI, the mean; the same for the ``unk``-names run; the
   metadata-only baseline (``training.metadata_baseline``, fitted on the manifest's train split) on the
-  same split; zero-shot AUROC per label from the text prompt "<display name>."; calibration;
+  same split; zero-shot AUROC per label from the text prompt "<display name>." (``zero_shot_prompt``); calibration;
 - referrals: per-referral AUROC; priority: correlation of the normalised priority score with the tier,
   confusion matrix; retrieval top-1 / top-5 in groups of 100;
 - LIME localisation: for positive studies of focal diagnoses with lesion masks, whether one of the top-3
   LIME tokens of the series the model relies on most (``prima.explain.series_contribution``) overlaps
   the lesion (the paper's top-3 accuracy);
-- TPR disparity across subgroups (vendor, sex, age group) in the equal-opportunity form.
+- TPR disparity across subgroups (vendor, sex, age group) in the equal-opportunity form;
+- the diagnostic ladder (``training.ladder``: lone-token lesion probe, probes of the frozen study embedding, the
+  heads' normal-vs-abnormal AUROC) and how often an urgent positive diagnosis comes with the lowest priority.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -33,13 +34,14 @@ from tqdm import tqdm
 from prima.errors import StudyLoadError
 from prima.explain import explain, series_contribution
 from prima.manifest import StudyEntry, load_entry_study, read_manifest
+from prima.models.clip import zero_shot_prompt
 from prima.models.name_encoder import UNK_NAME
 from prima.precision import autocast, autocast_dtype
 from prima.predict import Prediction, predict_tokens, ready_release
-from prima.config import PreprocessConfig
-from prima.preprocess import reorient_to_lps, resample_series
 from prima.release import Release
 from prima.tokens import StudyTokens, tokenize_study
+from training.ladder import abnormal_auroc, embedding_probe, token_lesion_probe
+from training.lesion_masks import lesion_mask_on_grid, token_lesion_overlap
 from training.metadata_baseline import metadata_baseline
 from training.metrics import (
     calibration,
@@ -69,7 +71,6 @@ FOCAL_DIAGNOSES = (
     "vascular_hemorrhagic_intracranial_hemorrhage", "vascular_ischemic_large_vessel_stroke",
     "vascular_malformation_arteriovenous_malformation", "vascular_malformation_cavernoma",
 )
-MASK_LEVEL = 0.25  # a resampled lesion-mask voxel counts as lesion above this partial-volume fraction
 
 
 def unk_tokens(tokens: StudyTokens) -> StudyTokens:
@@ -89,39 +90,9 @@ def subgroups(entry: StudyEntry) -> dict[str, str | None]:
             "age group": age_group(entry.subject.get("age"))}
 
 
-def lesion_mask_on_grid(entry: StudyEntry, series_name: str, key: str | None, grid,
-                        preprocess: PreprocessConfig) -> np.ndarray | None:
-    """The lesion mask of ``key`` (``None``: of every lesion the series shows) on the preprocessed grid of a
-    series (``grid``: its ``SeriesTokens`` or ``SeriesPatches``); None when the study records none there."""
-    masks = entry.lesion_masks or {}
-    if series_name not in masks or (key is not None and key not in masks[series_name].keys):
-        return None
-    image = nib.load(str(masks[series_name].path))
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim == 3:
-        channel = data
-    else:
-        channel = data.max(axis=-1) if key is None else data[..., masks[series_name].keys.index(key)]
-    array, affine = reorient_to_lps(channel, image.affine)
-    array, _ = resample_series(array, affine, grid.through_axis, preprocess.in_plane_size,
-                               preprocess.min_slice_spacing_mm)
-    if array.shape != tuple(grid.shape):
-        raise ValueError(f"{entry.study_id}/{series_name}: mask grid {array.shape} != series grid {grid.shape}")
-    mask = array > MASK_LEVEL
-    return mask if mask.any() else None
-
-
-@torch.no_grad()
 def text_features(release: Release, texts: list[str], dtype) -> np.ndarray:
-    """L2-normalised joint-space embeddings of texts, 64 at a time."""
-    model = release.model
-    device = model.logit_scale.device
-    rows = []
-    for start in range(0, len(texts), 64):
-        ids, mask = release.report_tokenizer(texts[start : start + 64], release.config.text.context_length)
-        with autocast(device, dtype):
-            rows.append(model.encode_text(ids.to(device), mask.to(device), normalize=False).float())
-    return torch.nn.functional.normalize(torch.cat(rows), dim=-1).cpu().numpy()
+    """L2-normalised joint-space embeddings of texts (``PrimaCLIP.embed_texts``, 64 per forward)."""
+    return release.model.embed_texts(release.report_tokenizer, texts, dtype).cpu().numpy()
 
 
 @torch.no_grad()
@@ -174,6 +145,46 @@ def localise(entries: list[StudyEntry], tokens_list: list[StudyTokens], release:
     return {"top3_accuracy": float(np.mean([r["hit"] for r in scored])) if scored else None,
             "explanations": len(scored), "outside_field_of_view": len(records) - len(scored),
             "candidates": len(candidates), "num_samples": num_samples, "per_label": per_label, "records": records}
+
+
+def priority_conflicts(positive: np.ndarray, priority: np.ndarray, space) -> dict:
+    """How often the outputs contradict each other: a study with a positive diagnosis of the most urgent tier
+    whose predicted priority (the most probable tier) is the least urgent one.
+
+    Args:
+        positive: (N, 52) bool, the diagnoses called positive at their operating thresholds.
+        priority: (N, tiers) priority probabilities.
+        space: the label space (each diagnosis' own tier).
+    """
+    urgent = np.array([d.tier == space.priority_tiers[-1] for d in space.diagnoses])
+    with_urgent = positive[:, urgent].any(axis=1)
+    conflicts = with_urgent & (priority.argmax(axis=1) == 0)
+    return {"studies_with_urgent_positive": int(with_urgent.sum()), "conflicts": int(conflicts.sum()),
+            "rate": float(conflicts.sum() / with_urgent.sum()) if with_urgent.any() else None}
+
+
+def ladder(entries: list[StudyEntry], tokens_list: list[StudyTokens], outputs: dict[str, np.ndarray],
+           embeddings: np.ndarray, release: Release, *, seed: int) -> dict:
+    """The diagnostic ladder (``training.ladder``) on the evaluated studies: the token-level lesion probe
+    where masks exist, the probes of the frozen study embedding, the heads' normal-vs-abnormal AUROC and how
+    often a positive urgent diagnosis comes with the lowest priority."""
+    space = release.config.label_space
+    latents, overlaps, owners = [], [], []
+    for index, (entry, tokens) in enumerate(zip(entries, tokens_list)):
+        if not entry.lesion_masks:
+            continue
+        for series in tokens.series:
+            overlap = token_lesion_overlap(entry, series, release.config.preprocess,
+                                           release.config.volume_tokenizer.patch_size)
+            if overlap is not None:
+                latents.append(series.latents.numpy())
+                overlaps.append(overlap)
+                owners.append(index)
+    diagnoses, _, _ = label_targets(entries, space)
+    return {"token_lesion_probe": token_lesion_probe(latents, overlaps, owners, seed=seed),
+            "embedding_probe": embedding_probe(embeddings, diagnoses, space.diagnosis_keys, seed=seed),
+            "abnormal_auroc": abnormal_auroc(diagnoses, outputs["probability"]),
+            "priority_conflicts": priority_conflicts(outputs["positive"], outputs["priority"], space)}
 
 
 def baseline_on(entries: list[StudyEntry], split: str) -> dict:
@@ -253,10 +264,12 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
     dtype = autocast_dtype(release.model.logit_scale.device, precision)
     images = image_features(release, np.array([p.embedding for p in full], dtype=np.float32), dtype)
     reports = text_features(release, [e.report for e in entries], dtype)
-    prompts = text_features(release, [f"{d.name}." for d in space.diagnoses], dtype)
+    prompts = text_features(release, [zero_shot_prompt(d.name) for d in space.diagnoses], dtype)
     result = {"split": split, "studies": len(entries), "skipped": skipped,
               **score(entries, prediction_arrays(full), prediction_arrays(unk), images, reports, prompts, space,
                       baseline_on(all_entries, split), n_boot=n_boot, seed=seed)}
+    result["ladder"] = ladder(entries, tokens_list, prediction_arrays(full),
+                              np.array([p.embedding for p in full], dtype=np.float32), release, seed=seed)
     result["lime_localisation"] = localise(entries, tokens_list, release, num_samples=lime_samples,
                                            max_explanations=lime_max, seed=seed, precision=precision)
     reliability_diagram(result["calibration"], out / RELIABILITY_PNG, f"{release.config.name}: diagnoses, {split}")
@@ -306,6 +319,27 @@ def summary_rows(result: dict) -> list[dict]:
         {"metric": "Calibration: expected calibration error", "value": result["calibration"]["ece"]},
         *({"metric": f"TPR disparity across {attribute} (mean over labels, equal opportunity)",
            "value": disparity[attribute]["mean_disparity"]} for attribute in disparity),
+        *ladder_rows(result.get("ladder")),
+    ]
+
+
+def ladder_rows(ladder: dict | None) -> list[dict]:
+    """The ladder's rows (none for an evaluation made before the ladder existed)."""
+    if ladder is None:
+        return []
+    token, probe, conflicts = ladder["token_lesion_probe"], ladder["embedding_probe"], ladder["priority_conflicts"]
+    return [
+        {"metric": f"Ladder 1, signal available: lone-token lesion probe AUROC ({token['lesion_tokens']} lesion "
+                   f"tokens, {token['studies']} studies with masks)", "value": token["auroc"]},
+        {"metric": "Ladder 2, signal kept: linear probe of the study embedding, normal vs abnormal AUROC",
+         "value": probe["abnormal_auroc"]},
+        {"metric": f"Ladder 2, signal kept: linear probe, diagnosis mean AUROC ({probe['labels_probed']} labels "
+                   "with enough positives)", "value": probe["diagnosis_mean_auroc"]},
+        {"metric": "Ladder 3, signal used: heads, normal vs abnormal AUROC (largest diagnosis probability)",
+         "value": ladder["abnormal_auroc"]},
+        {"metric": f"Conflicting outputs: urgent positive with the lowest priority "
+                   f"({conflicts['conflicts']} of {conflicts['studies_with_urgent_positive']} studies)",
+         "value": conflicts["rate"]},
     ]
 
 

@@ -45,6 +45,7 @@ from training.runtime import (
     print_on_main,
     CHECKPOINT_FILE,
     RunLog,
+    StepLoop,
     cache_key,
     config_dict,
     distributed,
@@ -306,16 +307,25 @@ def train(config: ReportLMConfig) -> Path:
         batches = ReportBatches(reports, config.batch_size, config.seed, config.shuffle_items)
 
         started = time.perf_counter()
+        val_loss, evaluated_at = None, None
 
         def checkpoint_now() -> None:
             if context.is_main:
                 save_checkpoint(out / CHECKPOINT_FILE, {
                     "model": tower.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "train_loss": train_loss, "seconds": seconds + time.perf_counter() - started}, config)
+                    "train_loss": log.latest("loss", train_loss),  # the last log line's, else the resumed run's
+                    "seconds": seconds + time.perf_counter() - started}, config)
+
+        def validate() -> dict[str, float]:  # every rank: each scores its share of the reports
+            nonlocal val_loss, evaluated_at
+            val_loss, evaluated_at = evaluate(objective, tokenizer, val_reports, share, context, dtype), step
+            return _val_fields(val_loss)
 
         log = RunLog(out, config.steps, step, unit="tokens", enabled=context.is_main, description="report LM")
+        loop = StepLoop(context, log, config.steps, log_every=config.log_every, save=checkpoint_now,
+                        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every, evaluate=validate,
+                        time_limit_min=config.time_limit_min, started=started)
         objective.train()
-        val_loss, evaluated_at = None, None
         while step < config.steps:
             # Every rank tokenises the whole global batch: its share of the rows, and the global target count
             # that makes the loss the mean over all the batch's tokens however the rows are split.
@@ -335,28 +345,16 @@ def train(config: ReportLMConfig) -> Path:
             step += 1
             loss = context.sum([float(loss_sum.detach())])[0] / targets
             log.update(targets, loss=loss, perplexity=math.exp(loss), lr=lr)
-            out_of_time = context.any(config.time_limit_min is not None
-                                      and time.perf_counter() - started > 60 * config.time_limit_min)
-            evaluate_now = step % config.eval_every == 0 or step == config.steps or out_of_time
-            if evaluate_now:
-                val_loss, evaluated_at = evaluate(objective, tokenizer, val_reports, share, context, dtype), step
-            if step % config.log_every == 0 or evaluate_now:
-                record = log.write(step, **(_val_fields(val_loss) if evaluate_now else {}))
-                train_loss = record["loss"] if record is not None else train_loss
-            if step % config.checkpoint_every == 0:
-                checkpoint_now()
-            if out_of_time:
-                if context.is_main:
-                    print(f"time limit reached at step {step}", flush=True)
+            if loop.end_step(step):
                 break
-        checkpoint_now()
-        log.close()
+        loop.finish()
         if evaluated_at != step:  # resumed a run that had already finished
             val_loss = evaluate(objective, tokenizer, val_reports, share, context, dtype)
         if context.is_main:
             provenance = {"commit": git_commit(), "manifest_sha256": manifest_digest(config.manifest), "steps": step,
                           "processes": context.world_size, "config": config_dict(config)}
             save_text_tower(tower, path, provenance)
+            train_loss = log.latest("loss", train_loss)
             summary = {**provenance, "train_loss": train_loss,
                        "train_perplexity": None if train_loss is None else math.exp(train_loss),
                        "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(val_loss),

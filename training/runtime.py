@@ -7,8 +7,13 @@ A stage is a short script around these pieces::
         seed_everything(config.seed, dist_ctx.rank)
         state = resume(run / CHECKPOINT_FILE, config)        # None on a fresh run; refuses another config
         log = RunLog(run, total_steps, enabled=dist_ctx.is_main)
-        ...
-        save_checkpoint(run / CHECKPOINT_FILE, {...}, config)  # the config travels inside, as data
+        save = lambda: save_checkpoint(run / CHECKPOINT_FILE, {...}, config)  # the config travels inside, as data
+        loop = StepLoop(dist_ctx, log, total_steps, save=save, ...)  # validation, log lines, saves, time limit
+        while step < total_steps:
+            ...                                              # one optimiser step; step += 1; log.update(...)
+            if loop.end_step(step):                          # out of time
+                break
+        loop.finish()                                        # the last save
 
 The same command runs on one CPU, one GPU or under ``torchrun`` on several GPUs or nodes.
 """
@@ -266,6 +271,7 @@ class RunLog:
                  enabled: bool = True, description: str = "training") -> None:
         self.enabled = enabled
         self.unit = unit
+        self._last: dict = {}
         self._sums: dict[str, float] = {}
         self._count = 0
         self._items = 0
@@ -292,12 +298,105 @@ class RunLog:
         self._file.flush()
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if isinstance(v, float)}, refresh=False)
         self._sums, self._count, self._items, self._since = {}, 0, 0, time.perf_counter()
+        self._last = record
         return record
+
+    def latest(self, key: str, default: Any = None) -> Any:
+        """``key`` of the last line written, or ``default`` before the first line (e.g. the value a resumed
+        run's checkpoint holds) and on a disabled log."""
+        return self._last.get(key, default)
 
     def close(self) -> None:
         self._bar.close()
         if self._file is not None:
             self._file.close()
+
+
+class StepLoop:
+    """The end of every optimiser step, the same in every training stage: the time limit, validation, log
+    lines, checkpoints, and the last checkpoint once the loop is over. A stage's loop::
+
+        loop = StepLoop(context, log, config.steps, log_every=config.log_every, save=checkpoint_now,
+                        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+                        evaluate=validate, time_limit_min=config.time_limit_min)
+        while step < config.steps:
+            ...                                   # one optimiser step
+            step += 1
+            log.update(batch_size, loss=loss)
+            if loop.end_step(step):               # out of time
+                break
+        loop.finish()                             # the last checkpoint; the log is closed
+
+    After step ``step``, :meth:`end_step` does, in this order:
+
+    1. out of time: whether any process has run more than ``time_limit_min`` minutes since ``started``
+       (a collective, so every process calls ``end_step`` at every step and all stop at the same one);
+    2. ``evaluate()`` at every ``eval_every``-th step, at the last step (``steps``) and, with
+       ``evaluate_at_time_limit``, when out of time;
+    3. a log line at every ``log_every``-th step, at the last step, when out of time and with every
+       evaluation, holding the fields ``evaluate`` returned;
+    4. ``save()`` at every ``checkpoint_every``-th step;
+    5. when out of time, "time limit reached at step N" from the main process, and True.
+
+    Args:
+        context: the run's processes.
+        log: the run's log (``end_step`` writes its lines; the stage calls ``log.update`` once a step).
+        steps: the run's total number of steps.
+        log_every: steps between log lines.
+        checkpoint_every: steps between checkpoints.
+        save: writes the checkpoint; called on every process (a stage writes on the main one).
+        eval_every: steps between evaluations; None: no evaluation.
+        evaluate: called on every process when an evaluation is due; returns the log line's extra fields
+            (empty on a process that does not validate). Needed when ``eval_every`` is set.
+        evaluate_at_time_limit: whether the step the time limit stops at is evaluated too.
+        time_limit_min: stop after this many minutes; None: no limit.
+        started: the ``time.perf_counter()`` the time limit counts from; None: now.
+
+    Raises:
+        ValueError: ``steps`` below 0, ``log_every``, ``checkpoint_every`` or ``eval_every`` below 1, a
+            ``time_limit_min`` that is not positive, or ``eval_every`` without ``evaluate``.
+    """
+
+    def __init__(self, context: DistributedContext, log: RunLog, steps: int, *, log_every: int,
+                 checkpoint_every: int, save: typing.Callable[[], None], eval_every: int | None = None,
+                 evaluate: typing.Callable[[], dict[str, Any]] | None = None, evaluate_at_time_limit: bool = True,
+                 time_limit_min: float | None = None, started: float | None = None) -> None:
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        for name, every in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
+                            ("eval_every", 1 if eval_every is None else eval_every)):
+            if every < 1:
+                raise ValueError(f"{name} must be >= 1, got {every}")
+        if eval_every is not None and evaluate is None:
+            raise ValueError("eval_every needs an evaluate function")
+        if time_limit_min is not None and time_limit_min <= 0:
+            raise ValueError(f"time_limit_min must be > 0 or None, got {time_limit_min}")
+        self.context, self.log, self.steps = context, log, steps
+        self.log_every, self.checkpoint_every, self.save = log_every, checkpoint_every, save
+        self.eval_every, self.evaluate, self.evaluate_at_time_limit = eval_every, evaluate, evaluate_at_time_limit
+        self.time_limit_min = time_limit_min
+        self.started = time.perf_counter() if started is None else started
+
+    def end_step(self, step: int) -> bool:
+        """Evaluate, log and save as due after step ``step`` (counted from 1); True when the run is out of
+        time and must stop."""
+        out_of_time = self.context.any(self.time_limit_min is not None
+                                       and time.perf_counter() - self.started > 60 * self.time_limit_min)
+        evaluating = self.eval_every is not None and (
+            step % self.eval_every == 0 or step == self.steps or (out_of_time and self.evaluate_at_time_limit))
+        fields = self.evaluate() if evaluating else {}
+        if step % self.log_every == 0 or step == self.steps or out_of_time or evaluating:
+            self.log.write(step, **fields)
+        if step % self.checkpoint_every == 0:
+            self.save()
+        if out_of_time and self.context.is_main:
+            print(f"time limit reached at step {step}", flush=True)
+        return out_of_time
+
+    def finish(self) -> None:
+        """After the loop: the last checkpoint (also when no step was left to run), and the log closed."""
+        self.save()
+        self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

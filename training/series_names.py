@@ -53,6 +53,7 @@ from training.runtime import (
     print_on_main,
     CHECKPOINT_FILE,
     RunLog,
+    StepLoop,
     config_dict,
     distributed,
     finished_run,
@@ -347,19 +348,29 @@ def train(config: SeriesNamesConfig) -> Path:
         wrapped = DistributedDataParallel(model) if context.world_size > 1 else model
         clip_loss = ClipLoss()
         started = time.perf_counter()
+        val: dict[str, float] | None = None  # the last validation's scores
 
         def validate() -> dict[str, float]:
             return evaluate(model, cache, val_groups, config.max_tokens, config.batch_size, config.seed, dtype)
+
+        def validate_on_main() -> dict[str, float]:  # the log line's fields: the scores on the main process
+            nonlocal val
+            scores = validate() if context.is_main else {}
+            val = scores or val
+            return scores
 
         def checkpoint_now() -> None:
             if context.is_main:
                 save_checkpoint(out / CHECKPOINT_FILE, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "seconds": seconds_before + time.perf_counter() - started, "train_loss": train_loss}, config)
+                    "seconds": seconds_before + time.perf_counter() - started,
+                    "train_loss": log.latest("loss", train_loss)}, config)  # the last line's, else the resumed run's
 
         log = RunLog(out, config.steps, step, unit="series", enabled=context.is_main, description="series names")
+        loop = StepLoop(context, log, config.steps, log_every=config.log_every, save=checkpoint_now,
+                        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+                        evaluate=validate_on_main, time_limit_min=config.time_limit_min, started=started)
         model.train()
-        val: dict[str, float] | None = None
         while step < config.steps:
             names = global_batch(len(train_groups), config.batch_size, config.seed, step)
             tokens, token_mask = pad_series([draw_series(cache, train_groups.members[names[position]],
@@ -380,28 +391,14 @@ def train(config: SeriesNamesConfig) -> Path:
             # Each rank's loss covers its share of the rows; their mean is the global batch's loss.
             log.update(config.batch_size, loss=context.sum([loss.item()])[0] / context.world_size,
                        logit_scale=scale.item(), lr=lr)
-            out_of_time = context.any(config.time_limit_min is not None
-                                      and time.perf_counter() - started > 60 * config.time_limit_min)
-            evaluating = step % config.eval_every == 0 or step == config.steps or out_of_time
-            scores = validate() if evaluating and context.is_main else {}
-            val = scores or val
-            if step % config.log_every == 0 or evaluating:
-                record = log.write(step, **scores)
-                if record is not None:
-                    train_loss = record["loss"]
-            if step % config.checkpoint_every == 0:
-                checkpoint_now()
-            if out_of_time:
-                if context.is_main:
-                    print(f"time limit reached at step {step}", flush=True)
+            if loop.end_step(step):
                 break
-        checkpoint_now()
-        log.close()
+        loop.finish()
         if context.is_main:
             val = val or validate()  # a resumed run with no step left still reports its scores
             save_file({key: value for key, value in module_state(model).items() if key.startswith(TRAINED_PREFIXES)},
                       str(path), metadata={"format": "pt"})
-            summary = {"steps": step, "train_loss": train_loss, **val,
+            summary = {"steps": step, "train_loss": log.latest("loss", train_loss), **val,
                        "val_names": len(val_groups), "val_series": sum(map(len, val_groups.members)),
                        "train_names": len(train_groups), "train_series": sum(map(len, train_groups.members)),
                        "seconds": seconds_before + time.perf_counter() - started, "processes": context.world_size,

@@ -3,6 +3,8 @@ their 128-d projections and the learnable temperatures. It returns embeddings, n
 
 The encoders are public so that callers can cache pieces: LIME re-runs one series through
 ``visual.encode_series`` and reuses the other series' vectors in ``visual.encode_study``.
+``PrimaCLIP.embed_texts`` is the one way texts are embedded outside training steps (zero-shot, the
+evaluation, CLIP validation), and ``zero_shot_prompt`` the one text a diagnosis is scored with.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from prima.models.batching import StudyBatch, pack_studies
 from prima.models.name_encoder import NameEncoder
 from prima.models.sequence_vit import SequenceViT
 from prima.models.study_vit import StudyViT
-from prima.models.text import TextTower
+from prima.models.text import ReportTokenizer, TextTower
+from prima.precision import autocast
 
 
 class PrimaVisual(nn.Module):
@@ -82,6 +85,21 @@ class PrimaVisual(nn.Module):
 MAX_LOGIT_SCALE = 100.0
 
 
+def zero_shot_prompt(name: str) -> str:
+    """The text a diagnosis is scored with zero-shot: its display name as a sentence, "Meningioma." (the
+    evaluation's zero-shot AUROC and ``prima.explain.zero_shot``'s nearest diagnoses).
+
+    Args:
+        name: the diagnosis' display name (``Diagnosis.name``).
+
+    Raises:
+        ValueError: an empty name.
+    """
+    if not name.strip():
+        raise ValueError("a zero-shot prompt needs a non-empty display name")
+    return f"{name}."
+
+
 @dataclass
 class ClipOutput:
     image_features: Tensor  # (B, embed_dim) L2-normalised study embeddings in the joint space
@@ -133,6 +151,34 @@ class PrimaCLIP(nn.Module):
         """Report embeddings in the joint space (N, embed_dim) from ``ReportTokenizer`` ids and mask."""
         features = self.text_proj(self.text(ids, mask))
         return F.normalize(features, dim=-1) if normalize else features
+
+    @torch.no_grad()
+    def embed_texts(self, tokenizer: ReportTokenizer, texts: Sequence[str], dtype: torch.dtype | None = None,
+                    batch_size: int = 64) -> Tensor:
+        """Joint-space embeddings of texts (reports, findings, prompts), without gradients, in the model's
+        current mode.
+
+        Args:
+            tokenizer: the report tokenizer the text tower was trained with.
+            texts: the texts; each is cut to the text config's context length.
+            dtype: autocast dtype of the forwards (``prima.precision.autocast_dtype``), None for fp32.
+            batch_size: texts per forward.
+
+        Returns:
+            (N, embed_dim) float32 on the model's device, L2-normalised in float32 whatever ``dtype``.
+
+        Raises:
+            ValueError: ``batch_size`` below 1.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = self.logit_scale.device
+        rows = [self.logit_scale.new_empty(0, self.config.embed_dim, dtype=torch.float32)]
+        for start in range(0, len(texts), batch_size):
+            ids, mask = tokenizer(texts[start : start + batch_size], self.config.text.context_length)
+            with autocast(device, dtype):
+                rows.append(self.encode_text(ids.to(device), mask.to(device), normalize=False).float())
+        return F.normalize(torch.cat(rows), dim=-1)
 
     def forward(self, batch: StudyBatch, text_ids: Tensor, text_mask: Tensor) -> ClipOutput:
         study, series = self.visual(batch)

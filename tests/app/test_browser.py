@@ -9,6 +9,7 @@ import json
 import os
 import statistics
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,22 @@ def test_view_export_is_the_slice_on_screen(explored):
                                " return s.steps[s.active].label; })()")
     explored.locator("#export-view").click()
     explored.locator("#export-file").get_by_text(f"prima-view-axial-{active}").first.wait_for(timeout=30_000)
+
+
+def test_dicom_export_downloads_the_three_objects(explored):
+    """The DICOM button: a zip of the parametric map, the segmentation, the SR and the de-identified source."""
+    explored.locator("#export-dicom").click()
+    link = explored.locator("#export-file a[download^='prima-dicom-']").first
+    link.wait_for(timeout=RESULT_TIMEOUT_MS)
+    with explored.expect_download() as download:
+        link.click()
+    with zipfile.ZipFile(download.value.path()) as archive:
+        names = {name.split("/", 1)[1] for name in archive.namelist()}
+        manifest = json.loads(next(archive.read(n) for n in archive.namelist() if n.endswith("prima-dicom.json")))
+    assert {"parametric_map.dcm", "segmentation.dcm", "report.dcm", "prima-dicom.json"} <= names
+    assert manifest["deidentified"] and len([n for n in names if n.startswith("source/")]) == len(
+        manifest["source"]["sop_instance_uids"])
+    shot(explored, "explore_dicom_export")
 
 
 def test_switching_the_explained_diagnosis_reruns_lime(explored):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zipfile
 from pathlib import Path
 
 from gradio_client import Client, handle_file
@@ -18,6 +19,9 @@ from helpers.privacy import SECRETS, write_identified_study
 
 def _text(path: Path) -> str:
     data = path.read_bytes()
+    if path.suffix == ".zip":  # the DICOM export: every member's bytes and name
+        with zipfile.ZipFile(path) as archive:
+            return "\n".join(archive.read(name).decode("latin-1") + name for name in archive.namelist())
     return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("latin-1")
 
 
@@ -30,7 +34,7 @@ def test_no_identifier_leaves_the_server(app_server, mni_template, tmp_path):
     answers = [json.dumps(outputs, default=str), json.dumps(explained, default=str),
                client.predict("mass", api_name="/ask")]
     exported = [Path(client.predict(target, series, "axial", 0.5, 5, api_name=f"/export_{kind}"))
-                for kind in ("prediction", "heatmap", "view")]
+                for kind in ("prediction", "heatmap", "view", "dicom")]
     texts = answers + [_text(path) for path in exported]
     texts += [_text(path) for path in app_server.temp.rglob("*") if path.is_file() and path.name != study.name]
     texts.append(app_server.log.read_text(encoding="utf-8", errors="replace"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from app.viewer import pixel_size
-from app.session import (analyse, close_session, default_series, default_target, explanation, export_heatmap,
-                         export_prediction, export_view, prediction_document, view_volume)
+from app.session import (analyse, close_session, default_series, default_target, explanation, export_dicom_zip,
+                         export_heatmap, export_prediction, export_view, prediction_document, view_volume)
 from helpers.privacy import SECRETS, write_identified_study
 from prima.explain import heatmap
 from prima.io import load_study
@@ -89,6 +90,31 @@ def test_prediction_export_holds_outputs_and_explanations(normal_session):
     assert "embedding" not in doc and "timings_s" not in doc
 
 
+def test_dicom_export_is_a_deidentified_zip_over_the_source_slices(normal_session, tmp_path):
+    import pydicom
+
+    (target, series), lime = next(iter(normal_session.explanations.items()))
+    path = export_dicom_zip(normal_session, lime)
+    assert path.name == f"prima-dicom-{target}-series{series}.zip" and path.parent == normal_session.workdir
+    assert [p.name for p in normal_session.workdir.iterdir() if p.is_dir()] == []  # no staging left behind
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(tmp_path)
+    folder = tmp_path / path.stem
+    manifest = json.loads((folder / "prima-dicom.json").read_text())
+    assert manifest["deidentified"] and manifest["target"] == target
+    original = load_study(normal_session_source()).series[series]
+    slices = original.shape[original.through_axis]
+    pm = pydicom.dcmread(folder / "parametric_map.dcm")
+    assert int(pm.NumberOfFrames) == slices == len(list((folder / "source").iterdir()))
+    assert pm.StudyInstanceUID != original.meta["study_uid"] and pm.PatientIdentityRemoved == "YES"
+    assert pydicom.dcmread(folder / "report.dcm").StudyInstanceUID == pm.StudyInstanceUID
+
+
+def _zip_texts(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as archive:
+        return [archive.read(name).decode("latin-1") for name in archive.namelist()] + archive.namelist()
+
+
 def test_exports_and_logs_carry_no_identifiers(identified_study, lite_release, caplog):
     caplog.set_level(logging.DEBUG)
     session = analyse(identified_study, lite_release)
@@ -101,6 +127,7 @@ def test_exports_and_logs_carry_no_identifiers(identified_study, lite_release, c
         texts = [json.dumps(prediction_document(session)), caplog.text]
         texts += [gzip.decompress(p.read_bytes()).decode("latin-1") if p.suffix == ".gz" else
                   p.read_bytes().decode("latin-1") for p in files]
+        texts += _zip_texts(export_dicom_zip(session, lime))  # the DICOM export is always de-identified
         for text in texts:
             for secret in SECRETS:
                 assert secret not in text

@@ -95,6 +95,34 @@ def test_empty_question_and_missing_heatmap_are_explained(handlers, normal_sessi
         handlers.export("heatmap", normal_session, "structural_edema", 99, "axial", 0.5, -1)
 
 
+def test_dicom_export_needs_dicom_files_still_on_the_server(handlers, normal_session, lite_release, tmp_path):
+    import dataclasses
+
+    import nibabel as nib
+    import numpy as np
+
+    from app.session import analyse
+    from prima.explain import explain
+
+    (target, series), _ = next(iter(normal_session.explanations.items()))
+    path = Path(handlers.export("dicom", normal_session, target, series, "axial", 0.5, -1))
+    assert path.suffix == ".zip" and path.is_file()
+    gone = dataclasses.replace(normal_session, sources=[str(tmp_path / "swept.zip")])
+    with pytest.raises(gr.Error, match="upload the study again"):
+        handlers.export("dicom", gone, target, series, "axial", 0.5, -1)
+    nifti = tmp_path / "AX_T1.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 44, 10)).astype(np.float32),
+                             np.diag([2.0, 2.0, 5.0, 1.0])), nifti)
+    session = analyse([str(nifti)], lite_release)
+    try:
+        key = session.prediction.differential[0].key
+        session.explanations[(key, 0)] = explain(session.prediction.tokens, lite_release, key, 0, num_samples=16)
+        with pytest.raises(gr.Error, match="No DICOM export for this series: .*loaded from NIfTI"):
+            handlers.export("dicom", session, key, 0, "axial", 0.5, -1)
+    finally:
+        session.close()
+
+
 def test_compare_charts_the_change_and_shows_both(handlers):
     pair, chart, target = handlers.compare([str(EXAMPLES / "glioma_high_grade.zip")],
                                            [str(EXAMPLES / "glioma_after_resection.zip")], None, progress=no_progress)

@@ -1,4 +1,4 @@
-"""The CLIP model: shapes, padding and order invariance, cached-encoder reuse, gradient flow."""
+"""The CLIP model: shapes, padding and order invariance, cached-encoder reuse, gradient flow, text embedding."""
 
 import math
 
@@ -8,7 +8,8 @@ import torch
 from prima.factory import create_model, get_model_config
 from prima.losses import ClipLoss, PatientDiscriminationLoss
 from prima.models.batching import pack_studies
-from prima.models.clip import PrimaCLIP, PrimaVisual
+from prima.models.clip import PrimaCLIP, PrimaVisual, zero_shot_prompt
+from prima.models.text import train_report_tokenizer
 
 ATOL = 1e-5  # fp32; padding only changes which masked entries enter the softmax
 
@@ -150,3 +151,26 @@ def test_studies_whose_series_have_no_tokens(model):
     # without usable series a study embedding depends only on its description
     only_description, _ = model.visual(model.pack([[]], ["MRI BRAIN"]))
     torch.testing.assert_close(study[:1], only_description, atol=ATOL, rtol=0)
+
+
+def test_embed_texts_is_encode_text_normalised_in_fp32_in_batches(model):
+    texts = [f"finding {i}: {'enhancing ' * (i % 4)}mass in the left frontal lobe." for i in range(7)]
+    tokenizer = train_report_tokenizer(texts * 3, 300)
+    embedded = model.embed_texts(tokenizer, texts, batch_size=3)  # three forwards, the last of one text
+    assert embedded.shape == (7, 128) and embedded.dtype == torch.float32 and not embedded.requires_grad
+    torch.testing.assert_close(embedded.norm(dim=-1), torch.ones(7))
+    for i, text in enumerate(texts):
+        ids, mask = tokenizer([text], model.config.text.context_length)
+        with torch.no_grad():
+            torch.testing.assert_close(embedded[i], model.encode_text(ids, mask)[0], atol=ATOL, rtol=0)
+    assert model.embed_texts(tokenizer, []).shape == (0, 128)
+    bf16 = model.embed_texts(tokenizer, texts, torch.bfloat16)
+    assert bf16.dtype == torch.float32 and (bf16 * embedded).sum(-1).min() > 0.99  # normalised in fp32
+    with pytest.raises(ValueError, match="batch_size"):
+        model.embed_texts(tokenizer, texts, batch_size=0)
+
+
+def test_zero_shot_prompt_is_the_display_name_as_a_sentence():
+    assert zero_shot_prompt("Meningioma") == "Meningioma."
+    with pytest.raises(ValueError, match="display name"):
+        zero_shot_prompt("  ")

@@ -1,11 +1,10 @@
 """training.evaluate: figures computed from known model outputs equal hand-computed ones; the unk-names
-variant and the lesion masks on the series grid."""
+variant, the ladder and the conflicting-outputs count."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -71,36 +70,6 @@ def test_subgroups_and_focal_labels_are_known(tiny_dataset):
     assert set(FOCAL_DIAGNOSES) <= set(SPACE.diagnosis_keys)
 
 
-def test_lesion_masks_land_on_the_series_grid_where_the_lesion_is(tiny_dataset, random_release_path, tmp_path):
-    """The mask resampled by lesion_mask_on_grid covers the same voxels as the mask file loaded and
-    preprocessed like a series (prima.io -> LPS -> 256 in-plane): no flip, no shift."""
-    from prima import load_release
-    from prima.io import load_study
-    from prima.preprocess import preprocess_series
-    from prima.tokens import tokenize_study
-    from training.evaluate import lesion_mask_on_grid
-
-    release = load_release(random_release_path)
-    entry = next(e for e in read_manifest(tiny_dataset) if e.lesion_masks and any(
-        key in FOCAL_DIAGNOSES for mask in e.lesion_masks.values() for key in mask.keys))
-    name, lesion = next((n, m) for n, m in entry.lesion_masks.items() if any(k in FOCAL_DIAGNOSES for k in m.keys))
-    key = next(k for k in lesion.keys if k in FOCAL_DIAGNOSES)
-    series_entry = next(s for s in entry.series if s.name == name)
-    tokens = next(s for s in tokenize_study(load_study([series_entry.path], series_names=[name]), release).series)
-    on_grid = lesion_mask_on_grid(entry, name, key, tokens, release.config.preprocess)
-    assert on_grid is not None and on_grid.shape == tuple(tokens.shape)
-    image = nib.load(str(lesion.path))
-    channel = np.asarray(image.dataobj, dtype=np.float32)
-    if channel.ndim == 4:
-        channel = channel[..., lesion.keys.index(key)]
-    nib.save(nib.Nifti1Image(channel, image.affine), tmp_path / "mask.nii.gz")
-    (mask_series,) = load_study([tmp_path / "mask.nii.gz"]).series  # the mask loaded like any series
-    reference = preprocess_series(mask_series, release.config.preprocess).array > 0.5
-    assert reference.shape == on_grid.shape
-    overlap = (reference & on_grid).sum() / (reference | on_grid).sum()
-    assert overlap > 0.8
-
-
 def test_a_token_memo_tokenizes_each_study_once_and_changes_no_figure(tiny_dataset, random_release_path, tmp_path,
                                                                       monkeypatch):
     import training.evaluate as evaluation
@@ -117,3 +86,17 @@ def test_a_token_memo_tokenizes_each_study_once_and_changes_no_figure(tiny_datas
     plain = evaluation.evaluate(random_release_path, tiny_dataset, out=tmp_path / "c", **options)
     for result in (second, plain):
         assert result["diagnosis"] == first["diagnosis"] and result["retrieval"] == first["retrieval"]
+
+
+def test_priority_conflicts_count_urgent_positives_read_as_least_urgent():
+    from training.evaluate import priority_conflicts
+
+    urgent = next(i for i, d in enumerate(SPACE.diagnoses) if d.tier == SPACE.priority_tiers[-1])
+    mild = next(i for i, d in enumerate(SPACE.diagnoses) if d.tier == SPACE.priority_tiers[0])
+    positive = np.zeros((4, 52), dtype=bool)
+    positive[0, urgent] = positive[1, urgent] = positive[2, mild] = True
+    priority = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.9, 0.05, 0.05], [0.9, 0.05, 0.05]])
+    # studies 0 and 1 have an urgent positive; only study 0's priority reads the least urgent tier
+    assert priority_conflicts(positive, priority, SPACE) == {"studies_with_urgent_positive": 2, "conflicts": 1,
+                                                             "rate": 0.5}
+    assert priority_conflicts(positive[2:], priority[2:], SPACE)["rate"] is None

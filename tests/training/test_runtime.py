@@ -1,10 +1,11 @@
 """training.runtime: stage configs (file, then flags), schedule, checkpoints that carry their config,
-run logs with throughput, cache keys."""
+run logs with throughput, the step loop every trainer shares, cache keys."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from prima.errors import ConfigError
 from training.runtime import (
     HALF_PRECISION_CPU_FLAGS,
     RunLog,
+    StepLoop,
     add_config_arguments,
     attention_kernel,
     cache_key,
@@ -187,3 +189,62 @@ def test_attention_kernel_picks_the_sdpa_backend(choice: str, device: str, expec
         assert torch._fused_sdp_choice(q, q, q) == int(getattr(SDPBackend, expected))
     with pytest.raises(ValueError, match="attention"):
         attention_kernel("flash", device)
+
+
+def _run_steps(folder: Path, steps: int, *, start: int = 0, **options) -> tuple[list[dict], list[int], list[int]]:
+    """Run ``StepLoop`` over steps ``start + 1 ..`` like a trainer: (log lines, steps saved, steps evaluated)."""
+    saved, evaluated, step = [], [], start
+    folder.mkdir()
+
+    def evaluate() -> dict:
+        evaluated.append(step)
+        return {"val": float(step)}
+
+    with distributed("cpu") as context:
+        log = RunLog(folder, steps, start)
+        loop = StepLoop(context, log, steps, save=lambda: saved.append(step),
+                        **({"evaluate": evaluate} if "eval_every" in options else {}), **options)
+        while step < steps:
+            step += 1
+            log.update(2, loss=float(step))
+            if loop.end_step(step):
+                break
+        loop.finish()
+    lines = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return lines, saved, evaluated
+
+
+def test_step_loop_logs_evaluates_and_saves_on_its_cadence(tmp_path: Path) -> None:
+    lines, saved, evaluated = _run_steps(tmp_path / "a", 7, log_every=3, checkpoint_every=4, eval_every=5)
+    assert [line["step"] for line in lines] == [3, 5, 6, 7]  # every 3rd, every evaluation, the last
+    assert [line.get("val") for line in lines] == [None, 5.0, None, 7.0]  # evaluations travel in their line
+    assert lines[0]["loss"] == 2.0 and lines[1]["loss"] == 4.5  # running means since the previous line
+    assert evaluated == [5, 7] and saved == [4, 7]  # every 4th, then the final save after the loop
+    lines, saved, evaluated = _run_steps(tmp_path / "b", 4, start=2, log_every=10, checkpoint_every=10)
+    assert [line["step"] for line in lines] == [4] and saved == [4] and evaluated == []  # resumed, no evaluation
+    assert _run_steps(tmp_path / "c", 0, log_every=1, checkpoint_every=1)[1] == [0]  # nothing left: saved once
+
+
+@pytest.mark.parametrize("evaluate_at_time_limit", [True, False])
+def test_step_loop_stops_every_process_at_the_time_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         evaluate_at_time_limit: bool) -> None:
+    lines, saved, evaluated = _run_steps(tmp_path / "late", 10, log_every=5, checkpoint_every=5, eval_every=5,
+                                         time_limit_min=1.0, started=time.perf_counter() - 61.0,
+                                         evaluate_at_time_limit=evaluate_at_time_limit)
+    assert [line["step"] for line in lines] == [1] and saved == [1]  # a log line and the final save
+    assert evaluated == ([1] if evaluate_at_time_limit else [])
+    assert "time limit reached at step 1" in capsys.readouterr().out
+    lines, _, _ = _run_steps(tmp_path / "in_time", 3, log_every=5, checkpoint_every=5, time_limit_min=1.0)
+    assert [line["step"] for line in lines] == [3]  # well within the limit: runs to the end
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"log_every": 0}, "log_every"), ({"checkpoint_every": 0}, "checkpoint_every"),
+    ({"eval_every": 0, "evaluate": dict}, "eval_every"), ({"eval_every": 5}, "evaluate function"),
+    ({"time_limit_min": 0.0}, "time_limit_min"), ({"steps": -1}, "steps")])
+def test_step_loop_refuses_bad_arguments(tmp_path: Path, options: dict, message: str) -> None:
+    settings = {"steps": 10, "log_every": 1, "checkpoint_every": 1, **options}
+    with distributed("cpu") as context:
+        log = RunLog(tmp_path, 10, enabled=False)
+        with pytest.raises(ValueError, match=message):
+            StepLoop(context, log, settings.pop("steps"), save=lambda: None, **settings)

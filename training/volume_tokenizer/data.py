@@ -21,7 +21,7 @@ from prima.config import PrimaConfig
 from prima.manifest import StudyEntry, load_entry_study, manifest_digest, read_manifest
 from prima.patching import patchify, select_tokens
 from prima.tokens import series_patches
-from training.evaluate import lesion_mask_on_grid
+from training.lesion_masks import lesion_mask_on_grid
 from training.runtime import cache_key
 from training.volume_tokenizer.augment import random_token_selection
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from training.runtime import (
     print_on_main,
     CHECKPOINT_FILE,
     RunLog,
+    StepLoop,
     config_dict,
     distributed,
     git_commit,
@@ -142,7 +142,8 @@ def train(config: VolumeTokenizerTrainConfig) -> Path:
         log = RunLog(out, config.steps, step, unit="patches", enabled=context.is_main,
                      description="volume tokenizer")
         model.train()
-        started = time.perf_counter()
+        loop = StepLoop(context, log, config.steps, log_every=config.log_every, save=checkpoint_now,
+                        checkpoint_every=config.checkpoint_every, time_limit_min=config.time_limit_min)
         for indices in batches_from(step):
             if step >= config.steps:
                 break
@@ -161,18 +162,9 @@ def train(config: VolumeTokenizerTrainConfig) -> Path:
             step += 1
             log.update(len(indices) * context.world_size, loss=loss.detach(), l1=l1.detach(),
                        perplexity=output.perplexity, used=output.used_codes, lr=lr)
-            out_of_time = context.any(config.time_limit_min is not None
-                                      and time.perf_counter() - started > 60 * config.time_limit_min)
-            if step % config.log_every == 0 or step == config.steps or out_of_time:
-                log.write(step)
-            if step % config.checkpoint_every == 0:
-                checkpoint_now()
-            if out_of_time:
-                if context.is_main:
-                    print(f"time limit reached at step {step}", flush=True)
+            if loop.end_step(step):
                 break
-        checkpoint_now()
-        log.close()
+        loop.finish()
         path = out / VOLUME_TOKENIZER_FILE
         if context.is_main:
             save_volume_tokenizer(model, path, provenance={

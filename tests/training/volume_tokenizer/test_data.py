@@ -82,7 +82,7 @@ def test_patch_cache_is_keyed_by_what_built_it(mni_manifest: Path, tmp_path: Pat
 def test_lesion_patches_follow_the_manifest_masks_and_survive_a_save(tiny_dataset: Path, tmp_path: Path) -> None:
     from prima.manifest import load_entry_study
     from prima.tokens import series_patches
-    from training.evaluate import lesion_mask_on_grid
+    from training.lesion_masks import lesion_mask_on_grid
     from training.metrics import token_overlap
 
     config = get_model_config("prima-lite")

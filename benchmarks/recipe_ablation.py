@@ -1,0 +1,326 @@
+"""Small, fast experiments on the hViT recipe (docs/training.md, "What makes the hViT learn"): one change at a
+time, measured against the spread between seeds, on a token cache of a synthetic data set.
+
+    python -m training.synth --n 1000 --out DATA --seed 11 --balance 1 --stratify --protocol-blind all
+    torchrun --standalone --nproc_per_node 2 -m training.token_cache --manifest DATA/manifest.jsonl --out CACHE \
+        --volume-tokenizer assets/volume-tokenizer-lite/volume_tokenizer.safetensors --min-fraction 0.02 --threads 1
+    python benchmarks/recipe_ablation.py --data DATA --cache CACHE/<key> --out RUNS --name base --seed 0 \
+        [--sampler random|all|salient|block] [--aux-lesion 1] [--mtp-steps 300] [--no-pos-weight] [--depth N] ...
+
+A fresh lite hViT (the sequence and study ViTs of prima-lite) and the task heads train on the labels (diagnoses
+with positive-weighted BCE, referrals, priority: recipe (a) without CLIP) with the CLIP stage's augmentations;
+options add a dense lesion loss on the sequence ViT's token outputs (needs the manifest's lesion masks), or
+masked-token pre-training of the sequence ViT before the labels (a latent-space masked prediction, the idea of
+Vol-JEPA). Scored on 100 training studies (is it fitting?), val and test: normal vs abnormal from the largest
+diagnosis logit, mean diagnosis and referral AUROC, priority Spearman, and linear probes on the frozen study
+embedding fitted on the training split. One JSON line per run is appended to RUNS/results.jsonl.
+"""
+import argparse, json, time
+from pathlib import Path
+import numpy as np, torch, torch.nn.functional as F
+from prima.factory import get_model_config
+from prima.models.clip import PrimaVisual
+from prima.models.heads import TaskHeads
+from prima.models.batching import pack_studies
+from prima.manifest import read_manifest
+from prima.precision import autocast, autocast_dtype
+from training.token_cache import TokenCache
+from training.study_data import label_targets, AugmentConfig, study_inputs, step_rng, global_batch
+from training.metrics import auroc
+from training.runtime import warmup_cosine, attention_kernel
+from training.lesion_masks import token_lesion_overlap
+from sklearn.linear_model import LogisticRegression
+
+p = argparse.ArgumentParser()
+p.add_argument("--data", type=Path, required=True, help="data set folder (manifest.jsonl)")
+p.add_argument("--cache", type=Path, required=True, help="token cache folder of that manifest (holding index.json)")
+p.add_argument("--out", type=Path, required=True, help="folder for the run logs and results.jsonl")
+p.add_argument("--name", required=True)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--steps", type=int, default=300)
+p.add_argument("--batch", type=int, default=16)
+p.add_argument("--lr", type=float, default=5e-4)
+p.add_argument("--max-tokens", type=int, default=128)
+p.add_argument("--sampler", default="random")
+p.add_argument("--depth", type=int, default=None)
+p.add_argument("--heads", type=int, default=None)
+p.add_argument("--mlp", type=int, default=None)
+p.add_argument("--registers", type=int, default=None)
+p.add_argument("--study-depth", type=int, default=None)
+p.add_argument("--aux-lesion", type=float, default=0.0)
+p.add_argument("--task", default="all")  # all = diagnoses+referrals+priority; dx = diagnoses only
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--train-n", type=int, default=None)
+p.add_argument("--pretrained", default=None)
+p.add_argument("--wd", type=float, default=0.05)
+p.add_argument("--dropout", type=float, default=0.1)
+p.add_argument("--mtp-steps", type=int, default=0)
+p.add_argument("--no-pos-weight", action="store_true")
+p.add_argument("--mtp-ratio", type=float, default=0.4)
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+torch.manual_seed(a.seed); np.random.seed(a.seed)
+
+DATA, CACHE = a.data, a.cache
+a.out.mkdir(parents=True, exist_ok=True)
+config = get_model_config("prima-lite")
+seq = config.vision.sequence
+if a.depth: seq.depth = a.depth
+if a.heads: seq.heads = a.heads
+if a.mlp: seq.mlp_dim = a.mlp
+if a.registers: seq.registers = a.registers
+if a.study_depth: config.vision.study.depth = a.study_depth
+space = config.label_space
+
+cache = TokenCache(CACHE)
+entries = {s: [e for e in read_manifest(DATA / "manifest.jsonl", [s]) if e.study_id in set(cache.study_ids)]
+           for s in ("train", "val", "test")}
+if a.train_n:
+    rng = np.random.default_rng(123)
+    entries["train"] = [entries["train"][i] for i in sorted(rng.choice(len(entries["train"]), a.train_n, replace=False))]
+tokens = {s: [cache.study_tokens(e.study_id, e.study_description) for e in es] for s, es in entries.items()}
+targets = {s: label_targets(es, space) for s, es in entries.items()}
+lesion = None
+if a.aux_lesion:  # per-token lesion share of every training series with a mask
+    lesion = {}
+    for entry, study in zip(entries["train"], tokens["train"]):
+        for s in study.series:
+            if entry.lesion_masks:
+                share = token_lesion_overlap(entry, s, config.preprocess, config.volume_tokenizer.patch_size)
+                if share is not None:
+                    lesion[(entry.study_id, s.name)] = share
+
+visual = PrimaVisual(config.vision)
+if a.pretrained:
+    state = torch.load(a.pretrained, map_location="cpu")
+    missing = visual.load_state_dict(state, strict=False)
+    print("loaded pretrained", missing, flush=True)
+from prima.config import HeadsConfig
+heads = TaskHeads(visual.study_dim, HeadsConfig(hidden=256, dropout=a.dropout), len(space.diagnosis_keys),
+                  len(space.referral_keys), len(space.priority_tiers))
+token_head = torch.nn.Linear(289, 1) if a.aux_lesion else None
+modules = torch.nn.ModuleList([visual, heads] + ([token_head] if token_head is not None else []))
+decay = [q for n, q in modules.named_parameters() if q.ndim >= 2 and "registers" not in n]
+no_decay = [q for n, q in modules.named_parameters() if not (q.ndim >= 2 and "registers" not in n)]
+opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
+dtype = autocast_dtype(torch.device("cpu"), "auto")
+
+dx, ref, tier = (torch.from_numpy(x) for x in targets["train"])
+pos = dx.sum(0).float(); neg = len(dx) - pos
+pos_weight = torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos))
+if a.no_pos_weight: pos_weight = torch.ones_like(pos)
+rpos = ref.sum(0).float(); rpos_weight = torch.where(rpos > 0, (len(ref) - rpos) / rpos.clamp(min=1), torch.ones_like(rpos))
+if a.no_pos_weight: rpos_weight = torch.ones_like(rpos)
+abnormal = dx.sum(1) > 0
+prob = np.where(abnormal.numpy(), 3.0, 1.0); prob = prob / prob.sum()
+augment = AugmentConfig(token_dropout=0.03, series_dropout=0.08, unk_name=0.07, unk_description=0.07,
+                        filter_range=(0.03, 0.15), max_tokens=None if a.sampler == "all" else None,
+                        shuffle_report_items=False)
+
+
+def sample_tokens(series_tokens, rng):
+    """Cap a series' tokens at max_tokens with the chosen sampler; returns (features, keep indices)."""
+    n = len(series_tokens)
+    if a.sampler == "all" or n <= a.max_tokens:
+        return series_tokens
+    if a.sampler == "random":
+        keep = rng.choice(n, a.max_tokens, replace=False)
+    elif a.sampler == "salient":  # half the budget: tokens farthest from the series' mean latent; half random
+        lat = series_tokens.latents
+        dist = ((lat - lat.mean(0)) ** 2).sum(1).numpy()
+        k = a.max_tokens // 2
+        top = np.argsort(-dist)[:k]
+        rest = np.setdiff1d(np.arange(n), top)
+        keep = np.concatenate([top, rng.choice(rest, a.max_tokens - k, replace=False)])
+    elif a.sampler == "block":  # a contiguous neighbourhood: all tokens near a random centre (context kept)
+        c = series_tokens.coords[rng.integers(n)]
+        d = ((series_tokens.coords - c) ** 2).sum(1)
+        keep = np.argsort(d + rng.random(n) * 0.1)[: a.max_tokens]
+    return series_tokens.subset(keep)
+
+
+def inputs_of(study_tokens, rng, train, study_id=None):
+    series = list(study_tokens.series)
+    if train and len(series) > 1:
+        kept = [s for s in series if rng.random() >= 0.08]
+        series = kept or [series[int(rng.integers(len(series)))]]
+    pairs, lesion_targets = [], []
+    for s in series:
+        if train:
+            s2 = s.refilter(float(rng.uniform(0.03, 0.15)), 25)
+            s2 = sample_tokens(s2, rng)
+            name = "unk" if rng.random() < 0.07 else s2.name
+        else:
+            s2 = s.refilter(0.05, 25)
+            name = s2.name
+        pairs.append((s2.features, name))
+        if lesion is not None and train:
+            ov = lesion.get((study_id, s.name))
+            if ov is None:
+                lesion_targets.append(torch.zeros(len(s2)))
+            else:
+                lookup = dict(zip(s.patch_indices.tolist(), ov.tolist()))
+                lesion_targets.append(torch.tensor([lookup.get(i, 0.0) for i in s2.patch_indices.tolist()], dtype=torch.float32))
+    desc = "unk" if train and rng.random() < 0.07 else study_tokens.description
+    return pairs, desc, lesion_targets
+
+
+def forward(batch_pairs, descs, return_tokens=False):
+    batch = pack_studies(batch_pairs, descs, seq.series_name.max_length, config.vision.study.description.max_length)
+    names = visual.series_name_encoder(batch.name_ids, batch.name_mask)
+    if return_tokens:
+        sv = visual.sequence_vit
+        n_series, R = batch.tokens.shape[0], sv.config.registers
+        regs = sv.registers[None].expand(n_series, -1, -1).to(batch.tokens.dtype)
+        x = torch.cat([regs, names[:, None], batch.tokens], 1)
+        always = batch.token_mask.new_ones(n_series, R + 1)
+        x = sv.transformer(x, torch.cat([always, batch.token_mask], 1))
+        series = sv.proj(x[:, :R].flatten(1))
+        token_out = x[:, R + 1:]
+    else:
+        series = visual.sequence_vit(batch.tokens, batch.token_mask, names)
+        token_out = None
+    vectors, mask = batch.study_layout(series)
+    study = visual.encode_study(vectors, mask, batch.description_ids, batch.description_mask)
+    return study, token_out, batch.token_mask
+
+
+@torch.no_grad()
+def embed(split):
+    visual.eval(); heads.eval()
+    E, D, R, P = [], [], [], []
+    ts = tokens[split]
+    for i in range(0, len(ts), 16):
+        chunk = [inputs_of(t, None, False) for t in ts[i:i + 16]]
+        with autocast(torch.device("cpu"), dtype):
+            study, _, _ = forward([c[0] for c in chunk], [c[1] for c in chunk])
+            out = heads(study)
+        E.append(study.float()); D.append(out.diagnosis_logits.float()); R.append(out.referral_logits.float())
+        P.append(out.priority_logits.float())
+    return torch.cat(E).numpy(), torch.cat(D).numpy(), torch.cat(R).numpy(), torch.cat(P).numpy()
+
+
+def mean_auroc(y, s):
+    vals = [auroc(y[:, c], s[:, c]) for c in range(y.shape[1])]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)), len(vals)
+
+
+def metrics(split, E, D, R, P, probe=None):
+    y, yr, yt = targets[split]
+    ab = (y.sum(1) > 0).astype(int)
+    out = {"abnormal_auroc": auroc(ab, D.max(1)), "dx_mean_auroc": mean_auroc(y, D)[0],
+           "ref_mean_auroc": mean_auroc(yr, R)[0]}
+    from scipy.stats import spearmanr
+    probs = torch.softmax(torch.from_numpy(P), 1).numpy()
+    out["priority_spearman"] = float(spearmanr(probs @ np.arange(probs.shape[1]), yt).statistic)
+    if probe is not None:
+        out.update(probe(split, E))
+    return out
+
+
+def make_probe():
+    Etr, *_ = embed("train")
+    y, _, _ = targets["train"]
+    mu, sd = Etr.mean(0), Etr.std(0) + 1e-6
+    ab = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit((Etr - mu) / sd, (y.sum(1) > 0))
+    per = {}
+    for c in range(y.shape[1]):
+        if 0 < y[:, c].sum() < len(y):
+            per[c] = LogisticRegression(C=0.1, class_weight="balanced", max_iter=500).fit((Etr - mu) / sd, y[:, c])
+
+    def probe(split, E):
+        Z = (E - mu) / sd
+        yy, _, _ = targets[split]
+        s = np.zeros_like(yy, dtype=float)
+        for c, m in per.items():
+            s[:, c] = m.decision_function(Z)
+        return {"probe_abnormal": auroc((yy.sum(1) > 0).astype(int), ab.decision_function(Z)),
+                "probe_dx_mean": mean_auroc(yy[:, list(per)], s[:, list(per)])[0]}
+    return probe
+
+
+def masked_token_pretraining():
+    """Masked latent prediction with the sequence ViT: a share of each series' tokens lose their latent (a
+    learned mask vector instead, position and plane kept); a linear head predicts the latent from the output."""
+    sv = visual.sequence_vit
+    mask_vector = torch.nn.Parameter(torch.zeros(256))
+    head = torch.nn.Linear(289, 256)
+    params = list(sv.parameters()) + list(visual.series_name_encoder.parameters()) + [mask_vector] + list(head.parameters())
+    o = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.05)
+    t0 = time.time()
+    for step in range(a.mtp_steps):
+        idx = global_batch(n_train, a.batch, np.full(n_train, 1 / n_train), a.seed + 99, step)
+        rng = step_rng(a.seed + 99, step, 0)
+        pairs = []
+        for i in idx:
+            for s in tokens["train"][i].series:
+                s2 = sample_tokens(s.refilter(float(rng.uniform(0.03, 0.15)), 25), rng)
+                pairs.append((s2.features, s2.name))
+        batch = pack_studies([pairs], [""], seq.series_name.max_length, config.vision.study.description.max_length)
+        x = batch.tokens
+        hidden = (torch.rand(x.shape[:2]) < a.mtp_ratio) & batch.token_mask
+        target = x[..., :256].clone()
+        x = x.clone()
+        x[..., :256] = torch.where(hidden[..., None], mask_vector.expand_as(x[..., :256]), x[..., :256])
+        names = visual.series_name_encoder(batch.name_ids, batch.name_mask)
+        R = sv.config.registers
+        regs = sv.registers[None].expand(x.shape[0], -1, -1)
+        with autocast(torch.device("cpu"), dtype), attention_kernel("auto", torch.device("cpu")):
+            h = sv.transformer(torch.cat([regs, names[:, None], x], 1),
+                               torch.cat([batch.token_mask.new_ones(x.shape[0], R + 1), batch.token_mask], 1))
+            pred = head(h[:, R + 1:].float())
+        loss = ((pred - target) ** 2).mean(-1)[hidden].mean()
+        lr = warmup_cosine(step, a.mtp_steps, max(1, a.mtp_steps // 10), a.lr)
+        for g in o.param_groups: g["lr"] = lr
+        o.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); o.step()
+        if step % 20 == 0 or step == a.mtp_steps - 1:
+            print(json.dumps({"mtp_step": step, "loss": float(loss), "s": time.time() - t0}), flush=True)
+
+
+n_train = len(tokens["train"])
+if a.mtp_steps:
+    masked_token_pretraining()
+started = time.time()
+log = open(a.out / f"{a.name}_s{a.seed}.jsonl", "w")
+modules.train()
+for step in range(a.steps):
+    idx = global_batch(n_train, a.batch, prob, a.seed, step)
+    chunk = [inputs_of(tokens["train"][i], step_rng(a.seed, step, int(i)), True, entries["train"][i].study_id) for i in idx]
+    lr = warmup_cosine(step, a.steps, max(1, a.steps // 10), a.lr)
+    for g in opt.param_groups: g["lr"] = lr
+    with autocast(torch.device("cpu"), dtype), attention_kernel("auto", torch.device("cpu")):
+        study, token_out, token_mask = forward([c[0] for c in chunk], [c[1] for c in chunk], return_tokens=token_head is not None)
+        out = heads(study)
+    loss = F.binary_cross_entropy_with_logits(out.diagnosis_logits.float(), dx[idx].float(), pos_weight=pos_weight)
+    if a.task == "all":
+        loss = loss + F.binary_cross_entropy_with_logits(out.referral_logits.float(), ref[idx].float(), pos_weight=rpos_weight)
+        loss = loss + F.cross_entropy(out.priority_logits.float(), tier[idx])
+    aux = torch.tensor(0.0)
+    if token_head is not None:
+        tl = token_head(token_out.float()).squeeze(-1)
+        tgt = torch.zeros_like(tl)
+        flat = [t for c in chunk for t in c[2]]
+        for si, t in enumerate(flat):
+            tgt[si, : len(t)] = (t > 0.25).float()
+        aux = F.binary_cross_entropy_with_logits(tl[token_mask], tgt[token_mask], pos_weight=torch.tensor(10.0))
+        loss = loss + a.aux_lesion * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+    opt.step()
+    if step % 20 == 0 or step == a.steps - 1:
+        rec = {"step": step, "loss": float(loss), "aux": float(aux), "s": time.time() - started}
+        print(json.dumps(rec), flush=True); log.write(json.dumps(rec) + "\n"); log.flush()
+
+train_seconds = time.time() - started
+probe = make_probe()
+result = {"name": a.name, "seed": a.seed, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+          "train_seconds": train_seconds}
+tokens["train100"] = tokens["train"][:100]; targets["train100"] = tuple(t[:100] for t in targets["train"])
+for split in ("train100", "val", "test"):
+    result[split] = metrics(split, *embed(split), probe=probe)
+result["n"] = {s: len(v) for s, v in tokens.items()}
+print(json.dumps(result), flush=True)
+with open(a.out / "results.jsonl", "a") as f:
+    f.write(json.dumps(result) + "\n")
