@@ -121,6 +121,16 @@ def test_load_benchmark_checks_every_answer():
     assert "p95" in out and "peak RSS" in out
 
 
+def test_load_dicom_benchmark_times_load_study_against_dcm2niix():
+    out = run_benchmark("bench_load_dicom.py", "--series", "2", "--slices", "8", "--matrix", "32", "--runs", "1",
+                        "--threads", "1", "2", timeout=600)
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["synthetic_2x8_32"], ["enhanced"],
+                                                                              ["mosaic"], ["all"])]
+    assert [(row[0], row[1]) for row in rows] == [(name, threads) for threads in ("1", "2")
+                                                  for name in ("synthetic_2x8_32", "enhanced", "mosaic", "all")]
+    assert all(row[-1].endswith("x") for row in rows) and "target <= 1.0" in out and "CPU:" in out
+
+
 def test_fuzz_benchmark_reports_cases_and_failures():
     out = run_benchmark("bench_fuzz.py", "--cases", "20", "--seed", "0")
     assert "cases tried: 20" in out and "failing cases: 0" in out

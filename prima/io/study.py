@@ -6,6 +6,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from prima.io.orientation import (
 )
 
 logger = logging.getLogger("prima.io")
+
+# Series of a DICOM study decoded at the same time (threads): reading files and numpy's copies release
+# the GIL, so on several cores one series is read while another is rescaled and reoriented.
+LOAD_THREADS = min(4, os.cpu_count() or 1)
 
 # Folders and files that archivers and desktops add next to the images; skipped silently.
 _IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -90,10 +95,14 @@ def _sanitise(array: np.ndarray, meta: dict) -> np.ndarray:
 
 
 def _make_series(name: str, array: np.ndarray, affine: np.ndarray, source: str, meta: dict,
-                 normal_lps: np.ndarray | None) -> Series:
-    """Sanitise, reorient to L,P,S and detect the plane (slice normal for DICOM, spacing for NIfTI)."""
+                 normal_lps: np.ndarray | None, source_orientation: str | None = None) -> Series:
+    """Sanitise, reorient to L,P,S and detect the plane (slice normal for DICOM, spacing for NIfTI).
+
+    ``source_orientation`` is given for an array already reoriented (DICOM volumes are read in L,P,S order).
+    """
     array = _sanitise(np.asarray(array, dtype=np.float32), meta)
-    source_orientation = axcodes(affine)
+    if source_orientation is None:
+        source_orientation = axcodes(affine)
     array, affine = reorient(array, affine)
     if normal_lps is not None:
         through_axis = through_axis_from_normal(np.asarray(normal_lps) * [-1.0, -1.0, 1.0], affine)
@@ -122,6 +131,36 @@ def _load_nifti(path: Path, root: Path, label: str, budget: StudyBudget) -> tupl
         return [], [SkippedSeries(name, error.reason, source)]
 
 
+@dataclass
+class _DicomJob:
+    """One DICOM series whose budget is claimed: decoding it, independent of the other series."""
+
+    name: str
+    source: str
+    header: pydicom.Dataset
+    images: list[dicom.DicomFile]
+
+    def run(self, budget: StudyBudget) -> tuple[list[Series], SkippedSeries | None]:
+        try:
+            volumes = dicom.volumes(self.images)
+            # Every volume's voxels first, read straight into L,P,S order (one copy), then the checks.
+            voxels = [volume.voxels(lps=True) for volume in volumes]
+            meta_base = dicom.series_meta(self.header)
+            meta_base["n_files"] = len(self.images)
+            loaded = []
+            for volume, (array, affine) in zip(volumes, voxels):
+                meta = {**meta_base, **volume.meta, "format": "dicom"}
+                full_name = f"{self.name} [{volume.label}]" if volume.label else self.name
+                budget.check_extent(full_name, volume.affine, volume.shape)
+                loaded.append(_make_series(full_name, array, affine, self.source, meta, volume.normal,
+                                           axcodes(volume.affine)))
+            logger.info("loaded series %r (%d files)", self.name, len(self.images))
+            return loaded, None
+        except SeriesLoadError as error:
+            logger.info("skipped series %r: %s", self.name, error.reason)
+            return [], SkippedSeries(self.name, error.reason, self.source)
+
+
 def _load_dicom_files(paths: list[Path], root: Path, label: str, budget: StudyBudget
                       ) -> tuple[list[Series], list[SkippedSeries], str]:
     groups, not_dicom = dicom.group_series(paths)
@@ -133,16 +172,18 @@ def _load_dicom_files(paths: list[Path], root: Path, label: str, budget: StudyBu
                                      f"{len(not_dicom)} file(s) could not be read as DICOM or NIfTI: {shown}",
                                      _display(Path(os.path.commonpath(not_dicom)), root, label)))
     descriptions = []
-
-    for files in sorted(groups.values(), key=lambda group: dicom.series_order_key(group[0].header)):
-        header = files[0].header
+    # One entry per series in SeriesNumber order: its outcome, or the job that builds it. Budgets are claimed
+    # here, in that order and from the headers, before any series is decoded.
+    outcomes: list[tuple[list[Series], SkippedSeries | None] | _DicomJob] = []
+    for files in sorted(groups.values(), key=lambda group: dicom.series_order_key(group[0].series_header)):
+        header = files[0].series_header
         name = dicom.series_name_of(header)
         source = _display(Path(os.path.commonpath([f.path for f in files])), root, label)
         study_description = dicom.get_value(header, "StudyDescription")
         if study_description:
             descriptions.append(str(study_description))
-        images = [f for f in files if dicom.is_image(f.header)]
-        if not images and all(dicom.sop_class_of(f.header) == MEDIA_STORAGE_DIRECTORY for f in files):
+        images = [f for f in files if dicom.is_image(f.fields)]
+        if not images and all(dicom.sop_class_of(f.series_header) == MEDIA_STORAGE_DIRECTORY for f in files):
             logger.debug("ignored DICOMDIR %s", source)  # an index of the other files, not a series
             continue
         if not images:
@@ -150,22 +191,28 @@ def _load_dicom_files(paths: list[Path], root: Path, label: str, budget: StudyBu
             sop_name = pydicom.uid.UID(sop).name if sop else "unknown SOP class"
             reason = (f"no pixel matrix (Rows/Columns missing) in {sop_name} object" if "Image Storage" in sop_name
                       else f"non-image object ({sop_name}, {len(files)} file(s))")
-            skipped.append(SkippedSeries(name, reason, source))
+            outcomes.append(([], SkippedSeries(name, reason, source)))
             continue
         try:
             budget.claim(name, dicom.declared_voxels(images))  # from the headers, before decoding
-            volumes = dicom.build_volume(images)
-            meta_base = dicom.series_meta(header)
-            meta_base["n_files"] = len(images)
-            for part, array, affine, normal, volume_meta in volumes:
-                meta = {**meta_base, **volume_meta, "format": "dicom"}
-                full_name = f"{name} [{part}]" if part else name
-                budget.check_extent(full_name, affine, array.shape)
-                loaded.append(_make_series(full_name, array, affine, source, meta, normal))
-            logger.info("loaded series %r (%d files)", name, len(images))
         except SeriesLoadError as error:
             logger.info("skipped series %r: %s", name, error.reason)
-            skipped.append(SkippedSeries(name, error.reason, source))
+            outcomes.append(([], SkippedSeries(name, error.reason, source)))
+            continue
+        outcomes.append(_DicomJob(name, source, header, images))
+
+    jobs = [outcome for outcome in outcomes if isinstance(outcome, _DicomJob)]
+    workers = min(len(jobs), LOAD_THREADS)
+    if workers > 1:  # file reads and numpy copies release the GIL: series overlap on several cores
+        with ThreadPoolExecutor(workers, thread_name_prefix="prima-load") as pool:
+            built = dict(zip(map(id, jobs), pool.map(lambda job: job.run(budget), jobs)))
+    else:
+        built = {id(job): job.run(budget) for job in jobs}
+    for outcome in outcomes:
+        series, skip = built[id(outcome)] if isinstance(outcome, _DicomJob) else outcome
+        loaded += series
+        if skip is not None:
+            skipped.append(skip)
     return loaded, skipped, descriptions[0] if descriptions else ""
 
 

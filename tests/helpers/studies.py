@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import random
 import shutil
 import zipfile
@@ -108,3 +109,18 @@ def rewrite_at_positions(source: Path, out_dir: Path, offsets_mm: list[float], *
         ds.save_as(path)
         written.append(path)
     return written
+
+
+def vendor_sample_with_pixels(folder: Path, name: str) -> None:
+    """A nibabel vendor sample (real headers: Philips enhanced groups, Siemens mosaic CSA) written into
+    ``folder`` (created) with its pixel data, blank in the shipped file, replaced by noise so that voxel
+    order can be checked too (the dcm2niix oracle tests and benchmarks/bench_load_dicom.py)."""
+    folder.mkdir(parents=True)
+    path = folder / name.removesuffix(".gz")
+    path.write_bytes(gzip.open(NICOM_DATA / name).read())
+    ds = pydicom.dcmread(path)
+    shape = ds.pixel_array.shape
+    assert not ds.pixel_array.any(), "the sample now ships pixels; use them instead of noise"
+    noise = np.random.default_rng(len(name)).integers(0, 2 ** int(ds.BitsStored), size=shape)
+    ds.PixelData = noise.astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(path)

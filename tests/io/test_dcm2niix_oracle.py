@@ -11,7 +11,6 @@ both. The module prints "dcm2niix oracle: N series checked, M disagreements" at 
 
 from __future__ import annotations
 
-import gzip
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from helpers.dcm2niix import (
     world_of_brightest,
 )
 from helpers.enhanced import write_enhanced_mr
-from helpers.studies import NICOM_DATA, THREE_PLANE_SERIES
+from helpers.studies import THREE_PLANE_SERIES, vendor_sample_with_pixels
 from prima.io import Series, load_study, write_dicom_series
 
 # Allowed voxel difference in units of the series' stored-integer step (RescaleSlope): float32
@@ -151,20 +150,6 @@ def _oblique_orientation() -> tuple[float, ...]:
     return (*rotation[:, 0], *rotation[:, 1])
 
 
-def _vendor_sample_with_pixels(folder: Path, name: str) -> None:
-    """A nibabel vendor sample (real headers: Philips enhanced groups, Siemens mosaic CSA) with its
-    pixel data, blank in the shipped file, replaced by noise so that voxel order is checked too."""
-    folder.mkdir(parents=True)
-    path = folder / name.removesuffix(".gz")
-    path.write_bytes(gzip.open(NICOM_DATA / name).read())
-    ds = pydicom.dcmread(path)
-    shape = ds.pixel_array.shape
-    assert not ds.pixel_array.any(), "the sample now ships pixels; use them instead of noise"
-    noise = np.random.default_rng(len(name)).integers(0, 2 ** int(ds.BitsStored), size=shape)
-    ds.PixelData = noise.astype(ds.pixel_array.dtype).tobytes()
-    ds.save_as(path)
-
-
 def _write_synth(folder: Path, index: int) -> None:
     from training.synth.study import generate_study
     from training.synth.writers import write_study
@@ -199,9 +184,9 @@ def _source_builders(request: pytest.FixtureRequest) -> dict[str, Callable[[Path
         builders[name] = lambda folder, name=name: _write_marked(folder, name)
     builders["enhanced_axial"] = lambda folder: _write_enhanced(folder, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
     builders["enhanced_oblique"] = lambda folder: _write_enhanced(folder, _oblique_orientation())
-    builders["philips_mprage"] = lambda folder: _vendor_sample_with_pixels(folder, "philips_mprage.dcm.gz")
-    builders["siemens_mosaic_b0"] = lambda folder: _vendor_sample_with_pixels(folder, "siemens_dwi_0.dcm.gz")
-    builders["siemens_mosaic_b1000"] = lambda folder: _vendor_sample_with_pixels(folder, "siemens_dwi_1000.dcm.gz")
+    builders["philips_mprage"] = lambda folder: vendor_sample_with_pixels(folder, "philips_mprage.dcm.gz")
+    builders["siemens_mosaic_b0"] = lambda folder: vendor_sample_with_pixels(folder, "siemens_dwi_0.dcm.gz")
+    builders["siemens_mosaic_b1000"] = lambda folder: vendor_sample_with_pixels(folder, "siemens_dwi_1000.dcm.gz")
     for index in SYNTH_STUDIES:
         builders[f"synth_{index}"] = lambda folder, index=index: _write_synth(folder, index)
     builders["ct_gantry_tilt"] = _write_gantry_tilt
