@@ -27,6 +27,7 @@ import pytest
 from helpers.dcm2niix import oracle_volume, run_dcm2niix, to_canonical
 from helpers.enhanced import write_enhanced_mr
 from helpers.privacy import IDENTIFIERS, PATIENT_ID, SECRETS, STUDY_DATE
+from helpers.studies import rotation_matrix
 from prima import export
 from prima.config import PreprocessConfig
 from prima.errors import ExportError
@@ -36,14 +37,6 @@ from prima.preprocess import preprocess_series
 MARKER_RAS = np.array([-22.0, 8.0, 6.0])  # on the patient's LEFT (RAS x < 0), anterior, superior
 AFFINE_TOL_MM = 1e-3
 MODEL = {"name": "prima-test", "revision": "r1"}
-
-
-def _rotation(degrees: tuple[float, float, float]) -> np.ndarray:
-    x, y, z = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
-    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
-    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 # (through axis of the RAS grid, voxel sizes mm, rotation in degrees about x, y, z, shape)
@@ -59,7 +52,7 @@ def _write_marked(folder: Path, plane: str) -> None:
     """A noisy volume with one bright voxel near MARKER_RAS, written as a DICOM series in ``plane``."""
     through_axis, spacing, degrees, shape = PLANES[plane]
     affine = np.eye(4)
-    affine[:3, :3] = _rotation(degrees) @ np.diag(spacing)
+    affine[:3, :3] = rotation_matrix(degrees) @ np.diag(spacing)
     affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
     volume = np.random.default_rng(len(plane)).uniform(0.0, 300.0, size=shape).astype(np.float32)
     volume[tuple(np.round(np.linalg.solve(affine, [*MARKER_RAS, 1.0])[:3]).astype(int))] = 4000.0

@@ -124,3 +124,12 @@ def vendor_sample_with_pixels(folder: Path, name: str) -> None:
     noise = np.random.default_rng(len(name)).integers(0, 2 ** int(ds.BitsStored), size=shape)
     ds.PixelData = noise.astype(ds.pixel_array.dtype).tobytes()
     ds.save_as(path)
+
+
+def rotation_matrix(degrees: tuple[float, float, float]) -> np.ndarray:
+    """(3, 3) rotation about x, then y, then z, by these angles in degrees (oblique test geometries)."""
+    x, y, z = np.deg2rad(degrees)
+    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+    return rz @ ry @ rx

@@ -30,7 +30,7 @@ from helpers.dcm2niix import (
     world_of_brightest,
 )
 from helpers.enhanced import write_enhanced_mr
-from helpers.studies import THREE_PLANE_SERIES, vendor_sample_with_pixels
+from helpers.studies import THREE_PLANE_SERIES, rotation_matrix, vendor_sample_with_pixels
 from prima.io import Series, load_study, write_dicom_series
 
 # Allowed voxel difference in units of the series' stored-integer step (RescaleSlope): float32
@@ -104,14 +104,6 @@ def _marked_affine(spacing: tuple[float, float, float], rotation: np.ndarray, sh
     return affine
 
 
-def _rotation(degrees: tuple[float, float, float]) -> np.ndarray:
-    x, y, z = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
-    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
-    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 # (through axis of the RAS grid, voxel sizes, rotation in degrees about x, y, z)
 MARKED_PLANES = {
     "marked_axial": (2, (0.9, 1.1, 3.0), (0.0, 0.0, 0.0)),
@@ -124,7 +116,7 @@ MARKED_PLANES = {
 def _write_marked(folder: Path, name: str) -> np.ndarray:
     through_axis, spacing, degrees = MARKED_PLANES[name]
     shape = (100, 96, 40) if through_axis == 2 else (100, 28, 110) if through_axis == 1 else (26, 110, 96)
-    affine = _marked_affine(spacing, _rotation(degrees), shape)
+    affine = _marked_affine(spacing, rotation_matrix(degrees), shape)
     write_dicom_series(_marked_volume(affine, shape, seed=len(name)), affine, folder, series_description=name,
                        through_axis=through_axis, uid_seed=name)
     return MARKER_RAS
@@ -146,7 +138,7 @@ def _write_enhanced(folder: Path, orientation: tuple[float, ...]) -> np.ndarray:
 
 
 def _oblique_orientation() -> tuple[float, ...]:
-    rotation = _rotation((12.0, 8.0, -20.0))
+    rotation = rotation_matrix((12.0, 8.0, -20.0))
     return (*rotation[:, 0], *rotation[:, 1])
 
 
