@@ -25,7 +25,7 @@ from prima.models.batching import pack_studies
 from prima.manifest import read_manifest
 from prima.precision import autocast, autocast_dtype
 from training.token_cache import TokenCache
-from training.study_data import label_targets, AugmentConfig, study_inputs, step_rng, global_batch
+from training.study_data import label_targets, step_rng, global_batch
 from training.metrics import auroc
 from training.runtime import warmup_cosine, attention_kernel
 from training.lesion_masks import token_lesion_overlap
@@ -113,9 +113,6 @@ rpos = ref.sum(0).float(); rpos_weight = torch.where(rpos > 0, (len(ref) - rpos)
 if a.no_pos_weight: rpos_weight = torch.ones_like(rpos)
 abnormal = dx.sum(1) > 0
 prob = np.where(abnormal.numpy(), 3.0, 1.0); prob = prob / prob.sum()
-augment = AugmentConfig(token_dropout=0.03, series_dropout=0.08, unk_name=0.07, unk_description=0.07,
-                        filter_range=(0.03, 0.15), max_tokens=None if a.sampler == "all" else None,
-                        shuffle_report_items=False)
 
 
 def sample_tokens(series_tokens, rng):

@@ -262,14 +262,15 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
         raise ValueError(f"{manifest}: no {split} study could be evaluated")
     predicted_at = time.perf_counter()
     dtype = autocast_dtype(release.model.logit_scale.device, precision)
-    images = image_features(release, np.array([p.embedding for p in full], dtype=np.float32), dtype)
+    embeddings = np.array([p.embedding for p in full], dtype=np.float32)
+    outputs = prediction_arrays(full)
+    images = image_features(release, embeddings, dtype)
     reports = text_features(release, [e.report for e in entries], dtype)
     prompts = text_features(release, [zero_shot_prompt(d.name) for d in space.diagnoses], dtype)
     result = {"split": split, "studies": len(entries), "skipped": skipped,
-              **score(entries, prediction_arrays(full), prediction_arrays(unk), images, reports, prompts, space,
+              **score(entries, outputs, prediction_arrays(unk), images, reports, prompts, space,
                       baseline_on(all_entries, split), n_boot=n_boot, seed=seed)}
-    result["ladder"] = ladder(entries, tokens_list, prediction_arrays(full),
-                              np.array([p.embedding for p in full], dtype=np.float32), release, seed=seed)
+    result["ladder"] = ladder(entries, tokens_list, outputs, embeddings, release, seed=seed)
     result["lime_localisation"] = localise(entries, tokens_list, release, num_samples=lime_samples,
                                            max_explanations=lime_max, seed=seed, precision=precision)
     reliability_diagram(result["calibration"], out / RELIABILITY_PNG, f"{release.config.name}: diagnoses, {split}")
