@@ -164,3 +164,11 @@ def test_release_cuda_script_runs_every_stage_and_predicts(tmp_path):
     assert {"data", "token cache", "clip", "heads", "evaluate"} <= set(stages)
     prediction = json.loads((tmp_path / "report" / "prediction.json").read_text())
     assert len(prediction["diagnoses"]) == 52
+
+
+def test_dicom_outputs_checks_every_object(tmp_path):
+    out = run_benchmark("dicom_outputs.py", "--out", str(tmp_path / "out"), "--studies", "normal_dwi",
+                        "three_plane_fixture", "--max-series", "1", "--num-samples", "16", timeout=600)
+    rows = [line for line in out.splitlines() if line.startswith("| normal_dwi") or line.startswith("| three_plane")]
+    assert [row.split(" | ")[3] for row in rows] == ["parametric map", "segmentation", "report (Comprehensive SR)"] * 2
+    assert all(" | NO" not in row and row.endswith("| yes |") for row in rows)
