@@ -67,13 +67,23 @@ def diagnosis_chart(prediction: Prediction, show_all: bool = False) -> go.Figure
 
 
 def priority_badge(prediction: Prediction) -> str:
-    """HTML: the most probable worklist tier as a coloured badge, and every tier's probability."""
-    tier = prediction.priority.tier
-    probs = " · ".join(f"{html.escape(t)} {p:.0%}" for t, p in prediction.priority.probs.items())
-    return (f'<div id="priority-badge" data-tier="{html.escape(tier)}" style="display:flex;gap:12px;align-items:center">'
-            f'<span style="background:{PRIORITY_COLOURS.get(tier, "#555")};color:white;padding:6px 14px;'
-            f'border-radius:14px;font-weight:700">Priority: {html.escape(tier.upper())}</span>'
-            f'<span>{probs}</span></div>')
+    """HTML: the worklist tier as a coloured badge, every tier's probability from the priority head, and, when a
+    positive finding's own tier raised the worklist tier above the head's, which findings did and a warning."""
+    priority = prediction.priority
+    tier = priority.worklist_tier
+    probs = " · ".join(f"{html.escape(t)} {p:.0%}" for t, p in priority.probs.items())
+    badge = (f'<div id="priority-badge" data-tier="{html.escape(tier)}" data-head-tier="{html.escape(priority.tier)}" '
+             f'style="display:flex;gap:12px;align-items:center;flex-wrap:wrap">'
+             f'<span style="background:{PRIORITY_COLOURS.get(tier, "#555")};color:white;padding:6px 14px;'
+             f'border-radius:14px;font-weight:700">Priority: {html.escape(tier.upper())}</span>'
+             f'<span>priority head: {probs}</span>')
+    if priority.raised_by:
+        names = ", ".join(html.escape(prediction.diagnosis(k).name) for k in priority.raised_by)
+        badge += (f'<span id="priority-conflict" style="color:#8a4b00;font-weight:600">Outputs disagree: the priority '
+                  f'head reads {html.escape(priority.tier.upper())}, but {names} (a {html.escape(tier)}-priority '
+                  f'finding) is called positive, so the worklist tier is raised to {html.escape(tier.upper())}. '
+                  f'Check the finding.</span>')
+    return badge + "</div>"
 
 
 def referral_chart(prediction: Prediction) -> go.Figure:

@@ -121,7 +121,13 @@ def _prediction_lines(prediction: Prediction, top: int) -> list[str]:
                      for d in shown])
     probs = ", ".join(f"{tier} {p:.2f}" for tier, p in prediction.priority.probs.items())
     referrals = [f"{r.name} ({r.key})" for r in prediction.referrals if r.positive]
-    lines += ["", f"Priority: {prediction.priority.tier} ({probs})",
+    priority = prediction.priority
+    lines += ["", f"Priority: {priority.worklist_tier} (priority head: {probs})"]
+    if priority.raised_by:
+        names = ", ".join(prediction.diagnosis(k).name for k in priority.raised_by)
+        lines += [f"  raised from the priority head's {priority.tier} by positive {priority.worklist_tier}-tier "
+                  f"findings: {names}; the outputs disagree, check these findings"]
+    lines += [
               f"Referrals: {', '.join(referrals) if referrals else 'none'}",
               "Timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in prediction.timings_s.items())]
     return lines

@@ -630,6 +630,15 @@ def _scored_finding(key: str, name: str, prob: float, threshold_prob: float) -> 
     return item
 
 
+def _raised_note(prediction: Prediction) -> str:
+    """Why the worklist tier is above the priority head's, when it is."""
+    priority = prediction.priority
+    if not priority.raised_by:
+        return ""
+    names = ", ".join(prediction.diagnosis(k).name for k in priority.raised_by)
+    return f"; raised from {priority.tier} by the positive {priority.worklist_tier}-tier findings {names}"
+
+
 def _sigmoid(logit: float) -> float:
     return float(1.0 / (1.0 + np.exp(-logit)))
 
@@ -685,11 +694,12 @@ def report(evidence: Sequence[Dataset], prediction: Prediction, explanation: Exp
     impression = hd.sr.ContainerContentItem(name=codes.DCM.Impression, relationship_type=rel.CONTAINS)
     impression_items = [
         hd.sr.TextContentItem(name=codes.DCM.Impression, relationship_type=rel.CONTAINS, value=(
-            f"Diagnoses above threshold: {above}. Worklist priority: {prediction.priority.tier} ({tier_probs}). "
+            f"Diagnoses above threshold: {above}. Worklist priority: {prediction.priority.worklist_tier} "
+            f"(priority head: {tier_probs}{_raised_note(prediction)}). "
             f"Referrals: {', '.join(r.name for r in referrals) or 'none'}.")),
         hd.sr.CodeContentItem(name=_code("priority", "Worklist priority"),
-                              value=_code(f"priority_{prediction.priority.tier}",
-                                          f"{prediction.priority.tier.capitalize()} priority"),
+                              value=_code(f"priority_{prediction.priority.worklist_tier}",
+                                          f"{prediction.priority.worklist_tier.capitalize()} priority"),
                               relationship_type=rel.CONTAINS),
     ]
     impression_items += [hd.sr.CodeContentItem(name=_code("referral", "Specialist referral"),

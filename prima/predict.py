@@ -26,6 +26,7 @@ from prima.distributed import resolve_device
 from prima.errors import ReleaseError
 from prima.io import Study, load_study
 from prima.io.orientation import voxel_spacing
+from prima.labels import LabelSpace
 from prima.models.name_encoder import encode_names
 from prima.precision import autocast, autocast_dtype
 from prima.release import Release, load_release
@@ -53,8 +54,38 @@ class LabelScore:
 
 @dataclass
 class PriorityScore:
-    tier: str  # the most probable tier: "low", "medium" or "high"
-    probs: dict[str, float]  # softmax probability of every tier
+    """The priority head's tier and the worklist tier, which never reads below a positive finding's own tier
+    (docs/predict.md, "Priority")."""
+
+    tier: str  # the priority head's most probable tier: "low", "medium" or "high"
+    probs: dict[str, float]  # the head's softmax probability of every tier
+    findings_tier: str  # the most urgent tier among the positive diagnoses; the least urgent when none is
+    worklist_tier: str  # the more urgent of ``tier`` and ``findings_tier``: what a worklist sorts by
+    raised_by: list[str]  # the positive diagnoses of ``findings_tier`` when it is above ``tier`` (a conflict)
+
+
+def priority_score(probs: Sequence[float], diagnoses: Sequence[LabelScore], space: LabelSpace) -> PriorityScore:
+    """The priority head's output reconciled with the positive diagnoses.
+
+    A worklist that read a study LOW while the model calls one of its findings positive, and that finding's tier
+    is HIGH, would bury the finding; so the worklist tier is the more urgent of the two and ``raised_by`` names the
+    findings that raised it, for the reader to check.
+
+    Args:
+        probs: (tiers,) the priority head's softmax probabilities, in ``space.priority_tiers`` order.
+        diagnoses: every diagnosis score (their ``positive`` flags are used).
+        space: the label space (each diagnosis' tier).
+    """
+    if len(probs) != len(space.priority_tiers):
+        raise ValueError(f"expected {len(space.priority_tiers)} tier probabilities, got {len(probs)}")
+    rank = {tier: i for i, tier in enumerate(space.priority_tiers)}
+    tier = space.priority_tiers[max(range(len(probs)), key=probs.__getitem__)]
+    positive = [d.key for d in diagnoses if d.positive]
+    findings_tier = space.priority_of(positive)
+    raised = rank[findings_tier] > rank[tier]
+    return PriorityScore(tier, dict(zip(space.priority_tiers, map(float, probs))), findings_tier,
+                         findings_tier if raised else tier,
+                         [k for k in positive if space.diagnosis(k).tier == findings_tier] if raised else [])
 
 
 @dataclass
@@ -183,16 +214,15 @@ def predict_tokens(tokens: StudyTokens, release: Release, *, precision: str = "a
         heads = release.heads(embedding)
     elapsed = time.perf_counter() - started
     space = release.config.label_space
-    priority_probs = heads.priority_logits[0].float().softmax(-1).cpu().tolist()
+    diagnoses = _label_scores(space.diagnosis_keys, [d.name for d in space.diagnoses],
+                              heads.diagnosis_logits[0].float().cpu(), release.heads.diagnosis_thresholds.cpu())
     return Prediction(
         study={"description": tokens.description},
         series=[SeriesInfo(t.name, t.plane, list(t.shape), [round(float(v), 4) for v in voxel_spacing(t.affine)], len(t),
                            len(t.fractions)) for t in tokens.series],
         skipped=[],
-        diagnoses=_label_scores(space.diagnosis_keys, [d.name for d in space.diagnoses],
-                                heads.diagnosis_logits[0].float().cpu(), release.heads.diagnosis_thresholds.cpu()),
-        priority=PriorityScore(space.priority_tiers[max(range(len(priority_probs)), key=priority_probs.__getitem__)],
-                               dict(zip(space.priority_tiers, priority_probs))),
+        diagnoses=diagnoses,
+        priority=priority_score(heads.priority_logits[0].float().softmax(-1).cpu().tolist(), diagnoses, space),
         referrals=_label_scores(space.referral_keys, space.referral_names, heads.referral_logits[0].float().cpu(),
                                 release.heads.referral_thresholds.cpu()),
         model={"name": release.config.name, "revision": release.revision},

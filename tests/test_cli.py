@@ -77,7 +77,7 @@ def test_predict_prints_the_table_and_writes_the_json(random_release_path, tmp_p
     listed = lines[lines.index(next(l for l in lines if l.startswith("Differential:"))) + 2:][: max(10, len(positives))]
     assert [line.split()[-3] for line in listed] == doc["differential"][: len(listed)]
     assert sum(line.startswith("*") for line in listed) == len(positives)
-    assert f"Priority: {doc['priority']['tier']} (" in captured.out
+    assert f"Priority: {doc['priority']['worklist_tier']} (priority head: " in captured.out
     assert any(line.startswith("Referrals: ") for line in lines)
     assert any(line.startswith("Timings: load") for line in lines)
     assert "embedding" not in doc and "100%" in captured.err  # the progress bar ran to the end on stderr

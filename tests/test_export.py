@@ -294,7 +294,7 @@ def test_objects_read_back_and_reference_the_source(explained, tmp_path):
     sr = hd.sr.srread(written.report)
     text = export.report_text(sr)
     assert f"Algorithm Name: {prediction.model['name']}" in text and export.RESEARCH_USE in text
-    assert f"Worklist priority: {prediction.priority.tier.capitalize()} priority" in text
+    assert f"Worklist priority: {prediction.priority.worklist_tier.capitalize()} priority" in text
     for d in prediction.differential[: export.DEFAULT_DIFFERENTIAL]:
         assert f"Finding: {d.name}\n" in text + "\n"
     assert sr.StudyInstanceUID == source.study_uid

@@ -12,7 +12,8 @@ import torch
 
 from prima.errors import NoUsableSeriesError, ReleaseError
 from prima.io import load_study
-from prima.predict import get_release, predict, series_vectors
+from prima.labels import default_label_space
+from prima.predict import LabelScore, get_release, predict, priority_score, series_vectors
 from prima.release import load_release, save_release
 from prima.tokens import tokenize_study
 
@@ -45,12 +46,37 @@ def test_prediction_json_schema(prediction, random_release, study):
     assert set(doc["priority"]["probs"]) == {"low", "medium", "high"}
     assert sum(doc["priority"]["probs"].values()) == pytest.approx(1.0)
     assert doc["priority"]["tier"] == max(doc["priority"]["probs"], key=doc["priority"]["probs"].get)
+    assert set(doc["priority"]) == {"tier", "probs", "findings_tier", "worklist_tier", "raised_by"}
     assert [s["name"] for s in doc["series"]] == [s.name for s in study.series]
     assert all(0 < s["tokens_kept"] <= s["tokens_total"] for s in doc["series"])
     assert doc["study"] == {"description": study.description}  # nothing that identifies the patient
     assert doc["model"] == {"name": "prima-lite", "revision": None}
     assert set(doc["timings_s"]) == {"tokens", "model", "total"}
     assert len(doc["embedding"]) == random_release.model.visual.study_dim
+
+
+def _scores(space, positive: set[str]) -> list[LabelScore]:
+    return [LabelScore(d.key, d.name, 1.0 if d.key in positive else -1.0, 0.5, 0.0, d.key in positive)
+            for d in space.diagnoses]
+
+
+def test_worklist_tier_is_never_below_a_positive_findings_tier():
+    space = default_label_space()
+    low, medium, high = space.priority_tiers
+    urgent = [d.key for d in space.diagnoses if d.tier == high][:2]
+    routine = next(d.key for d in space.diagnoses if d.tier == low)
+    # the head reads LOW while two HIGH-tier findings are positive: raised, both named
+    raised = priority_score([0.7, 0.2, 0.1], _scores(space, {*urgent, routine}), space)
+    assert (raised.tier, raised.findings_tier, raised.worklist_tier) == (low, high, high)
+    assert raised.raised_by == urgent
+    # the head already reads HIGH, or nothing urgent is positive: the head's tier stands, no conflict
+    agreed = priority_score([0.1, 0.2, 0.7], _scores(space, set(urgent)), space)
+    assert (agreed.worklist_tier, agreed.raised_by) == (high, [])
+    calm = priority_score([0.2, 0.7, 0.1], _scores(space, {routine}), space)
+    assert (calm.tier, calm.findings_tier, calm.worklist_tier, calm.raised_by) == (medium, low, medium, [])
+    assert priority_score([0.2, 0.7, 0.1], _scores(space, set()), space).findings_tier == low
+    with pytest.raises(ValueError, match="3 tier probabilities"):
+        priority_score([0.5, 0.5], _scores(space, set()), space)
 
 
 def test_split_path_equals_the_full_forward(study, random_release, prediction):

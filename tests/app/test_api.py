@@ -30,7 +30,7 @@ def test_analyse_explain_export_and_ask(client, lite_release):
     summary, description, priority, _, _, series_table, _, target, series = analyse(client, "normal_dwi.zip")
     expected = predict(EXAMPLES / "normal_dwi.zip", lite_release)
     assert f"top finding: **{expected.differential[0].name}**" in summary
-    assert f'data-tier="{expected.priority.tier}"' in priority
+    assert f'data-tier="{expected.priority.worklist_tier}"' in priority
     assert description == expected.study["description"]
     assert [row[0] for row in series_table["data"]] == [s.name for s in expected.series]
     assert target == expected.differential[0].key

@@ -63,7 +63,7 @@ def test_example_shows_what_prima_predicts(explored, lite_release):
     expected = predict(EXAMPLES / "glioma_high_grade.zip", lite_release)
     summary = explored.locator("#study-summary").inner_text()
     assert f"top finding: {expected.differential[0].name}" in summary
-    assert explored.locator("#priority-badge").get_attribute("data-tier") == expected.priority.tier
+    assert explored.locator("#priority-badge").get_attribute("data-tier") == expected.priority.worklist_tier
     assert expected.differential[0].name in explored.locator("#diagnosis-chart").inner_text()
     assert "surrogate R²" in explored.locator("#lime-info").inner_text()
     assert explored.locator("#contribution .main-svg").count() > 0

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from app.charts import (TOP_DIAGNOSES, category, change_chart, contribution_chart, diagnosis_chart, priority_badge,
                         referral_chart, zero_shot_markdown)
 from prima.explain import ZeroShot
+from prima.labels import default_label_space
+from prima.predict import priority_score
 
 
 def _bars(figure):
@@ -40,8 +44,23 @@ def test_category_comes_from_the_key():
 
 def test_priority_badge_names_the_tier(normal_session):
     badge = priority_badge(normal_session.prediction)
-    tier = normal_session.prediction.priority.tier
+    tier = normal_session.prediction.priority.worklist_tier
     assert f'data-tier="{tier}"' in badge and tier.upper() in badge
+
+
+def test_priority_badge_warns_when_a_positive_finding_raised_the_tier(normal_session):
+    prediction = normal_session.prediction
+    space = default_label_space()
+    urgent = next(d for d in space.diagnoses if d.tier == "high")
+    diagnoses = [dataclasses.replace(d, positive=d.key == urgent.key) for d in prediction.diagnoses]
+    raised = dataclasses.replace(prediction, diagnoses=diagnoses,
+                                 priority=priority_score([0.8, 0.15, 0.05], diagnoses, space))
+    badge = priority_badge(raised)
+    assert 'data-tier="high"' in badge and 'data-head-tier="low"' in badge and "Priority: HIGH" in badge
+    assert 'id="priority-conflict"' in badge and urgent.name in badge and "head reads LOW" in badge
+    calm = dataclasses.replace(prediction, diagnoses=[dataclasses.replace(d, positive=False) for d in diagnoses],
+                               priority=priority_score([0.8, 0.15, 0.05], [], space))
+    assert "priority-conflict" not in priority_badge(calm) and 'data-tier="low"' in priority_badge(calm)
 
 
 def test_referral_and_contribution_charts(normal_session):
