@@ -49,6 +49,7 @@ from training.metrics import (
     lime_top_k_hit,
     markdown_table,
     per_label_auroc,
+    per_label_calibration,
     priority_correlation,
     reliability_diagram,
     retrieval_top_k,
@@ -212,6 +213,7 @@ def score(entries: list[StudyEntry], outputs: dict[str, np.ndarray], unk_outputs
         "priority": priority_correlation(outputs["priority"], tiers),
         "retrieval": retrieval_top_k(images, reports, ks=(1, 5), group_size=100, seed=seed),
         "calibration": calibration(diagnoses, outputs["probability"]),
+        "calibration_per_label": per_label_calibration(diagnoses, outputs["probability"], keys),
         "tpr_disparity": {attribute: equal_opportunity(diagnoses, outputs["positive"],
                                                        np.array([subgroups(e)[attribute] or "unknown"
                                                                  for e in entries]), keys)
@@ -349,6 +351,7 @@ def markdown_report(result: dict, space) -> str:
     lines = [f"## Evaluation on {_evaluated_studies(result['split'])} ({result['studies']} studies)", "",
              markdown_table(summary_rows(result), [("metric", "Metric"), ("value", "Value")]), ""]
     rows = []
+    calibrated = result.get("calibration_per_label")  # absent from evaluations made before it existed
     for diagnosis in space.diagnoses:
         model = result["diagnosis"]["per_label"][diagnosis.key]
         rows.append({"label": diagnosis.name, "positives": model["positives"], "auroc": model["auroc"],
@@ -356,10 +359,15 @@ def markdown_report(result: dict, space) -> str:
                      "unk": result["diagnosis_unk_names"]["per_label"][diagnosis.key]["auroc"],
                      "baseline": result["metadata_baseline"]["per_label"].get(diagnosis.key),
                      "zero_shot": result["zero_shot"]["per_label"][diagnosis.key]["auroc"]})
-    lines += ["### Per diagnosis", "",
-              markdown_table(rows, [("label", "Diagnosis"), ("positives", "Positives"), ("auroc", "AUROC"),
-                                    ("ci", "95% CI"), ("unk", "`unk` names"), ("baseline", "Metadata baseline"),
-                                    ("zero_shot", "Zero-shot")]), ""]
+        if calibrated:
+            label = calibrated[diagnosis.key]
+            rows[-1].update(calibration=f"{label['mean_predicted']:.3f} / {label['observed_rate']:.3f}",
+                            brier=label["brier"])
+    columns = [("label", "Diagnosis"), ("positives", "Positives"), ("auroc", "AUROC"), ("ci", "95% CI"),
+               ("unk", "`unk` names"), ("baseline", "Metadata baseline"), ("zero_shot", "Zero-shot")]
+    if calibrated:
+        columns += [("calibration", "Mean probability / positive rate"), ("brier", "Brier")]
+    lines += ["### Per diagnosis", "", markdown_table(rows, columns), ""]
     matrix = result["priority"]["confusion_matrix"]
     lines += ["### Priority confusion matrix (rows: truth, columns: predicted)", "",
               markdown_table([{"truth": tier, **{t: matrix[i][j] for j, t in enumerate(space.priority_tiers)}}

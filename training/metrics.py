@@ -315,6 +315,33 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict
     return {"n": len(p), "n_bins": n_bins, "ece": ece, "bins": bins}
 
 
+def per_label_calibration(y_true: np.ndarray, probs: np.ndarray, keys: Sequence[str]) -> dict:
+    """Per label: how far the mean predicted probability is from the observed positive rate, and the Brier score.
+
+    With a handful of positives per label, binned reliability per label is noise; calibration in the large
+    (mean predicted vs observed) and the Brier score stay readable, and a label whose mean probability sits far
+    above its prevalence is one the heads over-call.
+
+    Args:
+        y_true: (N, C) 0/1 labels.
+        probs: (N, C) predicted probabilities in [0, 1].
+        keys: the C label keys.
+
+    Returns:
+        ``{key: {"observed_rate", "mean_predicted", "brier"}}``.
+
+    Raises:
+        ValueError: mismatched shapes, labels other than 0/1, probabilities outside [0, 1].
+    """
+    y, p = _label_matrix(y_true, "y_true"), np.asarray(probs, dtype=np.float64)
+    if p.shape != y.shape or len(keys) != y.shape[1]:
+        raise ValueError(f"y_true {y.shape}, probs {p.shape} and {len(keys)} keys do not match")
+    if not ((p >= 0) & (p <= 1)).all():
+        raise ValueError("probs must be probabilities in [0, 1] (apply a sigmoid to logits)")
+    return {key: {"observed_rate": float(y[:, c].mean()), "mean_predicted": float(p[:, c].mean()),
+                  "brier": float(((p[:, c] - y[:, c]) ** 2).mean())} for c, key in enumerate(keys)}
+
+
 def reliability_diagram(calibration_result: dict, path: Path | str, title: str = "Reliability") -> Path:
     """Draw :func:`calibration`'s result as a PNG: the diagonal, the observed-vs-predicted curve and, below,
     the count of each bin. Matplotlib's Agg canvas, without pyplot, so no global backend is touched.

@@ -53,6 +53,9 @@ def test_known_outputs_give_hand_computed_aurocs(tiny_dataset):
     assert result["metadata_baseline"]["mean_auroc"] == 0.5
     # the tier truth: medium for meningioma, low otherwise; every prediction says medium
     assert result["priority"]["confusion_matrix"] == [[0, 3, 0], [0, 3, 0], [0, 0, 0]]
+    meningioma = result["calibration_per_label"]["tumor_adult_meningioma"]
+    assert meningioma["observed_rate"] == 0.5
+    assert meningioma["mean_predicted"] == pytest.approx(np.mean(outputs["probability"][:, MENINGIOMA]))
 
 
 def test_unk_tokens_hide_every_name_and_keep_the_tokens(tiny_dataset, tiny_token_cache):

@@ -20,6 +20,7 @@ from training.metrics import (
     lime_top_k_hit,
     markdown_table,
     per_label_auroc,
+    per_label_calibration,
     priority_correlation,
     priority_score,
     reliability_diagram,
@@ -175,6 +176,20 @@ def test_calibration_bins_agree_with_sklearn():
     observed, predicted = calibration_curve(y, p, n_bins=10)
     np.testing.assert_allclose([b["observed"] for b in filled], observed)
     np.testing.assert_allclose([b["mean_predicted"] for b in filled], predicted)
+
+
+def test_per_label_calibration_hand_example():
+    # label a: predicted .2 and .6 (mean .4), one positive of two (rate .5), Brier (.2^2 + .4^2) / 2 = .1;
+    # label b: predicted .9 twice, no positive: mean .9, rate 0, Brier .81
+    y = np.array([[0, 0], [1, 0]])
+    p = np.array([[0.2, 0.9], [0.6, 0.9]])
+    result = per_label_calibration(y, p, ["a", "b"])
+    assert result["a"] == pytest.approx({"observed_rate": 0.5, "mean_predicted": 0.4, "brier": 0.1})
+    assert result["b"] == pytest.approx({"observed_rate": 0.0, "mean_predicted": 0.9, "brier": 0.81})
+    with pytest.raises(ValueError, match="do not match"):
+        per_label_calibration(y, p, ["a"])
+    with pytest.raises(ValueError, match="probabilities"):
+        per_label_calibration(y, p + 1, ["a", "b"])
 
 
 def test_choose_threshold_hand_example():

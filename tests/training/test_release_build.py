@@ -75,6 +75,7 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     evaluation = json.loads((folder / "evaluation" / "eval.json").read_text())
     assert evaluation["studies"] == 2 and evaluation["split"] == "test"
     assert "labels have test positives and negatives)" in (folder / "evaluation" / "eval.md").read_text()
+    assert "| Mean probability / positive rate | Brier |" in (folder / "evaluation" / "eval.md").read_text()
     assert evaluation["provenance"]["machine"]["cpu_capability"] == machine_description()["cpu_capability"]
     assert evaluation["provenance"]["precision"] == "torch.float32"  # the config's fp32, named
     card = (folder / "README.md").read_text()
