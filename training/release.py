@@ -88,7 +88,7 @@ class ReleaseConfig:
 
 EVALUATE_OPTIONS = ("n_boot", "lime_samples", "lime_max", "precision")
 _SYNTH_OPTIONS = ("n", "seed", "fmt", "workers", "spacing", "max_series", "protocol_blind", "balance", "shift",
-                  "primary", "stratify", "manifest")
+                  "primary", "stratify", "split_fractions", "manifest")
 
 
 def check_release_config(doc: dict) -> ReleaseConfig:

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share the primary diagnoses out over each split's abnormal studies in proportion to "
                              "their weights (every label has positives in a split of >= 52 abnormal studies) "
                              "instead of drawing them independently")
+    parser.add_argument("--split-fractions", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"), default=None,
+                        help="fractions of the train, val and test splits (default 0.8 0.1 0.1); with --stratify, "
+                             "a test split of >= 260 abnormal studies has >= 5 positives of every label")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
     start = time.perf_counter()
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_dataset(a.n, a.out, seed=a.seed, fmt=a.format, workers=a.workers, spacing=a.spacing,
                                  max_series=a.max_series, protocol_blind=a.protocol_blind,
                                  metadata_only=a.metadata_only, progress=not a.no_progress, balance=a.balance,
-                                 shift=a.shift, primary=a.primary, stratify=a.stratify)
+                                 shift=a.shift, primary=a.primary, stratify=a.stratify,
+                                 split_fractions=a.split_fractions)
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - start

@@ -42,7 +42,7 @@ from training.synth.reports import write_report
 from training.synth.sequences import SeriesSpec, simulate_series
 from training.synth.shift import check_shift
 
-SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))  # by patient
+SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))  # by patient; the default of ``split_fractions``
 
 # Data-set setting -> the splits whose studies are drawn protocol-blind. Real protocols follow the
 # indication, which training may learn from; evaluation splits must not be readable off the metadata.
@@ -118,22 +118,43 @@ def study_streams(seed: int, index: int) -> dict[str, np.random.Generator]:
     return {name: np.random.default_rng(child) for name, child in zip(names, children)}
 
 
-def _split_of(rng: np.random.Generator) -> str:
+def split_table(split_fractions: Sequence[float] | None = None) -> tuple[tuple[str, float], ...]:
+    """``(("train", f), ("val", f), ("test", f))`` from three fractions (None: ``SPLIT_FRACTIONS``).
+
+    A larger test fraction is how a data set of modest size gets enough positives of every label in its test
+    split (with ``stratify``, about 52 x 5 abnormal test studies for 5 positives a label).
+
+    Raises:
+        ValueError: not three fractions, a negative one, no training studies, or a sum other than 1.
+    """
+    if split_fractions is None:
+        return SPLIT_FRACTIONS
+    fractions = [float(f) for f in split_fractions]
+    if len(fractions) != len(SPLIT_FRACTIONS) or min(fractions) < 0 or fractions[0] <= 0 \
+            or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be three non-negative numbers (train, val, test) summing to 1 "
+                         f"with train > 0, got {split_fractions}")
+    return tuple((name, fraction) for (name, _), fraction in zip(SPLIT_FRACTIONS, fractions))
+
+
+def _split_of(rng: np.random.Generator, split_fractions: Sequence[float] | None = None) -> str:
+    table = split_table(split_fractions)
     u = rng.random()
-    for name, fraction in SPLIT_FRACTIONS:
+    for name, fraction in table:
         if u < fraction:
             return name
         u -= fraction
-    return SPLIT_FRACTIONS[-1][0]
+    return table[-1][0]
 
 
-def study_split(seed: int, index: int) -> str:
-    """The split of study ``index`` under ``seed``: its own stream, so no other setting changes it."""
-    return _split_of(study_streams(seed, index)["split"])
+def study_split(seed: int, index: int, split_fractions: Sequence[float] | None = None) -> str:
+    """The split of study ``index`` under ``seed``: its own stream, so no other setting changes it (only the
+    fractions move the boundaries)."""
+    return _split_of(study_streams(seed, index)["split"], split_fractions)
 
 
-def stratified_primaries(seed: int, n: int, *, balance: float = 0.0,
-                         primary: Sequence[str] | None = None) -> list[str | None]:
+def stratified_primaries(seed: int, n: int, *, balance: float = 0.0, primary: Sequence[str] | None = None,
+                         split_fractions: Sequence[float] | None = None) -> list[str | None]:
     """The primary diagnosis of each of the ``n`` studies of a stratified data set (None for a normal one).
 
     Drawn independently, a label of expected count 1 in a split has no positive there one time in three
@@ -149,25 +170,27 @@ def stratified_primaries(seed: int, n: int, *, balance: float = 0.0,
         n: number of studies in the data set.
         balance: label balancing (``pathology.primary_weights``).
         primary: only these diagnosis keys as primary diagnoses, every study abnormal (as in ``plan_study``).
+        split_fractions: train, val and test fractions (``split_table``; None: ``SPLIT_FRACTIONS``).
 
     Returns:
         ``n`` entries, in study order: a diagnosis key for an abnormal study, None for a normal one.
 
     Raises:
-        ValueError: ``n < 1``, a bad ``balance`` or ``primary``.
+        ValueError: ``n < 1``, a bad ``balance``, ``primary`` or ``split_fractions``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    table = split_table(split_fractions)
     probabilities = primary_weights(balance, primary)
     keys = list(DIAGNOSES)
     by_split: dict[str, list[int]] = {}
     for index in range(n):
         streams = study_streams(seed, index)
-        split = _split_of(streams["split"])
+        split = _split_of(streams["split"], split_fractions)
         if primary is not None or not draws_unremarkable(streams["pathology"]):
             by_split.setdefault(split, []).append(index)
     primaries: list[str | None] = [None] * n
-    for number, (split, _) in enumerate(SPLIT_FRACTIONS):
+    for number, (split, _) in enumerate(table):
         abnormal = by_split.get(split, [])
         rng = np.random.default_rng(np.random.SeedSequence([seed, n, number]))
         expected = probabilities * len(abnormal)
@@ -201,6 +224,7 @@ def plan_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
     max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
     primary: Sequence[str] | None = None, primary_key: str | None = None,
+    split_fractions: Sequence[float] | None = None,
 ) -> StudyPlan:
     """Plan study ``index`` of the data set drawn with ``seed``: everything but the images.
 
@@ -223,6 +247,7 @@ def plan_study(
             (``pathology.sample_diagnoses``). Ignored with ``keys``.
         primary_key: the primary diagnosis if the study is abnormal, from ``stratified_primaries``
             (whether it is normal stays its own draw; ``pathology.sample_diagnoses``). Ignored with ``keys``.
+        split_fractions: train, val and test fractions of the data set (``split_table``; None: 0.8, 0.1, 0.1).
         shift: 0 draws the training ranges; > 0 draws pose, size, elastic deformation, property jitter,
             SNR, TR/TE and resolution (and, when generated, the bias field) beyond them, by that many range
             widths (``training.synth.shift``). The same random draws are made: split, age, sex and the
@@ -248,7 +273,7 @@ def plan_study(
         if unknown:
             raise ValueError(f"unknown diagnosis keys {unknown}")
     rngs = study_streams(seed, index)
-    split = _split_of(rngs["split"])
+    split = _split_of(rngs["split"], split_fractions)
     phantom = make_subject(rngs["subject"], spacing=spacing, shift=shift)
     requested = list(keys) if keys is not None else list(sample_diagnoses(rngs["pathology"], balance, primary,
                                                                                  primary_key))
@@ -301,6 +326,7 @@ def generate_study(
     seed: int, index: int, *, protocol_blind: bool = False, spacing: float = 1.5, keys: list[str] | None = None,
     max_series: int = 8, full_resolution: bool = False, balance: float = 0.0, shift: float = 0.0,
     primary: Sequence[str] | None = None, primary_key: str | None = None,
+    split_fractions: Sequence[float] | None = None,
 ) -> SyntheticStudy:
     """Generate study ``index`` of the data set drawn with ``seed``: ``plan_study``, then its images.
 
@@ -316,13 +342,14 @@ def generate_study(
         primary: the primary diagnosis among these keys only (see ``plan_study``).
         primary_key: the primary diagnosis if the study is abnormal (see ``plan_study``).
         shift: draws beyond the training ranges (see ``plan_study``), the bias field's strength included.
+        split_fractions: train, val and test fractions (see ``plan_study``).
 
     Returns:
         The study with its simulated series and masks.
     """
     plan = plan_study(seed, index, protocol_blind=protocol_blind, spacing=spacing, keys=keys,
                       max_series=max_series, full_resolution=full_resolution, balance=balance, shift=shift,
-                      primary=primary, primary_key=primary_key)
+                      primary=primary, primary_key=primary_key, split_fractions=split_fractions)
     rng = study_streams(seed, index)["series"]
     series: list[SimulatedSeries] = []
     dwi: SimulatedSeries | None = None

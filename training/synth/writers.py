@@ -45,6 +45,7 @@ from training.synth.study import (
     generate_study,
     is_protocol_blind,
     plan_study,
+    split_table,
     stratified_primaries,
     study_split,
 )
@@ -243,11 +244,12 @@ def plan_entry(plan: StudyPlan, out_dir: str | Path, fmt: str = "nifti") -> Stud
 
 def write_one(seed: int, index: int, out: str, fmt: str, spacing: float, max_series: int, protocol_blind: str,
               metadata_only: bool, balance: float = 0.0, shift: float = 0.0,
-              primary: Sequence[str] | None = None, primary_key: str | None = None) -> StudyEntry:
+              primary: Sequence[str] | None = None, primary_key: str | None = None,
+              split_fractions: Sequence[float] | None = None) -> StudyEntry:
     """Generate and write study ``index`` (or only plan it); returns its manifest entry (runs in a worker)."""
-    blind = is_protocol_blind(protocol_blind, study_split(seed, index))
+    blind = is_protocol_blind(protocol_blind, study_split(seed, index, split_fractions))
     settings = dict(protocol_blind=blind, spacing=spacing, max_series=max_series, balance=balance, shift=shift,
-                    primary=primary, primary_key=primary_key)
+                    primary=primary, primary_key=primary_key, split_fractions=split_fractions)
     if metadata_only:
         return plan_entry(plan_study(seed, index, **settings), out, fmt)
     return write_study(generate_study(seed, index, **settings), out, fmt, uid_seed=f"seed{seed}")
@@ -270,7 +272,7 @@ def write_dataset(
     n: int, out: str | Path, *, seed: int = 0, fmt: str = "nifti", workers: int | None = None, spacing: float = 1.5,
     max_series: int = 8, protocol_blind: str = DEFAULT_PROTOCOL_BLIND, metadata_only: bool = False,
     progress: bool = True, balance: float = 0.0, shift: float = 0.0, primary: Sequence[str] | None = None,
-    stratify: bool = False,
+    stratify: bool = False, split_fractions: Sequence[float] | None = None,
 ) -> Path:
     """Generate ``n`` studies under ``out`` with ``workers`` spawned processes; returns the manifest path.
 
@@ -301,12 +303,15 @@ def write_dataset(
         stratify: share the primary diagnoses out over each split's abnormal studies in proportion to their
             weights instead of drawing them independently (``study.stratified_primaries``): every label has
             positives in every split that has as many abnormal studies as there are labels.
+        split_fractions: train, val and test fractions (``study.split_table``); None keeps 0.8, 0.1, 0.1. A larger
+            test fraction gives a modest data set a test split with several positives of every label.
 
     Returns:
         The path of ``manifest.jsonl``.
 
     Raises:
-        ValueError: a bad ``n``, ``workers``, ``fmt``, ``protocol_blind``, ``balance``, ``shift`` or ``primary``.
+        ValueError: a bad ``n``, ``workers``, ``fmt``, ``protocol_blind``, ``balance``, ``shift``, ``primary`` or
+            ``split_fractions``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -320,6 +325,7 @@ def write_dataset(
     check_shift(shift)
     check_primary(primary)
     primary = None if primary is None else list(primary)
+    split_fractions = None if split_fractions is None else [fraction for _, fraction in split_table(split_fractions)]
     workers = min(available_cores() if workers is None else workers, n)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -329,11 +335,14 @@ def write_dataset(
         config["primary"] = primary
     if stratify:
         config["stratify"] = True
+    if split_fractions is not None:
+        config["split_fractions"] = split_fractions
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n")
     manifest = root / "manifest.jsonl"
-    primary_keys = stratified_primaries(seed, n, balance=balance, primary=primary) if stratify else [None] * n
+    primary_keys = (stratified_primaries(seed, n, balance=balance, primary=primary, split_fractions=split_fractions)
+                    if stratify else [None] * n)
     args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance, shift, primary,
-             primary_keys[i]) for i in range(n)]
+             primary_keys[i], split_fractions) for i in range(n)]
     with manifest.open("w", encoding="utf-8") as f, tqdm(total=n, unit="study", disable=not progress) as bar:
         if workers == 1:
             with threadpool_limits(1):  # as in the workers, so every worker count gives the same bytes

@@ -19,6 +19,7 @@ from training.synth.study import (
     SPLIT_FRACTIONS,
     plan_study,
     stratified_primaries,
+    split_table,
     study_split,
     study_streams,
     _split_of,
@@ -130,6 +131,23 @@ def test_splits_are_drawn_80_10_10():
     counts = Counter(_split_of(study_streams(0, i)["split"]) for i in range(3000))
     assert abs(counts["train"] / 3000 - 0.8) < 0.03
     assert abs(counts["val"] / 3000 - 0.1) < 0.02 and abs(counts["test"] / 3000 - 0.1) < 0.02
+
+
+def test_split_fractions_move_the_boundaries_and_give_the_test_split_its_positives():
+    fractions = (0.3, 0.2, 0.5)
+    counts = Counter(study_split(0, i, fractions) for i in range(3000))
+    assert abs(counts["train"] / 3000 - 0.3) < 0.03 and abs(counts["test"] / 3000 - 0.5) < 0.03
+    # the same uniform draw, so a study in the default test split (its draw above 0.9) stays in test
+    assert all(study_split(0, i, fractions) == "test" for i in range(300) if study_split(0, i) == "test")
+    # 900 studies, half of them test and stratified: every label the primary diagnosis of >= 5 test studies
+    n = 900
+    primaries = stratified_primaries(0, n, balance=1.0, split_fractions=fractions)
+    test = Counter(k for i, k in enumerate(primaries) if k is not None and study_split(0, i, fractions) == "test")
+    assert set(test) == set(KEYS) and min(test.values()) >= 5
+    assert plan_study(0, 3, spacing=6.0, split_fractions=fractions).split == study_split(0, 3, fractions)
+    for bad in ((0.5, 0.5), (0.0, 0.5, 0.5), (0.8, 0.3, -0.1), (0.7, 0.1, 0.1)):
+        with pytest.raises(ValueError, match="split fractions"):
+            split_table(bad)
 
 
 def test_protocol_choice_follows_the_findings():
