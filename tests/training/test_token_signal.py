@@ -1,0 +1,40 @@
+"""benchmarks/token_signal.py end to end on the tiny data set: every experiment runs and reports its figures
+(which are not checked: a dozen studies measure nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "token_signal.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("token_signal", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache, tmp_path, capsys):
+    token_signal = _load()
+    common = ["--data", str(tiny_dataset.parent), "--cache", str(tiny_token_cache), "--out", str(tmp_path)]
+    runs = [["footprint"], ["mil", "--features", "latent,position", "--epochs", "1"],
+            ["normative", "--position-weight", "1", "--pool", "500"],
+            ["probe", "--features", "pca,neighbours,centred,codes", "--clean", "200", "--cross-series"]]
+    for run in runs:
+        assert token_signal.main(common + run) == 0
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [line["experiment"] for line in lines] == ["footprint", "mil", "normative", "probe"]
+    tokens = token_signal.Tokens(tmp_path)
+    assert len(tokens.latent) == len(tokens.overlap) == len(tokens.study) and tokens.latent.shape[1] == 256
+    assert set(lines[0]) >= {"train", "val", "test"} and "lesion_tokens" in lines[1]
+    assert "cross_series" in lines[3]
+    # another data set's training studies join the training split (here the same one again: twice as many)
+    doubled = tmp_path / "doubled"
+    assert token_signal.main([*common[:-1], str(doubled), "--extra-train", str(tiny_dataset.parent),
+                              str(tiny_token_cache), "footprint"]) == 0
+    again = json.loads((doubled / "results.jsonl").read_text())
+    assert again["train"]["abnormal"] == 2 * lines[0]["train"]["abnormal"]
+    assert again["test"] == lines[0]["test"]
