@@ -167,7 +167,8 @@ def check_series(name: str, folder: Path, study, prediction, release, index: int
                 for ser in s.ReferencedSeriesSequence for i in ser.ReferencedSOPSequence}
     refs = {str(pm.SOPInstanceUID), str(seg.SOPInstanceUID)} <= evidence and sr.StudyInstanceUID == source.study_uid
     rows.append(ObjectCheck(name, series.name, plane, "report (Comprehensive SR)",
-                            f"{findings} findings, priority {prediction.priority.tier}, "
+                            f"{findings} findings, worklist priority {prediction.priority.worklist_tier} (head: "
+                            f"{prediction.priority.tier}), "
                             f"{sum(r.positive for r in prediction.referrals)} referrals",
                             "pydicom, highdicom srread", None, None, refs, "", None, clean))
     return rows

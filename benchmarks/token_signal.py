@@ -12,7 +12,8 @@ data set's training studies, for a data-scaling point on the same val and test s
 coordinates, RAS centre, plane) and its lesion overlap (the share of its patch inside any lesion mask) into
 ``OUT/tokens.npz``; later calls reuse it. Experiments (one JSON line each, appended to ``OUT/results.jsonl``):
 
-- ``footprint``: per split, the share of abnormal studies with a token more than a quarter inside its lesion;
+- ``footprint``: per split, the share of abnormal studies with a token more than a quarter inside its lesion
+  (``--patch 16 16 4``: with patches of another size, counted on the masks);
 - ``mil``: multiple-instance learning from the study label alone: a token MLP, the study's logit the mean of its
   top 8 token logits; reports train / val / test AUROC and how well its token scores find lesion tokens;
 - ``normative``: no labels but "normal": a token's distance to its 5 nearest tokens of normal training studies
@@ -42,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from prima.factory import get_model_config  # noqa: E402
 from prima.manifest import read_manifest  # noqa: E402
 from prima.patching import patch_extent  # noqa: E402
-from training.lesion_masks import LESION_TOKEN_LEVEL, token_lesion_overlap  # noqa: E402
+from training.lesion_masks import LESION_TOKEN_LEVEL, lesion_mask_on_grid, token_lesion_overlap  # noqa: E402
 from training.metrics import auroc  # noqa: E402
 from training.study_data import label_targets  # noqa: E402
 from training.token_cache import TokenCache  # noqa: E402
@@ -167,11 +168,46 @@ class Tokens:
         return out
 
 
-def footprint(tokens: Tokens, args) -> dict:
-    result = {}
+def patch_coverage(mask: np.ndarray, through_axis: int, patch_size: tuple[int, int, int]) -> np.ndarray:
+    """Share of every patch of the grid (zero-padded at the far edges) inside ``mask``."""
+    extent = patch_extent(through_axis, patch_size)
+    padded = np.pad(mask.astype(np.float32), [(0, -n % e) for n, e in zip(mask.shape, extent)])
+    blocks = padded.reshape(padded.shape[0] // extent[0], extent[0], padded.shape[1] // extent[1], extent[1],
+                            padded.shape[2] // extent[2], extent[2])
+    return blocks.mean(axis=(1, 3, 5))
+
+
+def _lesion_patches(args, patch_size: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Per split, per study: patches of any of its series more than a quarter inside a lesion, at ``patch_size``."""
+    config = get_model_config("prima-lite")
+    cache = TokenCache(args.cache)
+    have = set(cache.study_ids)
+    counts = {}
     for split in SPLITS:
-        covered = np.array([tokens.lesion[tokens.study_start[i]:tokens.study_start[i + 1]].sum()
-                            for i in tokens.study_ids(split)])[tokens.abnormal(split) == 1]
+        numbers = []
+        for entry in read_manifest(args.data / "manifest.jsonl", [split]):
+            if entry.study_id not in have:
+                continue
+            total = 0
+            for s in cache.study_tokens(entry.study_id).series:
+                mask = lesion_mask_on_grid(entry, s.name, None, s, config.preprocess)
+                if mask is not None:
+                    total += int((patch_coverage(mask, s.through_axis, patch_size) > LESION_TOKEN_LEVEL).sum())
+            numbers.append(total)
+        counts[split] = np.array(numbers)
+    return counts
+
+
+def footprint(tokens: Tokens, args) -> dict:
+    result = {"patch": args.patch or "cached tokens"}
+    by_patch = _lesion_patches(args, tuple(args.patch)) if args.patch else None
+    for split in SPLITS:
+        if by_patch is None:
+            covered = np.array([tokens.lesion[tokens.study_start[i]:tokens.study_start[i + 1]].sum()
+                                for i in tokens.study_ids(split)])
+        else:
+            covered = by_patch[split]
+        covered = covered[tokens.abnormal(split) == 1]
         result[split] = {"abnormal": int(len(covered)),
                          "with_lesion_token": float((covered > 0).mean()) if len(covered) else None,
                          "with_5_lesion_tokens": float((covered >= 5).mean()) if len(covered) else None}
@@ -280,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-train", type=Path, nargs=2, action="append", default=[], metavar=("DATA", "CACHE"),
                         help="another data set and its token cache whose training studies join the training split")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("footprint", help="abnormal studies with a lesion token, per split")
+    footprint_parser = commands.add_parser("footprint", help="abnormal studies with a lesion token, per split")
+    footprint_parser.add_argument("--patch", type=int, nargs=3, metavar=("IN_PLANE", "IN_PLANE", "THROUGH"),
+                                  help="count patches of this size from the masks (default: the cached tokens)")
     learner = commands.add_parser("mil", help="multiple-instance learning from the study label alone")
     learner.add_argument("--features", default="latent", help=f"comma-separated, of {FEATURES}")
     learner.add_argument("--seed", type=int, default=0)
