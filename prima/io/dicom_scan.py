@@ -306,7 +306,9 @@ class _Reader:
         while True:
             if pos == stop and end_tag is None:
                 return pos
-            buf, i = self.window(pos, 12 if pos + 12 <= size else 8)
+            buf, i = self.buf, pos - self.base
+            if i < 0 or i + 12 > len(buf):  # not in the window: refill (the call costs more than the test)
+                buf, i = self.window(pos, 12 if pos + 12 <= size else 8)
             group, number, length = _IMPLICIT.unpack_from(buf, i)
             tag = group << 16 | number
             if group == 0xFFFE:  # delimiters have no VR in either encoding
