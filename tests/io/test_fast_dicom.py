@@ -271,3 +271,14 @@ def test_threads_do_not_change_the_result(tmp_path, monkeypatch):
         results[threads] = ([_series_tuple(s) for s in loaded.series], [(s.name, s.reason) for s in loaded.skipped])
     assert results[1] == results[3]
     assert [name for name, *_ in results[1][0]] == ["S0", "S1", "S2"]
+
+
+def test_output_array_is_zeroed_writable_float32_in_ordinary_pages():
+    from prima.io.dicom import output_array
+
+    array = output_array((3, 4, 5))
+    assert array.shape == (3, 4, 5) and array.dtype == np.float32 and array.flags.c_contiguous
+    assert array.flags.writeable and not array.any()
+    array[1, 2, 3] = 7.0
+    assert array.sum() == 7.0
+    assert output_array((0, 4, 5)).shape == (0, 4, 5)
