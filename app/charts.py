@@ -78,7 +78,7 @@ def priority_badge(prediction: Prediction) -> str:
              f'border-radius:14px;font-weight:700">Priority: {html.escape(tier.upper())}</span>'
              f'<span>priority head: {probs}</span>')
     if priority.raised_by:
-        names = ", ".join(html.escape(prediction.diagnosis(k).name) for k in priority.raised_by)
+        names = ", ".join(map(html.escape, prediction.raised_by_names))
         badge += (f'<span id="priority-conflict" style="color:#8a4b00;font-weight:600">Outputs disagree: the priority '
                   f'head reads {html.escape(priority.tier.upper())}, but {names} (a {html.escape(tier)}-priority '
                   f'finding) is called positive, so the worklist tier is raised to {html.escape(tier.upper())}. '

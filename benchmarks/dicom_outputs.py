@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers.dcm2niix import oracle_volume, run_dcm2niix, to_canonical  # noqa: E402
+from helpers.dicom_objects import frame_geometry  # noqa: E402
 from helpers.studies import write_three_plane_study  # noqa: E402
 from prima import export  # noqa: E402
 from prima.explain import explain  # noqa: E402
@@ -76,23 +77,12 @@ def _source_frames(source: export.SourceSeries) -> dict[str, tuple[np.ndarray, n
             for ds in source.datasets}
 
 
-def _frame_geometry(obj: pydicom.Dataset) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    shared = obj.SharedFunctionalGroupsSequence[0]
-    frames = []
-    for item in obj.PerFrameFunctionalGroupsSequence:
-        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-        position = np.array(item.PlanePositionSequence[0].ImagePositionPatient, float)
-        groups = item if "PlaneOrientationSequence" in item else shared
-        frames.append((uid, position, np.array(groups.PlaneOrientationSequence[0].ImageOrientationPatient, float)))
-    return frames
-
-
 def _frame_checks(path: Path, source: export.SourceSeries) -> tuple[float, float, bool]:
     slices = _source_frames(source)
-    frames = _frame_geometry(pydicom.dcmread(path))
-    inside = all(uid in slices for uid, _, _ in frames)
-    position = max(float(np.abs(p - slices[uid][0]).max()) for uid, p, _ in frames if uid in slices)
-    orientation = max(float(np.abs(o - slices[uid][1]).max()) for uid, _, o in frames if uid in slices)
+    frames = frame_geometry(pydicom.dcmread(path))
+    inside = all(uid in slices for uid, *_ in frames)
+    position = max(float(np.abs(p - slices[uid][0]).max()) for uid, p, *_ in frames if uid in slices)
+    orientation = max(float(np.abs(o - slices[uid][1]).max()) for uid, _, o, _ in frames if uid in slices)
     return position, orientation, inside
 
 

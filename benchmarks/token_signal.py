@@ -64,13 +64,14 @@ def gather(data: Path, cache_folder: Path, out: Path, extra_train: list[tuple[Pa
     config = get_model_config("prima-lite")
     columns = {name: [] for name in ("latent", "ras", "grid", "plane", "study", "series", "overlap")}
     splits, first = {}, 0
+    caches = {folder: TokenCache(folder) for folder in [cache_folder, *(folder for _, folder in extra_train)]}
     for split in SPLITS:
         sources = [(data, cache_folder), *(extra_train if split == "train" else ())]
         studies = []
         for source, folder in sources:
-            cache = TokenCache(folder)
-            have = set(cache.study_ids)
-            studies += [(e, cache) for e in read_manifest(source / "manifest.jsonl", [split]) if e.study_id in have]
+            have = set(caches[folder].study_ids)
+            studies += [(e, caches[folder]) for e in read_manifest(source / "manifest.jsonl", [split])
+                        if e.study_id in have]
         splits[split] = {"first": first, "labels": label_targets([e for e, _ in studies], config.label_space)[0]}
         for entry, cache in studies:
             for s in cache.study_tokens(entry.study_id).series:

@@ -124,7 +124,7 @@ def _prediction_lines(prediction: Prediction, top: int) -> list[str]:
     priority = prediction.priority
     lines += ["", f"Priority: {priority.worklist_tier} (priority head: {probs})"]
     if priority.raised_by:
-        names = ", ".join(prediction.diagnosis(k).name for k in priority.raised_by)
+        names = ", ".join(prediction.raised_by_names)
         lines += [f"  raised from the priority head's {priority.tier} by positive {priority.worklist_tier}-tier "
                   f"findings: {names}; the outputs disagree, check these findings"]
     lines += [

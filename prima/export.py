@@ -635,7 +635,7 @@ def _raised_note(prediction: Prediction) -> str:
     priority = prediction.priority
     if not priority.raised_by:
         return ""
-    names = ", ".join(prediction.diagnosis(k).name for k in priority.raised_by)
+    names = ", ".join(prediction.raised_by_names)
     return f"; raised from {priority.tier} by the positive {priority.worklist_tier}-tier findings {names}"
 
 

@@ -127,6 +127,11 @@ class Prediction:
     def positives(self) -> list[LabelScore]:
         return [d for d in self.differential if d.positive]
 
+    @property
+    def raised_by_names(self) -> list[str]:
+        """Display names of the positive findings that raised the worklist tier (``PriorityScore.raised_by``)."""
+        return [self.diagnosis(key).name for key in self.priority.raised_by]
+
     def diagnosis(self, key: str) -> LabelScore:
         for score in self.diagnoses:
             if score.key == key:

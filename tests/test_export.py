@@ -25,6 +25,7 @@ import pydicom
 import pytest
 
 from helpers.dcm2niix import oracle_volume, run_dcm2niix, to_canonical
+from helpers.dicom_objects import frame_geometry
 from helpers.enhanced import write_enhanced_mr
 from helpers.privacy import IDENTIFIERS, PATIENT_ID, SECRETS, STUDY_DATE
 from helpers.studies import rotation_matrix
@@ -81,21 +82,6 @@ def _pixel_world_ras(ds: Dataset, rows: np.ndarray, columns: np.ndarray, positio
 
 
 Dataset = pydicom.Dataset
-
-
-def _frames(obj: Dataset) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per frame of a multi-frame object: (referenced source SOPInstanceUID, position, orientation, spacing)."""
-    shared = obj.SharedFunctionalGroupsSequence[0]
-    out = []
-    for item in obj.PerFrameFunctionalGroupsSequence:
-        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        position = np.array([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
-        groups = item if "PlaneOrientationSequence" in item else shared
-        orientation = np.array([float(v) for v in groups.PlaneOrientationSequence[0].ImageOrientationPatient])
-        measures = item if "PixelMeasuresSequence" in item else shared
-        spacing = np.array([float(v) for v in measures.PixelMeasuresSequence[0].PixelSpacing])
-        out.append((str(uid), position, orientation, spacing))
-    return out
 
 
 class Planted:
@@ -155,7 +141,7 @@ def test_frames_sit_on_their_source_slices(planted, plane):
         assert obj.ReferencedSeriesSequence[0].SeriesInstanceUID == case.source.series_uid
         referenced = {str(i.ReferencedSOPInstanceUID) for i in obj.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
         assert referenced <= set(by_uid)
-        for uid, position, orientation, spacing in _frames(obj):
+        for uid, position, orientation, spacing in frame_geometry(obj):
             source = by_uid[uid]  # every frame references a slice of the source
             assert np.allclose(position, [float(v) for v in source.ImagePositionPatient], atol=1e-4)
             assert np.allclose(orientation, [float(v) for v in source.ImageOrientationPatient], atol=1e-6)
@@ -176,7 +162,7 @@ def test_a_marker_on_the_left_lands_on_the_same_point(planted, plane):
     seg = hd.seg.segread(case.seg_path)
     by_uid = {uid: k for k, uid in enumerate(case.source.sop_instance_uids)}
     for obj, hits in ((pm, values == np.float32(0.75)), (seg, None)):
-        frames = _frames(obj)
+        frames = frame_geometry(obj)
         if hits is None:  # segmentation: the pixels of segment 1 in each stored frame
             hits = np.stack([seg.get_frame(i + 1) > 0 for i in range(int(seg.NumberOfFrames))])
         points = []
@@ -287,7 +273,7 @@ def test_objects_read_back_and_reference_the_source(explained, tmp_path):
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.LUTLabel == "LIME" and mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
     for path in (written.parametric_map, written.segmentation):
-        referenced = [uid for uid, *_ in _frames(pydicom.dcmread(path))]
+        referenced = [uid for uid, *_ in frame_geometry(pydicom.dcmread(path))]
         assert set(referenced) <= set(source.sop_instance_uids)
     # the report: highdicom parses it, it names the model and the priority, references the study, the map
     # and the segmentation, and carries the research-use statement
@@ -340,7 +326,7 @@ def test_deidentified_output_carries_no_identifier(explained, tmp_path):
     assert manifest["source"]["sop_instance_uids"] == [str(ds.SOPInstanceUID) for ds in copies]
     copy_uids = set(manifest["source"]["sop_instance_uids"])
     for path in (written.parametric_map, written.segmentation):
-        assert {uid for uid, *_ in _frames(pydicom.dcmread(path))} <= copy_uids  # the references resolve
+        assert {uid for uid, *_ in frame_geometry(pydicom.dcmread(path))} <= copy_uids  # the references resolve
     # the copy is the same series: prima loads it on the same grid with the same voxels
     reloaded = load_study(written.folder / export.SOURCE_FOLDER).series[0]
     assert np.allclose(reloaded.affine, study.series[0].affine, atol=1e-6)

@@ -58,6 +58,11 @@ def _label_matrix(labels: np.ndarray, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _check_probabilities(probs: np.ndarray) -> None:
+    if not ((probs >= 0) & (probs <= 1)).all():
+        raise ValueError("probs must be probabilities in [0, 1] (apply a sigmoid to logits)")
+
+
 def _both_classes(y: np.ndarray) -> bool:
     return 0 < int(y.sum()) < len(y)
 
@@ -297,8 +302,7 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict
     y, p = y.ravel(), p.ravel()
     if not np.isin(y, (0, 1)).all():
         raise ValueError("y_true must hold 0/1 labels")
-    if not ((p >= 0) & (p <= 1)).all():
-        raise ValueError("probs must be probabilities in [0, 1] (apply a sigmoid to logits)")
+    _check_probabilities(p)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -336,8 +340,7 @@ def per_label_calibration(y_true: np.ndarray, probs: np.ndarray, keys: Sequence[
     y, p = _label_matrix(y_true, "y_true"), np.asarray(probs, dtype=np.float64)
     if p.shape != y.shape or len(keys) != y.shape[1]:
         raise ValueError(f"y_true {y.shape}, probs {p.shape} and {len(keys)} keys do not match")
-    if not ((p >= 0) & (p <= 1)).all():
-        raise ValueError("probs must be probabilities in [0, 1] (apply a sigmoid to logits)")
+    _check_probabilities(p)
     return {key: {"observed_rate": float(y[:, c].mean()), "mean_predicted": float(p[:, c].mean()),
                   "brier": float(((p[:, c] - y[:, c]) ** 2).mean())} for c, key in enumerate(keys)}
 
