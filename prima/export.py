@@ -53,7 +53,7 @@ from prima.io import dicom
 from prima.io.archive import ArchiveLimits, extracted_zip
 from prima.io.nifti import is_nifti_path
 from prima.io.orientation import LPS_TO_RAS, reorient
-from prima.io.study import Series
+from prima.io.study import Series, folder_files, is_archive
 from prima.patching import DEFAULT_PATCH_SIZE, unpatchify
 
 if TYPE_CHECKING:  # torch-free at import: the types only
@@ -177,28 +177,9 @@ class DicomExport:
 # ---------------------------------------------------------------------------------------------- source
 
 
-def _is_archive(path: Path) -> bool:
-    import zipfile
-
-    return path.is_file() and (path.suffix.lower() == ".zip" or zipfile.is_zipfile(path))
-
-
 def _files_under(folder: Path) -> list[Path]:
     """Candidate DICOM files under ``folder`` (what the study loader would look at, NIfTI excluded)."""
-    from prima.io.study import _IGNORED_NAMES, _SIDECAR_SUFFIXES
-
-    if folder.is_file():
-        return [folder]
-    found = []
-    for directory, subdirs, names in os.walk(folder):
-        subdirs[:] = sorted(d for d in subdirs if d not in _IGNORED_NAMES and not d.startswith("."))
-        for name in sorted(names):
-            path = Path(directory) / name
-            if (name in _IGNORED_NAMES or name.startswith("._") or path.suffix.lower() in _SIDECAR_SUFFIXES
-                    or is_nifti_path(path)):
-                continue
-            found.append(path)
-    return found
+    return [folder] if folder.is_file() else folder_files(folder)[1]
 
 
 @contextlib.contextmanager
@@ -217,7 +198,7 @@ def _candidate_files(sources: list[Path], series_source: str, limits: ArchiveLim
                 files += _files_under(own if inside else path)
             elif is_nifti_path(path):
                 continue
-            elif _is_archive(path):
+            elif is_archive(path):
                 folder = stack.enter_context(extracted_zip(path, limits))
                 prefix = f"{path.name}!/"
                 own = folder / series_source[len(prefix):] if series_source.startswith(prefix) else folder

@@ -216,7 +216,9 @@ def _load_dicom_files(paths: list[Path], root: Path, label: str, budget: StudyBu
     return loaded, skipped, descriptions[0] if descriptions else ""
 
 
-def _load_folder(folder: Path, budget: StudyBudget, label: str = "") -> tuple[list[Series], list[SkippedSeries], str]:
+def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files a study folder is read from, in load order: (NIfTI files, candidate DICOM files). Hidden
+    folders, operating-system litter and sidecars (JSON, bval/bvec, TSV) are left out."""
     nifti_paths, other_paths = [], []
     for directory, subdirs, names in os.walk(folder):
         subdirs[:] = sorted(d for d in subdirs if d not in _IGNORED_NAMES and not d.startswith("."))
@@ -226,6 +228,11 @@ def _load_folder(folder: Path, budget: StudyBudget, label: str = "") -> tuple[li
                 continue
             path = Path(directory) / file_name
             (nifti_paths if is_nifti_path(path) else other_paths).append(path)
+    return nifti_paths, other_paths
+
+
+def _load_folder(folder: Path, budget: StudyBudget, label: str = "") -> tuple[list[Series], list[SkippedSeries], str]:
+    nifti_paths, other_paths = folder_files(folder)
     loaded, skipped, description = (_load_dicom_files(other_paths, folder, label, budget) if other_paths
                                     else ([], [], ""))
     for path in nifti_paths:
@@ -235,13 +242,13 @@ def _load_folder(folder: Path, budget: StudyBudget, label: str = "") -> tuple[li
     return loaded, skipped, description
 
 
-def _is_archive(path: Path) -> bool:
+def is_archive(path: Path) -> bool:
     return path.suffix.lower() == ".zip" or zipfile.is_zipfile(path)
 
 
 def _is_loose_file(path: Path) -> bool:
     """True for a file that is neither NIfTI nor an archive: a candidate DICOM file."""
-    return path.is_file() and not is_nifti_path(path) and not _is_archive(path)
+    return path.is_file() and not is_nifti_path(path) and not is_archive(path)
 
 
 def _load_one(path: Path, limits: ArchiveLimits, budget: StudyBudget) -> tuple[list[Series], list[SkippedSeries], str]:
@@ -252,7 +259,7 @@ def _load_one(path: Path, limits: ArchiveLimits, budget: StudyBudget) -> tuple[l
     if is_nifti_path(path):
         series, skipped = _load_nifti(path, path.parent, "", budget)
         return series, skipped, ""
-    if _is_archive(path):
+    if is_archive(path):
         with extracted_zip(path, limits) as folder:
             return _load_folder(folder, budget, label=path.name)
     return _load_dicom_files([path], path.parent, "", budget)
