@@ -6,11 +6,16 @@
     python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT normative [--position-weight 3]
     python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT probe --features latent,neighbours \\
         [--cross-series]
+    python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT probe --features intensity
+    python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT grid --kernel 3 --seed 0
+    python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT grid --supervision labels --width 16 \\
+        --steps 250 --batch 8
 
 DATA and CACHE as for ``benchmarks/recipe_ablation.py``; ``--extra-train DATA2 CACHE2`` (repeatable) adds another
-data set's training studies, for a data-scaling point on the same val and test studies. The first call gathers every cached token (latent, grid
-coordinates, RAS centre, plane) and its lesion overlap (the share of its patch inside any lesion mask) into
-``OUT/tokens.npz``; later calls reuse it. Experiments (one JSON line each, appended to ``OUT/results.jsonl``):
+data set's training studies, for a data-scaling point on the same val and test studies. The first call gathers
+every cached token (latent, grid coordinates, RAS centre, plane) and its lesion overlap (the share of its patch
+inside any lesion mask) into ``OUT/tokens.npz``; later calls reuse it. Experiments (one JSON line each, appended
+to ``OUT/results.jsonl``):
 
 - ``footprint``: per split, the share of abnormal studies with a token more than a quarter inside its lesion
   (``--patch 16 16 4``: with patches of another size, counted on the masks);
@@ -19,7 +24,12 @@ coordinates, RAS centre, plane) and its lesion overlap (the share of its patch i
 - ``normative``: no labels but "normal": a token's distance to its 5 nearest tokens of normal training studies
   (whitened PCA of the latent, optionally its position), study score the mean of its top 8;
 - ``probe``: a diagnostic ceiling that uses the masks: gradient boosting on lesion against clean tokens of the
-  training studies, with the chosen features; ``--cross-series`` stacks the same place in the other series.
+  training studies, with the chosen features; ``--cross-series`` stacks the same place in the other series;
+  ``intensity`` is the image before the VQ-VAE (each study preprocessed again, cached in ``OUT/intensity.npy``),
+  to tell what the tokenizer loses; the result also gives each diagnosis's studies against the normal ones;
+- ``grid``: a small 3D CNN over each series' latents laid out on the latent grid (8 x 8 x 2 positions a token,
+  cached in ``OUT/grids.pkl``), so a lesion is looked for at the resolution of one latent position (4 x 4 x 2
+  voxels) with its surroundings; trained on the masks (crops) or on the study label alone (whole studies).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -40,11 +51,13 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from prima.batch import prepared_studies  # noqa: E402
 from prima.factory import get_model_config  # noqa: E402
 from prima.manifest import read_manifest  # noqa: E402
 from prima.patching import patch_extent  # noqa: E402
 from training.lesion_masks import LESION_TOKEN_LEVEL, lesion_mask_on_grid, token_lesion_overlap  # noqa: E402
 from training.metrics import auroc  # noqa: E402
+from training.synth.anatomy import rotation_matrix  # noqa: E402
 from training.study_data import label_targets  # noqa: E402
 from training.token_cache import TokenCache  # noqa: E402
 
@@ -52,7 +65,23 @@ SPLITS = ("train", "val", "test")
 PLANES = ("axial", "coronal", "sagittal")
 TOP = 8  # a study's score: the mean of its TOP largest token scores
 PCA_DIM = 32
-FEATURES = ("latent", "pca", "position", "grid", "neighbours", "centred", "codes")
+LATENT_BLOCK = (4, 4, 2)  # voxels of a canonical patch behind one latent position of the VQ-VAE
+FEATURES = ("latent", "pca", "position", "template", "grid", "neighbours", "centred", "codes", "intensity")
+
+
+def cached_studies(data: Path, cache_folder: Path, extra_train: list[tuple[Path, Path]] = ()
+                   ) -> dict[str, list[tuple[object, TokenCache]]]:
+    """Per split, the data set's (manifest entry, its token cache) pairs of the cached studies; the training
+    studies of ``extra_train`` (data set, token cache) pairs join the training split."""
+    caches = {folder: TokenCache(folder) for folder in [cache_folder, *(folder for _, folder in extra_train)]}
+    studies = {}
+    for split in SPLITS:
+        studies[split] = []
+        for source, folder in [(data, cache_folder), *(extra_train if split == "train" else ())]:
+            have = set(caches[folder].study_ids)
+            studies[split] += [(e, caches[folder]) for e in read_manifest(source / "manifest.jsonl", [split])
+                               if e.study_id in have]
+    return studies
 
 
 def gather(data: Path, cache_folder: Path, out: Path, extra_train: list[tuple[Path, Path]] = ()) -> Path:
@@ -64,14 +93,7 @@ def gather(data: Path, cache_folder: Path, out: Path, extra_train: list[tuple[Pa
     config = get_model_config("prima-lite")
     columns = {name: [] for name in ("latent", "ras", "grid", "plane", "study", "series", "overlap")}
     splits, first = {}, 0
-    caches = {folder: TokenCache(folder) for folder in [cache_folder, *(folder for _, folder in extra_train)]}
-    for split in SPLITS:
-        sources = [(data, cache_folder), *(extra_train if split == "train" else ())]
-        studies = []
-        for source, folder in sources:
-            have = set(caches[folder].study_ids)
-            studies += [(e, caches[folder]) for e in read_manifest(source / "manifest.jsonl", [split])
-                        if e.study_id in have]
+    for split, studies in cached_studies(data, cache_folder, extra_train).items():
         splits[split] = {"first": first, "labels": label_targets([e for e, _ in studies], config.label_space)[0]}
         for entry, cache in studies:
             for s in cache.study_tokens(entry.study_id).series:
@@ -92,10 +114,58 @@ def gather(data: Path, cache_folder: Path, out: Path, extra_train: list[tuple[Pa
     return path
 
 
+def patch_intensities(args) -> Path:
+    """Every gathered token's preprocessed patch (before the VQ-VAE) averaged over the voxels behind each of its
+    latent positions: 128 intensities, as many positions as the latent has. Cached in ``OUT/intensity.npy``."""
+    path = args.out / "intensity.npy"
+    if path.exists():
+        return path
+    config = get_model_config("prima-lite")
+    min_fraction = json.loads((args.cache / "index.json").read_text())["config"]["min_fraction"]
+    parts = []
+    for studies in cached_studies(args.data, args.cache, args.extra_train).values():
+        prepared_in_order = prepared_studies([e for e, _ in studies], config, 1, min_fraction)
+        for prepared, (entry, cache) in zip(prepared_in_order, studies):
+            cached = cache.study_tokens(entry.study_id).series
+            if prepared.error is not None or len(prepared.series) != len(cached):
+                raise ValueError(f"{entry.study_id}: its series do not match the token cache ({prepared.error})")
+            for patches, tokens in zip(prepared.series, cached):
+                if not np.array_equal(patches.coords, tokens.coords):
+                    raise ValueError(f"{entry.study_id}/{tokens.name}: kept patches differ from the cached tokens")
+                pooled = rearrange(patches.patches, "n (x a) (y b) (z c) -> n x y z (a b c)", a=LATENT_BLOCK[0],
+                                   b=LATENT_BLOCK[1], c=LATENT_BLOCK[2]).mean(-1)
+                parts.append(pooled.reshape(len(pooled), -1).astype(np.float16))
+    np.save(path, np.concatenate(parts))
+    return path
+
+
+def template_positions(args) -> Path:
+    """Every gathered token's centre in the synthetic template's frame: its RAS centre through the inverse of the
+    head's pose (rotation, size, position) that the synthetic engine records in the manifest's ``subject``; the
+    elastic deformation is left in. Cached in ``OUT/template.npy``."""
+    path = args.out / "template.npy"
+    if path.exists():
+        return path
+    ras, study = (np.load(args.out / "tokens.npz")[name] for name in ("ras", "study"))
+    out = np.zeros_like(ras)
+    entries = [entry for studies in cached_studies(args.data, args.cache, args.extra_train).values()
+               for entry, _ in studies]
+    for index, entry in enumerate(entries):
+        pose = entry.subject
+        if not {"rotation_deg", "scale", "translation_mm"} <= set(pose):
+            raise ValueError(f"{entry.study_id}: the manifest records no synthetic head pose in 'subject'")
+        forward = rotation_matrix(np.array(pose["rotation_deg"])) @ np.diag(pose["scale"])
+        rows = study == index
+        out[rows] = (ras[rows] - np.array(pose["translation_mm"])) @ np.linalg.inv(forward).T
+    np.save(path, out.astype(np.float32))
+    return path
+
+
 class Tokens:
     """The gathered tokens and the study-level views the experiments share."""
 
     def __init__(self, out: Path):
+        self.out = out
         arrays = np.load(out / "tokens.npz")
         self.latent = arrays["latent"].astype(np.float32)
         self.ras, self.grid, self.plane = arrays["ras"], arrays["grid"].astype(np.int64), arrays["plane"]
@@ -113,15 +183,52 @@ class Tokens:
     def study_ids(self, split: str) -> np.ndarray:
         return self.splits[split]["first"] + np.arange(len(self.splits[split]["labels"]))
 
-    def study_auroc(self, token_scores: np.ndarray, split: str) -> dict:
-        """Normal vs abnormal AUROC of the studies' largest and top-8 mean token scores."""
+    def study_scores(self, token_scores: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's studies' largest token score and the mean of their TOP largest."""
         largest, top = [], []
         for index in self.study_ids(split):
             scores = np.sort(token_scores[self.study_start[index]:self.study_start[index + 1]])[::-1]
             largest.append(scores[0])
             top.append(scores[:TOP].mean())
+        return np.array(largest), np.array(top)
+
+    def study_auroc(self, token_scores: np.ndarray, split: str) -> dict:
+        """Normal vs abnormal AUROC of the studies' largest and top-8 mean token scores."""
+        largest, top = self.study_scores(token_scores, split)
         y = self.abnormal(split)
-        return {"max": auroc(y, np.array(largest)), f"top{TOP}": auroc(y, np.array(top))}
+        return {"max": auroc(y, largest), f"top{TOP}": auroc(y, top)}
+
+    def label_auroc(self, token_scores: np.ndarray, min_positives: int = 4) -> dict[str, float]:
+        """Per diagnosis with ``min_positives`` held-out (val and test) studies: its studies against the normal
+        ones, scored by the top-8 mean of their token scores."""
+        top = np.concatenate([self.study_scores(token_scores, split)[1] for split in ("val", "test")])
+        labels = np.concatenate([self.splits[split]["labels"] for split in ("val", "test")])
+        normal = labels.max(axis=1) == 0
+        keys = get_model_config("prima-lite").label_space.diagnosis_keys
+        return {key: auroc(np.r_[np.ones(labels[:, k].sum()), np.zeros(normal.sum())],
+                           np.r_[top[labels[:, k] == 1], top[normal]])
+                for k, key in enumerate(keys) if labels[:, k].sum() >= min_positives}
+
+    def top_tokens(self, token_scores: np.ndarray) -> dict:
+        """Where the TOP highest-scoring tokens of the held-out studies lie: in normal studies (the false
+        positives), and in abnormal ones the share that are lesion tokens; distances from the synthetic
+        template's centre (mm) when ``OUT/template.npy`` exists."""
+        tops = {"normal": [], "abnormal": []}
+        for split in ("val", "test"):
+            for index, abnormal in zip(self.study_ids(split), self.abnormal(split)):
+                start = self.study_start[index]
+                order = np.argsort(token_scores[start:self.study_start[index + 1]])[::-1][:TOP]
+                tops["abnormal" if abnormal else "normal"].append(start + order)
+        tops = {kind: np.concatenate(rows) for kind, rows in tops.items()}
+        result = {"abnormal_lesion_tokens": float(self.lesion[tops["abnormal"]].mean()),
+                  "abnormal_touching_lesion": float((self.overlap[tops["abnormal"]] > 0).mean())}
+        if (self.out / "template.npy").exists():
+            distance = np.linalg.norm(np.load(self.out / "template.npy"), axis=1)
+            result["distance_from_template_centre_mm"] = {
+                "normal_top": float(distance[tops["normal"]].mean()),
+                "abnormal_top": float(distance[tops["abnormal"]].mean()),
+                "all_held_out": float(distance[self.held_out].mean())}
+        return result
 
     def lesion_auroc(self, token_scores: np.ndarray) -> float | None:
         """Lesion against clean tokens of the held-out studies."""
@@ -147,6 +254,11 @@ class Tokens:
             series_mean = np.zeros((self.series.max() + 1, pca.shape[1]), np.float32)
             np.add.at(series_mean, self.series, pca)
             blocks["centred"] = pca - (series_mean / np.bincount(self.series)[:, None])[self.series]
+        if "template" in names:
+            blocks["template"] = np.c_[np.load(self.out / "template.npy") / 100.0, planes]
+        if "intensity" in names:
+            intensity = np.load(self.out / "intensity.npy").astype(np.float32)
+            blocks["intensity"] = (intensity - intensity[sample].mean(0)) / (intensity[sample].std(0) + 1e-6)
         if "codes" in names:  # the latent is 128 code positions x 2 channels: a small lesion moves a few
             grid = self.latent.reshape(len(self.latent), -1, 2)
             blocks["codes"] = np.c_[grid.max(1), grid.min(1), grid.std(1),
@@ -249,9 +361,9 @@ def mil(tokens: Tokens, args) -> dict:
 
 def normative(tokens: Tokens, args) -> dict:
     rng = np.random.default_rng(0)
-    names = ["pca"] + (["position"] if args.position_weight > 0 else [])
+    names = ["pca"] + ([args.frame] if args.position_weight > 0 else [])
     x = tokens.features(names, rng)
-    if args.position_weight > 0:  # RAS in 20 mm units times the weight; planes never mix
+    if args.position_weight > 0:  # millimetres in 20 mm units times the weight; planes never mix
         x[:, PCA_DIM:PCA_DIM + 3] *= 5.0 * args.position_weight
         x[:, PCA_DIM + 3:] *= 100.0
     normal = tokens.splits["train"]["first"] + np.flatnonzero(tokens.abnormal("train") == 0)
@@ -263,7 +375,7 @@ def normative(tokens: Tokens, args) -> dict:
         chunk = held[start:start + 1024]
         distances = torch.cdist(torch.from_numpy(x[chunk]), reference)
         scores[chunk] = distances.topk(5, dim=1, largest=False).values.mean(1).numpy()
-    return {"position_weight": args.position_weight, "pool": len(reference),
+    return {"position_weight": args.position_weight, "frame": args.frame, "pool": len(reference),
             **{split: tokens.study_auroc(scores, split) for split in ("val", "test")},
             "lesion_tokens": tokens.lesion_auroc(scores)}
 
@@ -280,7 +392,8 @@ def probe(tokens: Tokens, args) -> dict:
     scores = np.zeros(len(x), np.float32)
     scores[tokens.held_out] = fit(x, train).predict_proba(x[tokens.held_out])[:, 1]
     result = {"features": args.features, "lesion_tokens": tokens.lesion_auroc(scores),
-              **{split: tokens.study_auroc(scores, split) for split in ("val", "test")}}
+              **{split: tokens.study_auroc(scores, split) for split in ("val", "test")},
+              "by_label": tokens.label_auroc(scores), "top_tokens": tokens.top_tokens(scores)}
     if args.cross_series:
         # stage 1 out of fold on the training studies (two halves), then the same place in the other series
         half = rng.permutation(tokens.n_train) < tokens.n_train // 2
@@ -309,6 +422,160 @@ def _other_series(tokens: Tokens, scores: np.ndarray, radius_mm: float = 12.0) -
     return out
 
 
+def latent_grids(args) -> list[list[dict]]:
+    """Per study (gather's order), per series: its token latents laid out as a 2-channel image on the latent
+    grid (canonical axes: in-plane, in-plane, through; cropped to the kept tokens), which positions hold a
+    kept token, and the share of each position's voxels inside a lesion. Cached in ``OUT/grids.pkl``."""
+    path = args.out / "grids.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    config = get_model_config("prima-lite")
+    patch = np.array(config.volume_tokenizer.patch_size)
+    latent = patch // np.array(LATENT_BLOCK)
+    studies = []
+    for split_studies in cached_studies(args.data, args.cache, args.extra_train).values():
+        for entry, cache in split_studies:
+            series = []
+            for s in cache.study_tokens(entry.study_id).series:
+                order = [axis for axis in range(3) if axis != s.through_axis] + [s.through_axis]
+                coords = s.coords[:, order]
+                low, size = coords.min(0), coords.max(0) - coords.min(0) + 1
+                blocks = np.zeros((*size, *latent, 2), np.float16)
+                blocks[tuple((coords - low).T)] = s.latents.numpy().reshape(len(s), *latent, 2)
+                kept = np.zeros(tuple(size), bool)
+                kept[tuple((coords - low).T)] = True
+                image = rearrange(blocks, "g0 g1 g2 a b c ch -> ch (g0 a) (g1 b) (g2 c)")
+                lesion = np.zeros(image.shape[1:], np.uint8)
+                mask = lesion_mask_on_grid(entry, s.name, None, s, config.preprocess)
+                if mask is not None:
+                    mask = np.moveaxis(mask, s.through_axis, -1).astype(np.float32)
+                    start, stop = low * patch, (low + size) * patch
+                    mask = np.pad(mask, [(0, max(0, b - n)) for b, n in zip(stop, mask.shape)])
+                    mask = mask[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+                    share = mask.reshape(image.shape[1], LATENT_BLOCK[0], image.shape[2], LATENT_BLOCK[1],
+                                         image.shape[3], LATENT_BLOCK[2]).mean(axis=(1, 3, 5))
+                    lesion = np.round(share * 255).astype(np.uint8)
+                series.append({"image": image, "kept": kept, "lesion": lesion})
+            studies.append(series)
+    path.write_bytes(pickle.dumps(studies, protocol=pickle.HIGHEST_PROTOCOL))
+    return studies
+
+
+class GridDetector(torch.nn.Module):
+    """A small 3D CNN over a series' latent grid: a lesion logit for every latent position. ``kernel`` 1 sees a
+    position alone; 3 with dilations 1, 2, 4, 1 sees 17 positions (about 6 cm in-plane) around it."""
+
+    def __init__(self, width: int, kernel: int):
+        super().__init__()
+        dilations = (1, 2, 4, 1) if kernel > 1 else (1, 1, 1, 1)
+        layers, channels = [], 3
+        for dilation in dilations:
+            layers += [torch.nn.Conv3d(channels, width, kernel, padding=dilation * (kernel // 2), dilation=dilation),
+                       torch.nn.GELU()]
+            channels = width
+        self.body = torch.nn.Sequential(*layers, torch.nn.Conv3d(width, 1, 1))
+
+    def forward(self, image: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """(N, 2, X, Y, Z) standardised latents and (N, X, Y, Z) kept positions -> (N, X, Y, Z) logits."""
+        return self.body(torch.cat([image * kept[:, None], kept[:, None]], dim=1))[:, 0]
+
+
+def grid(tokens: Tokens, args) -> dict:
+    """A latent-grid CNN, trained on the lesion masks (crops) or on the study label alone (whole studies)."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    studies = latent_grids(args)
+    n_train = tokens.n_train
+    latent = np.array(get_model_config("prima-lite").volume_tokenizer.patch_size) // np.array(LATENT_BLOCK)
+
+    def kept_positions(series: dict) -> np.ndarray:
+        return series["kept"].repeat(latent[0], 0).repeat(latent[1], 1).repeat(latent[2], 2)
+
+    sample = np.concatenate([s["image"][:, kept_positions(s)].T for study in studies[:200] for s in study])
+    mean, std = sample.astype(np.float32).mean(0), sample.astype(np.float32).std(0) + 1e-6
+
+    def tensors(series: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = torch.from_numpy(kept_positions(series).astype(np.float32))
+        image = (torch.from_numpy(series["image"].astype(np.float32)) - torch.from_numpy(mean)[:, None, None, None])
+        return image / torch.from_numpy(std)[:, None, None, None], kept
+
+    net = GridDetector(args.width, args.kernel)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
+    abnormal = tokens.abnormal("train")
+    started = time.perf_counter()
+    for step in range(args.steps):
+        if args.supervision == "masks":
+            images, kepts, targets = [], [], []
+            for _ in range(args.batch):
+                series = studies[rng.integers(n_train)]
+                s = series[rng.integers(len(series))]
+                image, kept = tensors(s)
+                lesion = s["lesion"] > LESION_TOKEN_LEVEL * 255
+                where = np.argwhere(lesion) if lesion.any() and rng.random() < 0.5 else np.argwhere(kept.numpy() > 0)
+                centre = where[rng.integers(len(where))]
+                corner = [int(np.clip(c - e // 2, 0, max(n - e, 0)))
+                          for c, e, n in zip(centre, args.crop, lesion.shape)]
+                images.append(_crop(image, corner, args.crop))
+                kepts.append(_crop(kept, corner, args.crop))
+                targets.append(_crop(torch.from_numpy(lesion.astype(np.float32)), corner, args.crop))
+            kept, target = torch.stack(kepts), torch.stack(targets)
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(net(torch.stack(images), kept), target,
+                                                                          reduction="none")
+            # lesion positions are rare even in crops centred on one: each class weighs half
+            lesion_weight, clean_weight = target * kept, (1 - target) * kept
+            loss = 0.5 * ((losses * lesion_weight).sum() / lesion_weight.sum().clamp(min=1)
+                          + (losses * clean_weight).sum() / clean_weight.sum())
+        else:
+            chosen = rng.choice(n_train, min(args.batch, n_train), replace=False)
+            logits = torch.stack([_study_logit(net, [tensors(s) for s in studies[i]]) for i in chosen])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.tensor(abnormal[chosen], dtype=torch.float32))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 50 == 0:
+            print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    net.eval()
+    result = {"supervision": args.supervision, "kernel": args.kernel, "width": args.width, "steps": args.steps,
+              "seed": args.seed}
+    held = {"lesion": [], "clean": []}
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            ids = tokens.study_ids(split)[:100] if split == "train" else tokens.study_ids(split)
+            largest, top = [], []
+            for index in ids:
+                scores = []
+                for s in studies[index]:
+                    image, kept = tensors(s)
+                    logit = net(image[None], kept[None])[0]
+                    inside = kept > 0
+                    scores.append(logit[inside].numpy())
+                    if split != "train":
+                        held["lesion"].append(logit[inside & torch.from_numpy(s["lesion"] > LESION_TOKEN_LEVEL * 255)])
+                        clean = logit[inside & torch.from_numpy(s["lesion"] == 0)]
+                        held["clean"].append(clean[torch.from_numpy(rng.random(len(clean)) < 0.05)])
+                values = np.sort(np.concatenate(scores))[::-1]
+                largest.append(values[0])
+                top.append(values[:TOP].mean())
+            y = tokens.abnormal(split)[:len(ids)]
+            result[split] = {"max": auroc(y, np.array(largest)), f"top{TOP}": auroc(y, np.array(top))}
+    lesion, clean = torch.cat(held["lesion"]).numpy(), torch.cat(held["clean"]).numpy()
+    result["lesion_positions"] = auroc(np.r_[np.ones(len(lesion)), np.zeros(len(clean))], np.r_[lesion, clean])
+    return result
+
+
+def _crop(array: torch.Tensor, corner: list[int], size: tuple[int, int, int]) -> torch.Tensor:
+    """The last three axes of ``array`` cut to ``size`` from ``corner``, zero-padded where the array ends."""
+    cut = array[(..., *(slice(c, c + e) for c, e in zip(corner, size)))]
+    return torch.nn.functional.pad(cut, [p for axis in (2, 1, 0) for p in (0, size[axis] - cut.shape[axis - 3])])
+
+
+def _study_logit(net: GridDetector, series: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Multiple-instance pooling for the label-only run: the mean of the study's TOP largest position logits."""
+    logits = torch.cat([net(image[None], kept[None])[0][kept > 0] for image, kept in series])
+    return logits.topk(min(TOP, len(logits))).values.mean()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="data set folder (manifest.jsonl, masks)")
@@ -327,18 +594,34 @@ def main(argv: list[str] | None = None) -> int:
     reference = commands.add_parser("normative", help="distance to normal training studies' tokens")
     reference.add_argument("--position-weight", type=float, default=0.0)
     reference.add_argument("--pool", type=int, default=200_000, help="reference tokens drawn")
+    reference.add_argument("--frame", choices=("position", "template"), default="position",
+                           help="where a token is: its RAS centre, or that centre in the synthetic template's frame")
     diagnostic = commands.add_parser("probe", help="mask-supervised token classifier (a ceiling, not a recipe)")
     diagnostic.add_argument("--features", default="pca", help=f"comma-separated, of {FEATURES}")
     diagnostic.add_argument("--clean", type=int, default=150_000, help="clean training tokens drawn")
     diagnostic.add_argument("--cross-series", action="store_true")
+    detector = commands.add_parser("grid", help="a 3D CNN over the latent grid (masks or study labels)")
+    detector.add_argument("--supervision", choices=("masks", "labels"), default="masks")
+    detector.add_argument("--kernel", type=int, choices=(1, 3), default=3)
+    detector.add_argument("--width", type=int, default=32)
+    detector.add_argument("--steps", type=int, default=1500)
+    detector.add_argument("--batch", type=int, default=16, help="crops (masks) or studies (labels) a step")
+    detector.add_argument("--crop", type=int, nargs=3, default=(32, 32, 8), help="latent positions (masks)")
+    detector.add_argument("--lr", type=float, default=1e-3)
+    detector.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if hasattr(args, "features"):
         args.features = args.features.split(",")
     started = time.perf_counter()
     gather(args.data, args.cache, args.out, args.extra_train)
+    if "intensity" in getattr(args, "features", ()):
+        patch_intensities(args)
+    if "template" in getattr(args, "features", ()) or getattr(args, "frame", None) == "template":
+        template_positions(args)
     tokens = Tokens(args.out)
     result = {"experiment": args.command,
-              **{"footprint": footprint, "mil": mil, "normative": normative, "probe": probe}[args.command](tokens, args),
+              **{"footprint": footprint, "mil": mil, "normative": normative, "probe": probe,
+                 "grid": grid}[args.command](tokens, args),
               "seconds": round(time.perf_counter() - started, 1)}
     line = json.dumps(result)
     print(line)

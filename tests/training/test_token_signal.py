@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
+
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "token_signal.py"
 
 
@@ -22,15 +24,23 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     common = ["--data", str(tiny_dataset.parent), "--cache", str(tiny_token_cache), "--out", str(tmp_path)]
     runs = [["footprint"], ["mil", "--features", "latent,position", "--epochs", "1"],
             ["normative", "--position-weight", "1", "--pool", "500"],
-            ["probe", "--features", "pca,neighbours,centred,codes", "--clean", "200", "--cross-series"]]
+            ["probe", "--features", "pca,neighbours,centred,codes", "--clean", "200", "--cross-series"],
+            ["probe", "--features", "intensity,latent,template", "--clean", "200"],
+            ["normative", "--frame", "template", "--position-weight", "1", "--pool", "500"],
+            ["grid", "--steps", "2", "--batch", "2", "--crop", "8", "8", "4", "--width", "4"],
+            ["grid", "--supervision", "labels", "--steps", "1", "--batch", "2", "--width", "4"]]
     for run in runs:
         assert token_signal.main(common + run) == 0
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [line["experiment"] for line in lines] == ["footprint", "mil", "normative", "probe"]
+    assert [line["experiment"] for line in lines] == [run[0] for run in runs]
     tokens = token_signal.Tokens(tmp_path)
     assert len(tokens.latent) == len(tokens.overlap) == len(tokens.study) and tokens.latent.shape[1] == 256
     assert set(lines[0]) >= {"train", "val", "test"} and "lesion_tokens" in lines[1]
     assert "cross_series" in lines[3]
+    assert np.load(tmp_path / "intensity.npy").shape == (len(tokens.latent), 128)
+    assert np.load(tmp_path / "template.npy").shape == tokens.ras.shape and lines[5]["frame"] == "template"
+    assert {line["supervision"] for line in lines[6:]} == {"masks", "labels"}
+    assert all(0.0 <= line["lesion_positions"] <= 1.0 for line in lines[6:] if line["lesion_positions"] is not None)
     # another data set's training studies join the training split (here the same one again: twice as many)
     doubled = tmp_path / "doubled"
     assert token_signal.main([*common[:-1], str(doubled), "--extra-train", str(tiny_dataset.parent),
