@@ -10,6 +10,7 @@
     python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT grid --kernel 3 --seed 0
     python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT grid --supervision labels --width 16 \\
         --steps 250 --batch 8
+    python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT atlas [--normals 1000]
 
 DATA and CACHE as for ``benchmarks/recipe_ablation.py``; ``--extra-train DATA2 CACHE2`` (repeatable) adds another
 data set's training studies, for a data-scaling point on the same val and test studies. The first call gathers
@@ -22,14 +23,17 @@ to ``OUT/results.jsonl``):
 - ``mil``: multiple-instance learning from the study label alone: a token MLP, the study's logit the mean of its
   top 8 token logits; reports train / val / test AUROC and how well its token scores find lesion tokens;
 - ``normative``: no labels but "normal": a token's distance to its 5 nearest tokens of normal training studies
-  (whitened PCA of the latent, optionally its position), study score the mean of its top 8;
+  (whitened PCA of the latent, optionally its position: RAS, or with ``--frame template`` its centre in the
+  synthetic template's frame, the head pose recorded in the manifest undone), study score the mean of its top 8;
 - ``probe``: a diagnostic ceiling that uses the masks: gradient boosting on lesion against clean tokens of the
   training studies, with the chosen features; ``--cross-series`` stacks the same place in the other series;
   ``intensity`` is the image before the VQ-VAE (each study preprocessed again, cached in ``OUT/intensity.npy``),
   to tell what the tokenizer loses; the result also gives each diagnosis's studies against the normal ones;
 - ``grid``: a small 3D CNN over each series' latents laid out on the latent grid (8 x 8 x 2 positions a token,
   cached in ``OUT/grids.pkl``), so a lesion is looked for at the resolution of one latent position (4 x 4 x 2
-  voxels) with its surroundings; trained on the masks (crops) or on the study label alone (whole studies).
+  voxels) with its surroundings; trained on the masks (crops) or on the study label alone (whole studies);
+- ``atlas``: no tokens: a voxel-wise normal model of the image (mean and s.d. of the normal training studies per
+  sequence and plane) in the synthetic template's frame, in RAS, and in RAS centred on the head, read as |z|.
 """
 
 from __future__ import annotations
@@ -53,11 +57,12 @@ sys.path.insert(0, str(REPO))
 
 from prima.batch import prepared_studies  # noqa: E402
 from prima.factory import get_model_config  # noqa: E402
-from prima.manifest import read_manifest  # noqa: E402
+from prima.manifest import load_entry_study, read_manifest  # noqa: E402
 from prima.patching import patch_extent  # noqa: E402
+from prima.preprocess import preprocess_series  # noqa: E402
 from training.lesion_masks import LESION_TOKEN_LEVEL, lesion_mask_on_grid, token_lesion_overlap  # noqa: E402
 from training.metrics import auroc  # noqa: E402
-from training.synth.anatomy import rotation_matrix  # noqa: E402
+from training.synth.anatomy import BOX_HI, BOX_LO, rotation_matrix  # noqa: E402
 from training.study_data import label_targets  # noqa: E402
 from training.token_cache import TokenCache  # noqa: E402
 
@@ -564,6 +569,89 @@ def grid(tokens: Tokens, args) -> dict:
     return result
 
 
+def atlas(tokens: Tokens, args) -> dict:
+    """A voxel-wise model of normal heads: every series of ``--normals`` normal training studies resampled onto a
+    grid in three frames: the synthetic template's (the head pose the engine records undone), RAS (pose left in),
+    and RAS centred on the head's foreground centroid (what a real export allows without a registration); per
+    frame, sequence and plane, each voxel's mean and s.d. A held-out series scores as the mean of its
+    TOP largest smoothed |z|, a study as its largest series score. No masks, no labels but "normal"."""
+    config = get_model_config("prima-lite")
+    axes = [np.arange(low, high, args.spacing) for low, high in zip(BOX_LO, BOX_HI)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    shape = tuple(len(a) for a in axes)
+    splits = cached_studies(args.data, args.cache, args.extra_train)
+    frames = ("template", "ras", "centred")
+
+    def resampled(entry) -> list[tuple[tuple[str, str], dict[str, np.ndarray]]]:
+        """Per series: (sequence, plane) and, per frame, its intensities on the grid (NaN outside the series)."""
+        pose = entry.subject
+        forward = rotation_matrix(np.array(pose["rotation_deg"])) @ np.diag(pose["scale"])
+        ready_series = [preprocess_series(series, config.preprocess) for series in load_entry_study(entry).series]
+        world = {"template": points @ forward.T + np.array(pose["translation_mm"]), "ras": points,
+                 "centred": points - (BOX_LO + BOX_HI) / 2 + _head_centre(ready_series)}
+        sequences = {s.name: s.sequence for s in entry.series}
+        out = []
+        for ready in ready_series:
+            to_voxel = np.linalg.inv(ready.affine)
+            values = {frame: ndimage.map_coordinates(
+                ready.array, (world[frame] @ to_voxel[:3, :3].T + to_voxel[:3, 3]).T, order=1, cval=np.nan,
+                prefilter=False).reshape(shape).astype(np.float32) for frame in frames}
+            out.append(((sequences.get(ready.name, "unknown"), ready.plane), values))
+        return out
+
+    normal = [entry for (entry, _), abnormal in zip(splits["train"], tokens.abnormal("train")) if not abnormal]
+    sums: dict = {}
+    for entry in normal[:args.normals]:
+        for key, values in resampled(entry):
+            for frame, array in values.items():
+                total = sums.setdefault((frame, key), np.zeros((3, *shape), np.float64))
+                seen = np.isfinite(array)
+                total[0] += seen
+                total[1][seen] += array[seen]
+                total[2][seen] += array[seen] ** 2
+    models = {}
+    for (frame, key), (count, first, second) in sums.items():
+        mean = first / np.maximum(count, 1)
+        spread = np.sqrt(np.maximum(second / np.maximum(count, 1) - mean ** 2, 0.0))
+        # a voxel's s.d. is at least half the median one, so that a few alike series do not make it tiny
+        usable = count >= args.min_count
+        floor = max(0.5 * float(np.median(spread[usable])), 1e-3) if usable.any() else 1.0
+        models[frame, key] = (mean, np.maximum(spread, floor), usable)
+    result = {"normals": min(len(normal), args.normals), "spacing_mm": args.spacing, "min_count": args.min_count}
+    for split in ("val", "test"):
+        scores = {frame: [] for frame in frames}
+        for entry, _ in splits[split]:
+            best = {frame: 0.0 for frame in frames}
+            for key, values in resampled(entry):
+                for frame, array in values.items():
+                    if (frame, key) not in models:
+                        continue
+                    mean, spread, usable = models[frame, key]
+                    usable = usable & np.isfinite(array)
+                    if not usable.any():
+                        continue
+                    z = np.abs(np.where(usable, (array - mean) / spread, 0.0))
+                    smooth = ndimage.gaussian_filter(z, 1.0)[usable]
+                    best[frame] = max(best[frame], float(np.sort(smooth)[::-1][:TOP].mean()))
+            for frame in frames:
+                scores[frame].append(best[frame])
+        for frame in frames:
+            result.setdefault(frame, {})[split] = auroc(tokens.abnormal(split), np.array(scores[frame]))
+    return result
+
+
+def _head_centre(series: list) -> np.ndarray:
+    """RAS centre of the head as the image shows it, without the synthetic pose: the centroid of the foreground
+    (above a tenth of the 99th percentile) of the series that covers the most of it."""
+    best, centre = -1.0, np.zeros(3)
+    for ready in series:
+        foreground = np.argwhere(ready.array > 0.1 * np.percentile(ready.array, 99))
+        volume = len(foreground) * abs(np.linalg.det(ready.affine[:3, :3]))
+        if volume > best and len(foreground):
+            best, centre = volume, foreground.mean(0) @ ready.affine[:3, :3].T + ready.affine[:3, 3]
+    return centre
+
+
 def _crop(array: torch.Tensor, corner: list[int], size: tuple[int, int, int]) -> torch.Tensor:
     """The last three axes of ``array`` cut to ``size`` from ``corner``, zero-padded where the array ends."""
     cut = array[(..., *(slice(c, c + e) for c, e in zip(corner, size)))]
@@ -609,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     detector.add_argument("--crop", type=int, nargs=3, default=(32, 32, 8), help="latent positions (masks)")
     detector.add_argument("--lr", type=float, default=1e-3)
     detector.add_argument("--seed", type=int, default=0)
+    voxels = commands.add_parser("atlas", help="a voxel-wise normal model in the template frame and in RAS")
+    voxels.add_argument("--normals", type=int, default=300, help="normal training studies in the model")
+    voxels.add_argument("--spacing", type=float, default=3.0, help="grid spacing, mm")
+    voxels.add_argument("--min-count", type=int, default=20, help="series a voxel needs to be modelled")
     args = parser.parse_args(argv)
     if hasattr(args, "features"):
         args.features = args.features.split(",")
@@ -621,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = Tokens(args.out)
     result = {"experiment": args.command,
               **{"footprint": footprint, "mil": mil, "normative": normative, "probe": probe,
-                 "grid": grid}[args.command](tokens, args),
+                 "grid": grid, "atlas": atlas}[args.command](tokens, args),
               "seconds": round(time.perf_counter() - started, 1)}
     line = json.dumps(result)
     print(line)

@@ -28,7 +28,8 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
             ["probe", "--features", "intensity,latent,template", "--clean", "200"],
             ["normative", "--frame", "template", "--position-weight", "1", "--pool", "500"],
             ["grid", "--steps", "2", "--batch", "2", "--crop", "8", "8", "4", "--width", "4"],
-            ["grid", "--supervision", "labels", "--steps", "1", "--batch", "2", "--width", "4"]]
+            ["grid", "--supervision", "labels", "--steps", "1", "--batch", "2", "--width", "4"],
+            ["atlas", "--normals", "3", "--spacing", "12", "--min-count", "1"]]
     for run in runs:
         assert token_signal.main(common + run) == 0
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -39,8 +40,9 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     assert "cross_series" in lines[3]
     assert np.load(tmp_path / "intensity.npy").shape == (len(tokens.latent), 128)
     assert np.load(tmp_path / "template.npy").shape == tokens.ras.shape and lines[5]["frame"] == "template"
-    assert {line["supervision"] for line in lines[6:]} == {"masks", "labels"}
-    assert all(0.0 <= line["lesion_positions"] <= 1.0 for line in lines[6:] if line["lesion_positions"] is not None)
+    assert {line["supervision"] for line in lines[6:8]} == {"masks", "labels"}
+    assert all(0.0 <= line["lesion_positions"] <= 1.0 for line in lines[6:8] if line["lesion_positions"] is not None)
+    assert set(lines[8]) >= {"template", "ras"} and lines[8]["normals"] >= 1
     # another data set's training studies join the training split (here the same one again: twice as many)
     doubled = tmp_path / "doubled"
     assert token_signal.main([*common[:-1], str(doubled), "--extra-train", str(tiny_dataset.parent),
