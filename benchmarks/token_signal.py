@@ -207,11 +207,16 @@ class Tokens:
         """Per diagnosis with ``min_positives`` held-out (val and test) studies: its studies against the normal
         ones, scored by the top-8 mean of their token scores."""
         top = np.concatenate([self.study_scores(token_scores, split)[1] for split in ("val", "test")])
+        return self.diagnosis_auroc(top, min_positives)
+
+    def diagnosis_auroc(self, study_scores: np.ndarray, min_positives: int = 4) -> dict[str, float]:
+        """Per diagnosis with ``min_positives`` held-out studies: its studies against the normal ones, from one
+        score per val and then test study."""
         labels = np.concatenate([self.splits[split]["labels"] for split in ("val", "test")])
         normal = labels.max(axis=1) == 0
         keys = get_model_config("prima-lite").label_space.diagnosis_keys
         return {key: auroc(np.r_[np.ones(labels[:, k].sum()), np.zeros(normal.sum())],
-                           np.r_[top[labels[:, k] == 1], top[normal]])
+                           np.r_[study_scores[labels[:, k] == 1], study_scores[normal]])
                 for k, key in enumerate(keys) if labels[:, k].sum() >= min_positives}
 
     def top_tokens(self, token_scores: np.ndarray) -> dict:
@@ -618,6 +623,7 @@ def atlas(tokens: Tokens, args) -> dict:
         floor = max(0.5 * float(np.median(spread[usable])), 1e-3) if usable.any() else 1.0
         models[frame, key] = (mean, np.maximum(spread, floor), usable)
     result = {"normals": min(len(normal), args.normals), "spacing_mm": args.spacing, "min_count": args.min_count}
+    held_out: dict[str, list[float]] = {}
     for split in ("val", "test"):
         scores = {frame: [] for frame in frames}
         for entry, _ in splits[split]:
@@ -637,6 +643,9 @@ def atlas(tokens: Tokens, args) -> dict:
                 scores[frame].append(best[frame])
         for frame in frames:
             result.setdefault(frame, {})[split] = auroc(tokens.abnormal(split), np.array(scores[frame]))
+            held_out.setdefault(frame, []).extend(scores[frame])
+    for frame in frames:
+        result[frame]["by_label"] = tokens.diagnosis_auroc(np.array(held_out[frame]))
     return result
 
 
