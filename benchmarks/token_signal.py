@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from prima.batch import prepared_studies  # noqa: E402
 from prima.factory import get_model_config  # noqa: E402
-from prima.manifest import load_entry_study, read_manifest  # noqa: E402
+from prima.manifest import StudyEntry, load_entry_study, read_manifest  # noqa: E402
 from prima.patching import patch_extent  # noqa: E402
 from prima.preprocess import preprocess_series  # noqa: E402
 from training.lesion_masks import LESION_TOKEN_LEVEL, lesion_mask_on_grid, token_lesion_overlap  # noqa: E402
@@ -75,7 +75,7 @@ FEATURES = ("latent", "pca", "position", "template", "grid", "neighbours", "cent
 
 
 def cached_studies(data: Path, cache_folder: Path, extra_train: list[tuple[Path, Path]] = ()
-                   ) -> dict[str, list[tuple[object, TokenCache]]]:
+                   ) -> dict[str, list[tuple[StudyEntry, TokenCache]]]:
     """Per split, the data set's (manifest entry, its token cache) pairs of the cached studies; the training
     studies of ``extra_train`` (data set, token cache) pairs join the training split."""
     caches = {folder: TokenCache(folder) for folder in [cache_folder, *(folder for _, folder in extra_train)]}
@@ -577,15 +577,15 @@ def grid(tokens: Tokens, args) -> dict:
 def atlas(tokens: Tokens, args) -> dict:
     """A voxel-wise model of normal heads: every series of ``--normals`` normal training studies resampled onto a
     grid in three frames: the synthetic template's (the head pose the engine records undone), RAS (pose left in),
-    and RAS centred on the head's foreground centroid (what a real export allows without a registration); per
-    frame, sequence and plane, each voxel's mean and s.d. A held-out series scores as the mean of its
-    TOP largest smoothed |z|, a study as its largest series score. No masks, no labels but "normal"."""
+    and RAS centred on the head's foreground centroid ("head": what a real export allows without a
+    registration); per frame, sequence and plane, each voxel's mean and s.d. A held-out series scores as the mean
+    of its TOP largest smoothed |z|, a study as its largest series score. No masks, no labels but "normal"."""
     config = get_model_config("prima-lite")
     axes = [np.arange(low, high, args.spacing) for low, high in zip(BOX_LO, BOX_HI)]
     points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     shape = tuple(len(a) for a in axes)
     splits = cached_studies(args.data, args.cache, args.extra_train)
-    frames = ("template", "ras", "centred")
+    frames = ("template", "ras", "head")
 
     def resampled(entry) -> list[tuple[tuple[str, str], dict[str, np.ndarray]]]:
         """Per series: (sequence, plane) and, per frame, its intensities on the grid (NaN outside the series)."""
@@ -593,7 +593,7 @@ def atlas(tokens: Tokens, args) -> dict:
         forward = rotation_matrix(np.array(pose["rotation_deg"])) @ np.diag(pose["scale"])
         ready_series = [preprocess_series(series, config.preprocess) for series in load_entry_study(entry).series]
         world = {"template": points @ forward.T + np.array(pose["translation_mm"]), "ras": points,
-                 "centred": points - (BOX_LO + BOX_HI) / 2 + _head_centre(ready_series)}
+                 "head": points - (BOX_LO + BOX_HI) / 2 + _head_centre(ready_series)}
         sequences = {s.name: s.sequence for s in entry.series}
         out = []
         for ready in ready_series:

@@ -42,7 +42,7 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     assert np.load(tmp_path / "template.npy").shape == tokens.ras.shape and lines[5]["frame"] == "template"
     assert {line["supervision"] for line in lines[6:8]} == {"masks", "labels"}
     assert all(0.0 <= line["lesion_positions"] <= 1.0 for line in lines[6:8] if line["lesion_positions"] is not None)
-    assert set(lines[8]) >= {"template", "ras"} and lines[8]["normals"] >= 1
+    assert set(lines[8]) >= {"template", "ras", "head"} and lines[8]["normals"] >= 1
     # another data set's training studies join the training split (here the same one again: twice as many)
     doubled = tmp_path / "doubled"
     assert token_signal.main([*common[:-1], str(doubled), "--extra-train", str(tiny_dataset.parent),
