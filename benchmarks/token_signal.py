@@ -144,6 +144,15 @@ def patch_intensities(args) -> Path:
     return path
 
 
+def head_pose(entry: StudyEntry) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic head's pose the engine records in the manifest's ``subject``: the linear part (rotation times
+    size) and the translation that take template millimetres to the subject's RAS."""
+    pose = entry.subject
+    if not {"rotation_deg", "scale", "translation_mm"} <= set(pose):
+        raise ValueError(f"{entry.study_id}: the manifest records no synthetic head pose in 'subject'")
+    return rotation_matrix(np.array(pose["rotation_deg"])) @ np.diag(pose["scale"]), np.array(pose["translation_mm"])
+
+
 def template_positions(args) -> Path:
     """Every gathered token's centre in the synthetic template's frame: its RAS centre through the inverse of the
     head's pose (rotation, size, position) that the synthetic engine records in the manifest's ``subject``; the
@@ -156,12 +165,9 @@ def template_positions(args) -> Path:
     entries = [entry for studies in cached_studies(args.data, args.cache, args.extra_train).values()
                for entry, _ in studies]
     for index, entry in enumerate(entries):
-        pose = entry.subject
-        if not {"rotation_deg", "scale", "translation_mm"} <= set(pose):
-            raise ValueError(f"{entry.study_id}: the manifest records no synthetic head pose in 'subject'")
-        forward = rotation_matrix(np.array(pose["rotation_deg"])) @ np.diag(pose["scale"])
+        forward, translation = head_pose(entry)
         rows = study == index
-        out[rows] = (ras[rows] - np.array(pose["translation_mm"])) @ np.linalg.inv(forward).T
+        out[rows] = (ras[rows] - translation) @ np.linalg.inv(forward).T
     np.save(path, out.astype(np.float32))
     return path
 
@@ -432,6 +438,11 @@ def _other_series(tokens: Tokens, scores: np.ndarray, radius_mm: float = 12.0) -
     return out
 
 
+def latent_grid_shape() -> np.ndarray:
+    """Latent positions along each canonical axis of a token (8, 8, 2 for the 32 x 32 x 4 patch)."""
+    return np.array(get_model_config("prima-lite").volume_tokenizer.patch_size) // np.array(LATENT_BLOCK)
+
+
 def latent_grids(args) -> list[list[dict]]:
     """Per study (gather's order), per series: its token latents laid out as a 2-channel image on the latent
     grid (canonical axes: in-plane, in-plane, through; cropped to the kept tokens), which positions hold a
@@ -440,8 +451,7 @@ def latent_grids(args) -> list[list[dict]]:
     if path.exists():
         return pickle.loads(path.read_bytes())
     config = get_model_config("prima-lite")
-    patch = np.array(config.volume_tokenizer.patch_size)
-    latent = patch // np.array(LATENT_BLOCK)
+    patch, latent = np.array(config.volume_tokenizer.patch_size), latent_grid_shape()
     studies = []
     for split_studies in cached_studies(args.data, args.cache, args.extra_train).values():
         for entry, cache in split_studies:
@@ -462,9 +472,7 @@ def latent_grids(args) -> list[list[dict]]:
                     start, stop = low * patch, (low + size) * patch
                     mask = np.pad(mask, [(0, max(0, b - n)) for b, n in zip(stop, mask.shape)])
                     mask = mask[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
-                    share = mask.reshape(image.shape[1], LATENT_BLOCK[0], image.shape[2], LATENT_BLOCK[1],
-                                         image.shape[3], LATENT_BLOCK[2]).mean(axis=(1, 3, 5))
-                    lesion = np.round(share * 255).astype(np.uint8)
+                    lesion = np.round(patch_coverage(mask, 2, LATENT_BLOCK) * 255).astype(np.uint8)
                 series.append({"image": image, "kept": kept, "lesion": lesion})
             studies.append(series)
     path.write_bytes(pickle.dumps(studies, protocol=pickle.HIGHEST_PROTOCOL))
@@ -496,7 +504,7 @@ def grid(tokens: Tokens, args) -> dict:
     rng = np.random.default_rng(args.seed)
     studies = latent_grids(args)
     n_train = tokens.n_train
-    latent = np.array(get_model_config("prima-lite").volume_tokenizer.patch_size) // np.array(LATENT_BLOCK)
+    latent = latent_grid_shape()
 
     def kept_positions(series: dict) -> np.ndarray:
         return series["kept"].repeat(latent[0], 0).repeat(latent[1], 1).repeat(latent[2], 2)
@@ -589,10 +597,9 @@ def atlas(tokens: Tokens, args) -> dict:
 
     def resampled(entry) -> list[tuple[tuple[str, str], dict[str, np.ndarray]]]:
         """Per series: (sequence, plane) and, per frame, its intensities on the grid (NaN outside the series)."""
-        pose = entry.subject
-        forward = rotation_matrix(np.array(pose["rotation_deg"])) @ np.diag(pose["scale"])
+        forward, translation = head_pose(entry)
         ready_series = [preprocess_series(series, config.preprocess) for series in load_entry_study(entry).series]
-        world = {"template": points @ forward.T + np.array(pose["translation_mm"]), "ras": points,
+        world = {"template": points @ forward.T + translation, "ras": points,
                  "head": points - (BOX_LO + BOX_HI) / 2 + _head_centre(ready_series)}
         sequences = {s.name: s.sequence for s in entry.series}
         out = []
