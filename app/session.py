@@ -24,7 +24,7 @@ from prima.explain import Explanation, SeriesContribution, explain, heatmap, ser
 from prima.export import SeriesGeometry, export_dicom
 from prima.io import load_study
 from prima.predict import Prediction, Progress, predict
-from prima.preprocess import preprocess_series
+from prima.preprocess import grid_anchor, preprocess_series
 from prima.release import Release
 
 from app.viewer import PLANES, ViewVolume, to_uint8, top_k_volume, view_png
@@ -103,7 +103,9 @@ def analyse(sources: str | Path | Sequence[str | Path], release: Release, descri
     prediction = predict(study, release, return_embedding=True,
                          progress=lambda fraction, stage: report(0.05 + 0.85 * fraction, stage))
     report(0.9, "preparing the viewer")
-    volumes = [to_uint8(preprocess_series(series, release.config.preprocess).array) for series in study.series]
+    head_centre = grid_anchor(study.series, release.config.preprocess)
+    volumes = [to_uint8(preprocess_series(series, release.config.preprocess, head_centre).array)
+               for series in study.series]
     report(0.95, "leaving out each series in turn")
     contribution = series_contribution(prediction.tokens, release)
     log.info("analysed a study: %d series, %d skipped, %.1f s", len(prediction.series), len(prediction.skipped),

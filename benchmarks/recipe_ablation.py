@@ -63,7 +63,8 @@ torch.manual_seed(a.seed); np.random.seed(a.seed)
 
 DATA, CACHE = a.data, a.cache
 a.out.mkdir(parents=True, exist_ok=True)
-config = get_model_config("prima-lite")
+cache = TokenCache(CACHE)
+config = get_model_config(cache.index["config"]["model"])  # prima-lite, or its head-grid variant
 seq = config.vision.sequence
 if a.depth: seq.depth = a.depth
 if a.heads: seq.heads = a.heads
@@ -72,7 +73,6 @@ if a.registers: seq.registers = a.registers
 if a.study_depth: config.vision.study.depth = a.study_depth
 space = config.label_space
 
-cache = TokenCache(CACHE)
 entries = {s: [e for e in read_manifest(DATA / "manifest.jsonl", [s]) if e.study_id in set(cache.study_ids)]
            for s in ("train", "val", "test")}
 if a.train_n:

@@ -12,7 +12,7 @@
         --steps 250 --batch 8
     python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT atlas [--normals 1000]
 
-DATA and CACHE as for ``benchmarks/recipe_ablation.py``; ``--extra-train DATA2 CACHE2`` (repeatable) adds another
+DATA and CACHE as for ``benchmarks/recipe_ablation.py`` (the preprocessing is the one the cache was built with); ``--extra-train DATA2 CACHE2`` (repeatable) adds another
 data set's training studies, for a data-scaling point on the same val and test studies. The first call gathers
 every cached token (latent, grid coordinates, RAS centre, plane) and its lesion overlap (the share of its patch
 inside any lesion mask) into ``OUT/tokens.npz``; later calls reuse it. Experiments (one JSON line each, appended
@@ -24,7 +24,9 @@ to ``OUT/results.jsonl``):
   top 8 token logits; reports train / val / test AUROC and how well its token scores find lesion tokens;
 - ``normative``: no labels but "normal": a token's distance to its 5 nearest tokens of normal training studies
   (whitened PCA of the latent, optionally its position: RAS, or with ``--frame template`` its centre in the
-  synthetic template's frame, the head pose recorded in the manifest undone), study score the mean of its top 8;
+  synthetic template's frame, the head pose recorded in the manifest undone, or with ``--frame grid`` its
+  patch-grid index, which on a cache of the ``head`` grid, ``--model prima-lite-head``, is the same place in every
+  study), study score the mean of its top 8;
 - ``probe``: a diagnostic ceiling that uses the masks: gradient boosting on lesion against clean tokens of the
   training studies, with the chosen features; ``--cross-series`` stacks the same place in the other series;
   ``intensity`` is the image before the VQ-VAE (each study preprocessed again, cached in ``OUT/intensity.npy``),
@@ -56,10 +58,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from prima.batch import prepared_studies  # noqa: E402
+from prima.config import PrimaConfig  # noqa: E402
 from prima.factory import get_model_config  # noqa: E402
 from prima.manifest import StudyEntry, load_entry_study, read_manifest  # noqa: E402
 from prima.patching import patch_extent  # noqa: E402
-from prima.preprocess import preprocess_series  # noqa: E402
+from prima.preprocess import find_head_centre, grid_anchor, preprocess_series  # noqa: E402
 from training.lesion_masks import LESION_TOKEN_LEVEL, lesion_mask_on_grid, token_lesion_overlap  # noqa: E402
 from training.metrics import auroc  # noqa: E402
 from training.synth.anatomy import BOX_HI, BOX_LO, rotation_matrix  # noqa: E402
@@ -89,13 +92,21 @@ def cached_studies(data: Path, cache_folder: Path, extra_train: list[tuple[Path,
     return studies
 
 
+def cache_model_config(cache_folder: Path, extra_train: list[tuple[Path, Path]] = ()) -> PrimaConfig:
+    """The model config whose preprocessing the token cache (and every ``extra_train`` cache) was built with."""
+    models = {TokenCache(folder).index["config"]["model"] for folder in [cache_folder, *(f for _, f in extra_train)]}
+    if len(models) != 1:
+        raise ValueError(f"the token caches were built with different model configs: {sorted(models)}")
+    return get_model_config(models.pop())
+
+
 def gather(data: Path, cache_folder: Path, out: Path, extra_train: list[tuple[Path, Path]] = ()) -> Path:
     """Every cached token of the data set with its lesion overlap, in study order (train, val, test); the
     training studies of ``extra_train`` (data set, token cache) pairs join the training split."""
     path = out / "tokens.npz"
     if path.exists():
         return path
-    config = get_model_config("prima-lite")
+    config = cache_model_config(cache_folder, extra_train)
     columns = {name: [] for name in ("latent", "ras", "grid", "plane", "study", "series", "overlap")}
     splits, first = {}, 0
     for split, studies in cached_studies(data, cache_folder, extra_train).items():
@@ -125,7 +136,7 @@ def patch_intensities(args) -> Path:
     path = args.out / "intensity.npy"
     if path.exists():
         return path
-    config = get_model_config("prima-lite")
+    config = cache_model_config(args.cache, args.extra_train)
     min_fraction = json.loads((args.cache / "index.json").read_text())["config"]["min_fraction"]
     parts = []
     for studies in cached_studies(args.data, args.cache, args.extra_train).values():
@@ -308,7 +319,7 @@ def patch_coverage(mask: np.ndarray, through_axis: int, patch_size: tuple[int, i
 
 def _lesion_patches(args, patch_size: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """Per split, per study: patches of any of its series more than a quarter inside a lesion, at ``patch_size``."""
-    config = get_model_config("prima-lite")
+    config = cache_model_config(args.cache)
     cache = TokenCache(args.cache)
     have = set(cache.study_ids)
     counts = {}
@@ -379,7 +390,7 @@ def normative(tokens: Tokens, args) -> dict:
     rng = np.random.default_rng(0)
     names = ["pca"] + ([args.frame] if args.position_weight > 0 else [])
     x = tokens.features(names, rng)
-    if args.position_weight > 0:  # millimetres in 20 mm units times the weight; planes never mix
+    if args.position_weight > 0:  # millimetres in 20 mm units (or patch indices) times the weight; planes never mix
         x[:, PCA_DIM:PCA_DIM + 3] *= 5.0 * args.position_weight
         x[:, PCA_DIM + 3:] *= 100.0
     normal = tokens.splits["train"]["first"] + np.flatnonzero(tokens.abnormal("train") == 0)
@@ -450,7 +461,7 @@ def latent_grids(args) -> list[list[dict]]:
     path = args.out / "grids.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
-    config = get_model_config("prima-lite")
+    config = cache_model_config(args.cache, args.extra_train)
     patch, latent = np.array(config.volume_tokenizer.patch_size), latent_grid_shape()
     studies = []
     for split_studies in cached_studies(args.data, args.cache, args.extra_train).values():
@@ -588,7 +599,7 @@ def atlas(tokens: Tokens, args) -> dict:
     and RAS centred on the head's foreground centroid ("head": what a real export allows without a
     registration); per frame, sequence and plane, each voxel's mean and s.d. A held-out series scores as the mean
     of its TOP largest smoothed |z|, a study as its largest series score. No masks, no labels but "normal"."""
-    config = get_model_config("prima-lite")
+    config = cache_model_config(args.cache, args.extra_train)
     axes = [np.arange(low, high, args.spacing) for low, high in zip(BOX_LO, BOX_HI)]
     points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     shape = tuple(len(a) for a in axes)
@@ -598,9 +609,11 @@ def atlas(tokens: Tokens, args) -> dict:
     def resampled(entry) -> list[tuple[tuple[str, str], dict[str, np.ndarray]]]:
         """Per series: (sequence, plane) and, per frame, its intensities on the grid (NaN outside the series)."""
         forward, translation = head_pose(entry)
-        ready_series = [preprocess_series(series, config.preprocess) for series in load_entry_study(entry).series]
+        study = load_entry_study(entry)
+        head_centre = grid_anchor(study.series, config.preprocess)
+        ready_series = [preprocess_series(series, config.preprocess, head_centre) for series in study.series]
         world = {"template": points @ forward.T + translation, "ras": points,
-                 "head": points - (BOX_LO + BOX_HI) / 2 + _head_centre(ready_series)}
+                 "head": points - (BOX_LO + BOX_HI) / 2 + find_head_centre(study.series)}
         sequences = {s.name: s.sequence for s in entry.series}
         out = []
         for ready in ready_series:
@@ -656,18 +669,6 @@ def atlas(tokens: Tokens, args) -> dict:
     return result
 
 
-def _head_centre(series: list) -> np.ndarray:
-    """RAS centre of the head as the image shows it, without the synthetic pose: the centroid of the foreground
-    (above a tenth of the 99th percentile) of the series that covers the most of it."""
-    best, centre = -1.0, np.zeros(3)
-    for ready in series:
-        foreground = np.argwhere(ready.array > 0.1 * np.percentile(ready.array, 99))
-        volume = len(foreground) * abs(np.linalg.det(ready.affine[:3, :3]))
-        if volume > best and len(foreground):
-            best, centre = volume, foreground.mean(0) @ ready.affine[:3, :3].T + ready.affine[:3, 3]
-    return centre
-
-
 def _crop(array: torch.Tensor, corner: list[int], size: tuple[int, int, int]) -> torch.Tensor:
     """The last three axes of ``array`` cut to ``size`` from ``corner``, zero-padded where the array ends."""
     cut = array[(..., *(slice(c, c + e) for c, e in zip(corner, size)))]
@@ -698,8 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     reference = commands.add_parser("normative", help="distance to normal training studies' tokens")
     reference.add_argument("--position-weight", type=float, default=0.0)
     reference.add_argument("--pool", type=int, default=200_000, help="reference tokens drawn")
-    reference.add_argument("--frame", choices=("position", "template"), default="position",
-                           help="where a token is: its RAS centre, or that centre in the synthetic template's frame")
+    reference.add_argument("--frame", choices=("position", "template", "grid"), default="position",
+                           help="where a token is: its RAS centre, that centre in the synthetic template's frame, or "
+                                "its patch-grid index (the same place in every study on a head-grid cache)")
     diagnostic = commands.add_parser("probe", help="mask-supervised token classifier (a ceiling, not a recipe)")
     diagnostic.add_argument("--features", default="pca", help=f"comma-separated, of {FEATURES}")
     diagnostic.add_argument("--clean", type=int, default=150_000, help="clean training tokens drawn")

@@ -43,6 +43,7 @@ from prima.config import PrimaConfig
 from prima.distributed import DistributedContext, distributed
 from prima.errors import ManifestError, ReleaseError
 from prima.manifest import StudyEntry, load_entry_study, read_manifest
+from prima.preprocess import grid_anchor
 from prima.precision import autocast_dtype
 from prima.predict import Prediction, get_release, predict_tokens, ready_release, series_vectors, study_embedding
 from prima.release import Release
@@ -82,7 +83,8 @@ class PreparedStudies(Dataset):
         try:
             study = load_entry_study(entry)
             loaded = time.perf_counter()
-            series = [filter_patches(series_patches(s, self.config), self.config, self.min_fraction)
+            head_centre = grid_anchor(study.series, self.config.preprocess)
+            series = [filter_patches(series_patches(s, self.config, head_centre), self.config, self.min_fraction)
                       for s in study.series]
         # Any reader's error (a truncated file, odd geometry) is one study's problem: it must not end a run
         # over thousands of studies, so it is caught whatever its type, and the type is reported.

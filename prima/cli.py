@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prima.config import GRIDS
 from prima.errors import PrimaError, ReleaseError
 
 if TYPE_CHECKING:  # the model modules load torch, which `prima inspect` and `--help` do without
@@ -47,17 +48,19 @@ def _study_source(paths: Sequence[str]) -> str | Sequence[str]:
 
 def _inspect(args: argparse.Namespace) -> int:
     from prima.io import load_study
-    from prima.preprocess import PreprocessConfig, preprocess_series
+    from prima.preprocess import PreprocessConfig, grid_anchor, preprocess_series
 
     study = load_study(_study_source(args.study))
-    config = PreprocessConfig(in_plane_size=args.in_plane_size, min_slice_spacing_mm=args.min_slice_spacing)
+    config = PreprocessConfig(in_plane_size=args.in_plane_size, min_slice_spacing_mm=args.min_slice_spacing,
+                              grid=args.grid)
+    head_centre = grid_anchor(study.series, config) if args.preprocessed else None
     rows = []
     for series in study.series:
         row = {"name": series.name, "plane": series.plane, "shape": list(series.shape),
                "spacing_mm": [round(v, 4) for v in series.spacing], "orientation": series.source_orientation,
                "source": series.source}
         if args.preprocessed:
-            processed = preprocess_series(series, config)
+            processed = preprocess_series(series, config, head_centre)
             row["preprocessed_shape"] = list(processed.shape)
             row["preprocessed_spacing_mm"] = [round(v, 4) for v in processed.spacing]
         rows.append(row)
@@ -394,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--in-plane-size", type=int, default=256, help="in-plane size for --preprocessed")
     inspect.add_argument("--min-slice-spacing", type=float, default=4.0,
                          help="minimum through-plane spacing (mm) for --preprocessed")
+    inspect.add_argument("--grid", choices=GRIDS, default="field_of_view",
+                         help="for --preprocessed: each series' own field of view (paper), or a box on the head")
     inspect.set_defaults(handler=_inspect)
 
     predict = commands.add_parser("predict", help="diagnoses, priority and referrals of one study")

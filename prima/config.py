@@ -15,6 +15,7 @@ PLANES = ("axial", "coronal", "sagittal")  # acquisition planes, in one-hot orde
 LATENT_DIM = 256  # a quantised 8x8x2 latent with 2 channels
 POSITION_DIM_PER_AXIS = 10  # 5 sines + 5 cosines per patch-grid axis
 TOKEN_DIM = LATENT_DIM + 3 * POSITION_DIM_PER_AXIS + len(PLANES)  # 289
+GRIDS = ("field_of_view", "head")  # the preprocessed grids a series can be resampled onto (PreprocessConfig.grid)
 
 
 @dataclass
@@ -29,6 +30,11 @@ class PreprocessConfig:
     intensity_low_percentile: float = 0.5  # foreground percentile mapped to 0, below clipped (dark outliers)
     intensity_high_percentile: float = 99.5  # foreground percentile mapped to 1, above clipped (bright spikes)
     foreground_only: bool = True  # percentiles over voxels above the volume minimum, so air does not dominate
+    grid: str = "field_of_view"  # "field_of_view": each series resampled over its own field of view (paper);
+    #                              "head": a fixed box centred on the study's head, so that a patch index is the
+    #                              same place in every series and study (docs/design.md §2)
+    head_box_mm: tuple[float, float, float] = (240.0, 240.0, 192.0)  # "head" grid: extent in-plane, in-plane,
+    #                              through-plane; in_plane_size voxels in-plane, min_slice_spacing_mm through it
 
     def __post_init__(self) -> None:
         if self.in_plane_size < 1:
@@ -38,6 +44,10 @@ class PreprocessConfig:
         if not 0 <= self.intensity_low_percentile < self.intensity_high_percentile <= 100:
             raise ValueError("percentiles must satisfy 0 <= intensity_low_percentile < intensity_high_percentile "
                              f"<= 100, got {self.intensity_low_percentile}, {self.intensity_high_percentile}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if len(self.head_box_mm) != 3 or not all(extent > 0 for extent in self.head_box_mm):
+            raise ValueError(f"head_box_mm must be three positive extents, got {self.head_box_mm}")
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """Per-series preprocessing (docs/design.md §2): reorient to LPS, resample, normalise intensities.
 
-Pure functions on arrays and affines; ``preprocess_series`` chains them on a ``prima.io.Series``.
+Pure functions on arrays and affines; ``preprocess_series`` chains them on a ``prima.io.Series``. A series is
+resampled over its own field of view (the paper), or, with ``PreprocessConfig.grid == "head"``, onto a fixed box
+centred on its study's head (``grid_anchor``), so that a voxel index is the same place in every study.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 from nibabel import orientations
@@ -121,6 +124,85 @@ def resample_series(array: np.ndarray, affine: np.ndarray, through_axis: int, in
     return np.ascontiguousarray(array, dtype=np.float32), affine
 
 
+def find_head_centre(series: Sequence[Series]) -> np.ndarray:
+    """RAS mm centre of the head as the images show it, without a registration: the centroid of the foreground
+    (voxels above a tenth of the 99th percentile) of the series whose foreground is the largest in volume, so a
+    slab that covers part of the head does not decide it.
+
+    Raises:
+        ValueError: no series has a foreground.
+    """
+    best_volume, centre = 0.0, None
+    for one in series:
+        values = np.asarray(one.array, dtype=np.float32)
+        finite = values[np.isfinite(values)]
+        if not finite.size:
+            continue
+        foreground = values > 0.1 * np.percentile(finite[:: max(1, finite.size // 1_000_000)], 99)
+        volume = float(foreground.sum()) * abs(np.linalg.det(one.affine[:3, :3]))
+        if volume > best_volume:
+            voxel = np.asarray(ndimage.center_of_mass(foreground))
+            best_volume, centre = volume, one.affine[:3, :3] @ voxel + one.affine[:3, 3]
+    if centre is None:
+        raise ValueError("no series has a foreground to centre the head grid on")
+    return centre
+
+
+def grid_anchor(series: Sequence[Series], config: PreprocessConfig) -> np.ndarray | None:
+    """What ``preprocess_series`` needs besides a series: the study's head centre on the "head" grid (from all of
+    its series), None on the paper's per-series field of view."""
+    return find_head_centre(series) if config.grid == "head" else None
+
+
+def head_grid(affine: np.ndarray, through_axis: int, head_centre: np.ndarray, config: PreprocessConfig
+              ) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of the "head" grid of an L,P,S-ordered series: its own axes, the config's box and spacing
+    (``in_plane_size`` voxels over each in-plane extent, ``min_slice_spacing_mm`` through the plane), and the
+    box's centre on ``head_centre``.
+
+    Args:
+        affine: (4, 4) voxel -> RAS mm of the reoriented series (its axes' directions are kept).
+        through_axis: the array axis across the acquisition plane.
+        head_centre: (3,) RAS mm (``find_head_centre``).
+        config: the preprocessing config.
+    """
+    directions = np.asarray(affine, dtype=np.float64)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0)
+    in_plane = iter(config.head_box_mm[:2])
+    shape, spacing = [], []
+    for axis in range(3):
+        if axis == through_axis:
+            shape.append(max(1, int(round(config.head_box_mm[2] / config.min_slice_spacing_mm))))
+            spacing.append(config.min_slice_spacing_mm)
+        else:
+            shape.append(config.in_plane_size)
+            spacing.append(next(in_plane) / config.in_plane_size)
+    linear = directions * np.asarray(spacing)
+    target = np.eye(4)
+    target[:3, :3] = linear
+    target[:3, 3] = np.asarray(head_centre, dtype=np.float64) - linear @ ((np.asarray(shape) - 1) / 2)
+    return tuple(shape), target
+
+
+def resample_onto(array: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int], target_affine: np.ndarray
+                  ) -> np.ndarray:
+    """``array`` (voxel -> RAS ``affine``) sampled linearly at the voxel centres of another grid, float32; outside
+    its field of view the array's minimum (background). Axes that the target samples more coarsely are smoothed
+    first (Gaussian, sigma half the decimation factor, as ``resample_series`` does)."""
+    array = np.asarray(array, dtype=np.float32)
+    mapping = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(target_affine, dtype=np.float64)
+    matrix, offset = mapping[:3, :3], mapping[:3, 3]
+    for axis, factor in enumerate(np.abs(matrix).max(axis=1)):
+        if factor > 1.0:
+            array = ndimage.gaussian_filter1d(array, sigma=0.5 * factor, axis=axis, mode="nearest")
+    finite = array[np.isfinite(array)]
+    background = float(finite.min()) if finite.size else 0.0
+    if np.allclose(matrix, np.diag(np.diag(matrix)), atol=1e-9):
+        matrix = np.diag(matrix)  # an axis-aligned mapping: scipy's faster path
+    return ndimage.affine_transform(array, matrix, offset, output_shape=tuple(shape), order=1, mode="constant",
+                                    cval=background, prefilter=False).astype(np.float32, copy=False)
+
+
 def normalize_intensity(array: np.ndarray, lower_percentile: float = 0.5, upper_percentile: float = 99.5,
                         foreground_only: bool = True) -> np.ndarray:
     """Map intensities to [0, 1] by percentile scaling, clipping outliers.
@@ -165,26 +247,39 @@ def normalize_intensity(array: np.ndarray, lower_percentile: float = 0.5, upper_
     return out
 
 
-def preprocess_series(series: Series, config: PreprocessConfig | None = None) -> Series:
+def preprocess_series(series: Series, config: PreprocessConfig | None = None,
+                      head_centre: np.ndarray | None = None) -> Series:
     """A reoriented, resampled and normalised copy of ``series`` (plane and through_axis unchanged).
 
     Args:
         series: a loaded series (``prima.io.load_study``); any orientation is accepted.
         config: the model config's preprocessing section. Default: ``PreprocessConfig()``.
+        head_centre: (3,) RAS mm, the study's ``grid_anchor``; required on the "head" grid, unused otherwise.
 
     ``meta["preprocessing"]`` records the config and the shape/spacing before resampling.
+
+    Raises:
+        ValueError: the "head" grid without a ``head_centre``.
     """
     config = config if config is not None else PreprocessConfig()
     transform = orientations.ornt_transform(orientations.io_orientation(series.affine),
                                             orientations.axcodes2ornt(TARGET_AXCODES))
     through_axis = int(transform[series.through_axis, 0])  # unchanged for series from load_study
     array, affine = reorient_to_lps(series.array, series.affine)
-    array, affine = resample_series(array, affine, through_axis, config.in_plane_size,
-                                    config.min_slice_spacing_mm)
+    if config.grid == "head":
+        if head_centre is None:
+            raise ValueError("the head grid needs the study's head centre (prima.preprocess.grid_anchor)")
+        shape, target = head_grid(affine, through_axis, head_centre, config)
+        array, affine = resample_onto(array, affine, shape, target), target
+    else:
+        array, affine = resample_series(array, affine, through_axis, config.in_plane_size,
+                                        config.min_slice_spacing_mm)
     array = normalize_intensity(array, config.intensity_low_percentile, config.intensity_high_percentile,
                                 config.foreground_only)
     meta = {**series.meta, "preprocessing": {**dataclasses.asdict(config),
                                              "original_shape": list(series.shape),
-                                             "original_spacing_mm": list(series.spacing)}}
+                                             "original_spacing_mm": list(series.spacing),
+                                             **({"head_centre_mm": [float(v) for v in head_centre]}
+                                                if config.grid == "head" else {})}}
     return dataclasses.replace(series, array=array, affine=affine, through_axis=through_axis,
                                plane=PLANE_OF_THROUGH_AXIS[through_axis], meta=meta)

@@ -27,7 +27,7 @@ from prima.models.features import token_features
 from prima.models.vqvae import VQVAE
 from prima.patching import foreground_fractions, patch_grid_shape, patchify, select_tokens
 from prima.precision import autocast, autocast_dtype
-from prima.preprocess import preprocess_series
+from prima.preprocess import grid_anchor, preprocess_series
 
 ENCODE_BATCH_SIZE = 256  # patches per VQ-VAE call: bounds memory, large enough to keep the matmuls busy
 
@@ -112,14 +112,15 @@ class StudyTokens:
     series: list[SeriesTokens]
 
 
-def series_patches(series: Series, config: PrimaConfig) -> SeriesPatches:
+def series_patches(series: Series, config: PrimaConfig, head_centre: np.ndarray | None = None) -> SeriesPatches:
     """Preprocess ``series`` with the config's preprocessing and cut it into patches.
 
     Args:
         series: a loaded series (``prima.io.load_study``), any orientation and resolution.
         config: the model config; its ``preprocess`` and ``volume_tokenizer.patch_size`` are used.
+        head_centre: the study's ``prima.preprocess.grid_anchor`` (needed on the "head" grid).
     """
-    ready = preprocess_series(series, config.preprocess)
+    ready = preprocess_series(series, config.preprocess, head_centre)
     patch_size = config.volume_tokenizer.patch_size
     patches, coords = patchify(ready.array, ready.through_axis, patch_size)
     fractions = foreground_fractions(ready.array, ready.through_axis, patch_size)
@@ -183,7 +184,7 @@ def check_volume_tokenizer(volume_tokenizer: VQVAE, config: PrimaConfig) -> None
 
 def tokenize_series(series: Series, volume_tokenizer: VQVAE, config: PrimaConfig, *,
                     min_fraction: float | None = None, batch_size: int = ENCODE_BATCH_SIZE,
-                    precision: str = "auto") -> SeriesTokens:
+                    precision: str = "auto", head_centre: np.ndarray | None = None) -> SeriesTokens:
     """The kept tokens of one loaded series: ``series_patches`` -> ``filter_patches`` -> ``encode_filtered``.
 
     Args:
@@ -194,12 +195,13 @@ def tokenize_series(series: Series, volume_tokenizer: VQVAE, config: PrimaConfig
             lower threshold so that training can re-filter higher (``SeriesTokens.refilter``).
         batch_size: patches per VQ-VAE call.
         precision: the encoder's compute precision (``encode_patches``).
+        head_centre: the study's ``prima.preprocess.grid_anchor`` (needed on the "head" grid).
 
     Only the kept patches are encoded.
     """
     check_volume_tokenizer(volume_tokenizer, config)
-    return encode_filtered(filter_patches(series_patches(series, config), config, min_fraction), volume_tokenizer,
-                           batch_size, precision)
+    return encode_filtered(filter_patches(series_patches(series, config, head_centre), config, min_fraction),
+                           volume_tokenizer, batch_size, precision)
 
 
 def tokenize_study(study: Study, release, *, min_fraction: float | None = None,
@@ -221,9 +223,10 @@ def tokenize_study(study: Study, release, *, min_fraction: float | None = None,
     if not study.series:
         raise ValueError(f"study {study.source!r} has no usable series")
     tokens = []
+    head_centre = grid_anchor(study.series, release.config.preprocess)
     for index, series in enumerate(study.series):
         if on_series is not None:
             on_series(index, series.name)
         tokens.append(tokenize_series(series, release.volume_tokenizer, release.config, min_fraction=min_fraction,
-                                      batch_size=batch_size, precision=precision))
+                                      batch_size=batch_size, precision=precision, head_centre=head_centre))
     return StudyTokens(study.description, tokens)

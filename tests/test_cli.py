@@ -40,6 +40,10 @@ def test_inspect_json_parses_and_lists_skipped_broken_series(tmp_path, capsys, t
     skipped = {s["name"]: s["reason"] for s in report["skipped"]}
     assert "different orientations" in skipped["BROKEN T2"]
     assert report["study"]["description"] == "MRI BRAIN WO CONTRAST"
+    assert main(["inspect", str(study), "--json", "--preprocessed", "--grid", "head"]) == 0
+    on_head = json.loads(capsys.readouterr().out)["series"]
+    assert all(sorted(s["preprocessed_shape"]) == [48, 256, 256] for s in on_head)
+    assert all(sorted(s["preprocessed_spacing_mm"]) == [0.9375, 0.9375, 4.0] for s in on_head)
 
 
 def test_inspect_without_usable_series_fails_with_one_line(capsys):

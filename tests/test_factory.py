@@ -15,7 +15,7 @@ def _count(module) -> int:
 
 
 def test_shipped_models():
-    assert list_models() == ["prima-lite", "prima-paper"]
+    assert list_models() == ["prima-lite", "prima-lite-head", "prima-paper"]
 
 
 def test_paper_visual_encoder_matches_the_paper_within_one_percent():
@@ -54,7 +54,7 @@ def test_config_json_round_trip():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="prima-lite, prima-paper"):
+    with pytest.raises(ConfigError, match="prima-lite, prima-lite-head, prima-paper"):
         create_model("prima-huge")
 
 
@@ -69,3 +69,11 @@ def test_inconsistent_configs_raise_config_error():
     doc["diagnosis_thresholds"] = [0.0, 1.0]
     with pytest.raises(ConfigError, match="diagnosis_thresholds"):
         PrimaConfig.from_dict(doc)
+
+
+def test_lite_head_is_lite_on_the_head_grid():
+    lite, head = (get_model_config(name).to_dict() for name in ("prima-lite", "prima-lite-head"))
+    assert head["preprocess"]["grid"] == "head" and lite["preprocess"]["grid"] == "field_of_view"
+    for doc in (lite, head):
+        del doc["name"], doc["preprocess"]["grid"]
+    assert lite == head

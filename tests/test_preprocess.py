@@ -16,10 +16,14 @@ from prima.io import Series, load_study
 from prima.preprocess import (
     PreprocessConfig,
     detect_plane,
+    find_head_centre,
+    grid_anchor,
+    head_grid,
     linear_resize_axis,
     normalize_intensity,
     preprocess_series,
     reorient_to_lps,
+    resample_onto,
     resample_series,
 )
 
@@ -137,6 +141,10 @@ def test_config_validation():
         PreprocessConfig(min_slice_spacing_mm=-1)
     with pytest.raises(ValueError):
         PreprocessConfig(intensity_low_percentile=50, intensity_high_percentile=50)
+    with pytest.raises(ValueError, match="grid must be one of"):
+        PreprocessConfig(grid="brain")
+    with pytest.raises(ValueError, match="head_box_mm"):
+        PreprocessConfig(head_box_mm=(240.0, 0.0, 192.0))
 
 
 def test_preprocess_three_plane_study(three_plane_study):
@@ -169,3 +177,75 @@ def test_preprocess_series_not_in_lps_is_reoriented_with_its_axis():
     sagittal = dataclasses.replace(series, array=array.transpose(2, 0, 1).copy(),
                                    affine=np.diag([5.0, 1.0, 1.0, 1.0]), plane="sagittal", through_axis=0)
     assert preprocess_series(sagittal, PreprocessConfig(in_plane_size=16)).shape == (8, 16, 16)
+
+
+def _phantom_series(name: str, centre_mm, spacing, shape, through_axis: int, plane: str, offset_mm=(0.0, 0.0, 0.0)
+                    ) -> Series:
+    """A head-like phantom in an L,P,S series: an ellipsoid (radii 70, 85, 60 mm) centred on ``centre_mm`` with a
+    bright ball (radius 20 mm) 30 mm left, 20 mm anterior and 15 mm up of that centre; the grid's centre moved by ``offset_mm``."""
+    affine = _lps_affine(spacing, origin=(0.0, 0.0, 0.0))
+    affine[:3, 3] = np.asarray(centre_mm) + np.asarray(offset_mm) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = index @ affine[:3, :3].T + affine[:3, 3] - np.asarray(centre_mm)
+    head = ((world / [70.0, 85.0, 60.0]) ** 2).sum(-1) < 1
+    ball = np.linalg.norm(world - [-30.0, 20.0, 15.0], axis=-1) < 20
+    array = (100.0 * head + 200.0 * ball).astype(np.float32)
+    return Series(name=name, array=array, affine=affine, plane=plane, through_axis=through_axis,
+                  source_orientation="LPS", source="memory", meta={})
+
+
+def test_find_head_centre_is_the_foreground_centroid_of_the_largest_series():
+    centre = np.array([4.0, -18.0, 11.0])
+    whole = _phantom_series("whole", centre, (1.0, 1.0, 5.0), (220, 220, 36), 2, "axial")
+    slab = _phantom_series("slab", centre, (0.8, 3.0, 0.8), (250, 12, 250), 1, "coronal", offset_mm=(0, 30, 0))
+    found = find_head_centre([slab, whole])
+    # the bright ball pulls the centroid a little toward it; the slab, off centre, does not decide it
+    assert np.linalg.norm(found - centre) < 3.0
+    assert np.linalg.norm(find_head_centre([slab]) - centre) > 10.0
+    with pytest.raises(ValueError, match="no series has a foreground"):
+        find_head_centre([dataclasses.replace(whole, array=np.zeros_like(whole.array))])
+    assert grid_anchor([whole], PreprocessConfig()) is None
+    assert np.array_equal(grid_anchor([slab, whole], PreprocessConfig(grid="head")), found)
+
+
+def test_head_grid_is_the_config_box_centred_on_the_head():
+    config = PreprocessConfig(in_plane_size=64, min_slice_spacing_mm=4.0, grid="head", head_box_mm=(256, 192, 160))
+    centre = np.array([5.0, -7.0, 9.0])
+    shape, affine = head_grid(_lps_affine((0.9, 0.9, 6.0)), 2, centre, config)
+    assert shape == (64, 64, 40)
+    assert np.allclose(np.abs(np.diag(affine)[:3]), [4.0, 3.0, 4.0])
+    assert np.allclose(affine[:3, :3] @ ((np.array(shape) - 1) / 2) + affine[:3, 3], centre)
+    assert nib.aff2axcodes(affine) == ("L", "P", "S")
+    sagittal, _ = head_grid(_lps_affine((5.0, 1.0, 1.0)), 0, centre, config)
+    assert sagittal == (40, 64, 64)
+
+
+def test_resample_onto_its_own_grid_is_the_identity_and_outside_is_background():
+    array = np.random.default_rng(2).random((12, 10, 6)).astype(np.float32) + 1.0
+    affine = _lps_affine((2.0, 2.0, 4.0))
+    assert np.allclose(resample_onto(array, affine, array.shape, affine), array, atol=1e-5)
+    shifted = affine.copy()
+    shifted[:3, 3] += affine[:3, :3] @ [100.0, 0.0, 0.0]  # a grid beside the array's field of view
+    assert np.all(resample_onto(array, affine, array.shape, shifted) == array.min())
+
+
+def test_the_head_grid_puts_the_same_anatomy_at_the_same_voxel():
+    """Two studies of one phantom head, placed 9 / -13 / 6 mm apart, scanned with other fields of view,
+    spacings and grid offsets: on the head grid their voxels hold the same anatomy; over each series' own
+    field of view (the paper's grid) they do not."""
+    config = PreprocessConfig(in_plane_size=128, min_slice_spacing_mm=4.0, grid="head", head_box_mm=(240, 240, 192))
+    first = _phantom_series("a", (0.0, 0.0, 0.0), (0.9, 0.9, 5.0), (256, 256, 34), 2, "axial")
+    second = _phantom_series("b", (9.0, -13.0, 6.0), (1.2, 1.2, 3.0), (200, 190, 60), 2, "axial",
+                             offset_mm=(14.0, -8.0, 10.0))
+    on_head = [preprocess_series(s, config, grid_anchor([s], config)).array for s in (first, second)]
+    assert on_head[0].shape == on_head[1].shape == (128, 128, 48)
+    head_voxels = (on_head[0] > 0.2) | (on_head[1] > 0.2)
+    assert np.abs(on_head[0] - on_head[1])[head_voxels].mean() < 0.02
+    paper = PreprocessConfig(in_plane_size=128, min_slice_spacing_mm=4.0)
+    own = [preprocess_series(s, paper).array for s in (first, second)]
+    common = tuple(min(a, b) for a, b in zip(*(o.shape for o in own)))
+    crop = [o[:common[0], :common[1], :common[2]] for o in own]
+    assert np.abs(crop[0] - crop[1])[(crop[0] > 0.2) | (crop[1] > 0.2)].mean() > 0.1
+    with pytest.raises(ValueError, match="needs the study's head centre"):
+        preprocess_series(first, config)
+    assert preprocess_series(first, config, np.zeros(3)).meta["preprocessing"]["head_centre_mm"] == [0.0, 0.0, 0.0]

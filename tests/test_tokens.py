@@ -14,7 +14,7 @@ from prima.io import Series, load_study
 from prima.models.features import token_features
 from prima.models.text import train_report_tokenizer
 from prima.patching import foreground_fractions, patchify, select_tokens
-from prima.preprocess import preprocess_series
+from prima.preprocess import grid_anchor, preprocess_series
 from prima.release import load_release, save_release
 from prima.tokens import series_patches, tokenize_series, tokenize_study
 
@@ -102,3 +102,21 @@ def test_tokenize_study_uses_the_release(three_plane_study, volume_tokenizer, co
     assert tokens.description == study.description
     first = tokenize_series(study.series[0], volume_tokenizer, config)
     assert torch.equal(tokens.series[0].features, first.features)
+
+
+def test_tokenize_study_on_the_head_grid_anchors_every_series_on_the_study(three_plane_study, volume_tokenizer,
+                                                                           config, tmp_path):
+    head = dataclasses.replace(config, name="prima-lite-head",
+                               preprocess=dataclasses.replace(config.preprocess, grid="head"))
+    study = load_study(three_plane_study.folder)
+    save_release(tmp_path / "head", create_model(head), report_tokenizer=train_report_tokenizer(["Normal."] * 4, 280),
+                 volume_tokenizer=volume_tokenizer)
+    tokens = tokenize_study(study, load_release(tmp_path / "head"))
+    # in-plane 256 voxels of 0.9375 mm, 48 slices of 4 mm: 8 x 8 x 12 patches in every plane
+    assert all(sorted(s.grid_shape) == [8, 8, 12] for s in tokens.series)
+    centre = grid_anchor(study.series, head.preprocess)
+    for series, tokenized in zip(study.series, tokens.series):
+        assert np.allclose(tokenized.affine[:3, :3] @ ((np.array(tokenized.shape) - 1) / 2) + tokenized.affine[:3, 3],
+                           centre)
+    with pytest.raises(ValueError, match="head centre"):
+        series_patches(study.series[0], head)

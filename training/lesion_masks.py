@@ -13,7 +13,7 @@ import numpy as np
 
 from prima.config import PreprocessConfig
 from prima.manifest import StudyEntry
-from prima.preprocess import reorient_to_lps, resample_series
+from prima.preprocess import reorient_to_lps, resample_onto, resample_series
 from training.metrics import token_overlap
 
 MASK_LEVEL = 0.25  # a resampled lesion-mask voxel counts as lesion above this partial-volume fraction
@@ -34,8 +34,11 @@ def lesion_mask_on_grid(entry: StudyEntry, series_name: str, key: str | None, gr
     else:
         channel = data.max(axis=-1) if key is None else data[..., masks[series_name].keys.index(key)]
     array, affine = reorient_to_lps(channel, image.affine)
-    array, _ = resample_series(array, affine, grid.through_axis, preprocess.in_plane_size,
-                               preprocess.min_slice_spacing_mm)
+    if preprocess.grid == "head":
+        array = resample_onto(array, affine, tuple(grid.shape), grid.affine)
+    else:
+        array, _ = resample_series(array, affine, grid.through_axis, preprocess.in_plane_size,
+                                   preprocess.min_slice_spacing_mm)
     if array.shape != tuple(grid.shape):
         raise ValueError(f"{entry.study_id}/{series_name}: mask grid {array.shape} != series grid {grid.shape}")
     mask = array > MASK_LEVEL

@@ -29,7 +29,8 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
             ["normative", "--frame", "template", "--position-weight", "1", "--pool", "500"],
             ["grid", "--steps", "2", "--batch", "2", "--crop", "8", "8", "4", "--width", "4"],
             ["grid", "--supervision", "labels", "--steps", "1", "--batch", "2", "--width", "4"],
-            ["atlas", "--normals", "3", "--spacing", "12", "--min-count", "1"]]
+            ["atlas", "--normals", "3", "--spacing", "12", "--min-count", "1"],
+            ["normative", "--frame", "grid", "--position-weight", "1", "--pool", "500"]]
     for run in runs:
         assert token_signal.main(common + run) == 0
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -43,6 +44,7 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     assert {line["supervision"] for line in lines[6:8]} == {"masks", "labels"}
     assert all(0.0 <= line["lesion_positions"] <= 1.0 for line in lines[6:8] if line["lesion_positions"] is not None)
     assert set(lines[8]) >= {"template", "ras", "head"} and lines[8]["normals"] >= 1
+    assert lines[9]["frame"] == "grid"
     # another data set's training studies join the training split (here the same one again: twice as many)
     doubled = tmp_path / "doubled"
     assert token_signal.main([*common[:-1], str(doubled), "--extra-train", str(tiny_dataset.parent),
@@ -50,3 +52,21 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     again = json.loads((doubled / "results.jsonl").read_text())
     assert again["train"]["abnormal"] == 2 * lines[0]["train"]["abnormal"]
     assert again["test"] == lines[0]["test"]
+
+
+def test_a_head_grid_cache_is_read_with_its_own_preprocessing(tiny_dataset, tmp_path):
+    """A cache built on the head grid (prima-lite-head): the lesion overlaps come from that grid (a mask resampled
+    with the paper's preprocessing would not fit it and raise), and every token index lies in the box."""
+    from training.token_cache import TokenCacheConfig, build_token_cache
+
+    cache = build_token_cache(TokenCacheConfig(
+        manifest=str(tiny_dataset), out=str(tmp_path / "cache"), model="prima-lite-head", min_fraction=0.02,
+        volume_tokenizer=str(BENCHMARK.parents[1] / "assets" / "volume-tokenizer-lite" / "volume_tokenizer.safetensors"),
+        device="cpu", precision="fp32"), progress=False)
+    token_signal = _load()
+    out = tmp_path / "signal"
+    assert token_signal.main(["--data", str(tiny_dataset.parent), "--cache", str(cache), "--out", str(out),
+                              "normative", "--frame", "grid", "--position-weight", "3", "--pool", "500"]) == 0
+    tokens = token_signal.Tokens(out)
+    assert tokens.lesion.any()
+    assert np.all(np.sort(tokens.grid.max(0)) < 12) and sorted(np.unique(tokens.plane)) == [0, 1, 2]

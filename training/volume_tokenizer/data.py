@@ -20,6 +20,7 @@ from tqdm import tqdm
 from prima.config import PrimaConfig
 from prima.manifest import StudyEntry, load_entry_study, manifest_digest, read_manifest
 from prima.patching import patchify, select_tokens
+from prima.preprocess import grid_anchor
 from prima.tokens import series_patches
 from training.lesion_masks import lesion_mask_on_grid
 from training.runtime import cache_key
@@ -120,8 +121,9 @@ def extract_patch_set(
         loaded = load_entry_study(study)
         for skipped in loaded.skipped:
             warnings.warn(f"{study.study_id}: series {skipped.name!r} skipped: {skipped.reason}", stacklevel=2)
+        head_centre = grid_anchor(loaded.series, config.preprocess)
         for series in loaded.series:
-            patches = series_patches(series, config)
+            patches = series_patches(series, config, head_centre)
             if fraction_range is None:
                 kept = select_tokens(patches.fractions, filter_config.min_foreground_fraction, filter_config.min_tokens)
             else:
