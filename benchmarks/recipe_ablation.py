@@ -15,7 +15,7 @@ Vol-JEPA). Scored on 100 training studies (is it fitting?), val and test: normal
 diagnosis logit, mean diagnosis and referral AUROC, priority Spearman, and linear probes on the frozen study
 embedding fitted on the training split. One JSON line per run is appended to RUNS/results.jsonl.
 """
-import argparse, json, time
+import argparse, dataclasses, json, time
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from prima.factory import get_model_config
@@ -57,6 +57,9 @@ p.add_argument("--dropout", type=float, default=0.1)
 p.add_argument("--mtp-steps", type=int, default=0)
 p.add_argument("--no-pos-weight", action="store_true")
 p.add_argument("--mtp-ratio", type=float, default=0.4)
+p.add_argument("--place-normal", action="store_true",
+               help="tokens enter as their latent's z against the normal training studies' tokens at the same place "
+                    "(sequence, plane, patch index); a place is the same anatomy only on a head-grid cache")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed); np.random.seed(a.seed)
@@ -80,6 +83,45 @@ if a.train_n:
     entries["train"] = [entries["train"][i] for i in sorted(rng.choice(len(entries["train"]), a.train_n, replace=False))]
 tokens = {s: [cache.study_tokens(e.study_id, e.study_description) for e in es] for s, es in entries.items()}
 targets = {s: label_targets(es, space) for s, es in entries.items()}
+
+
+def place_normalise(entries, tokens, targets, min_count=20, clip=8.0):
+    """Every token's latent as its z against the normal model of its place, fitted on the normal training studies'
+    tokens (each of those scored without itself); the s.d. at least half the median one; unmodelled places 0."""
+    place_of = {}
+
+    def places(entry, study):
+        sequence = {s.name: s.sequence for s in entry.series}
+        return [np.array([place_of.setdefault((sequence.get(s.name) or "unknown", s.plane, *map(int, c)), len(place_of))
+                          for c in s.coords], dtype=np.int64) for s in study.series]
+
+    ids = {split: [places(e, t) for e, t in zip(entries[split], tokens[split])] for split in tokens}
+    normal = targets["train"][0].sum(1) == 0
+    count = np.zeros(len(place_of)); first = np.zeros((len(place_of), 256)); second = np.zeros_like(first)
+    for study, study_ids, is_normal in zip(tokens["train"], ids["train"], normal):
+        if is_normal:
+            for series, rows in zip(study.series, study_ids):
+                latent = series.latents.double().numpy()
+                np.add.at(count, rows, 1); np.add.at(first, rows, latent); np.add.at(second, rows, latent ** 2)
+    usable = count >= min_count
+    spread = np.sqrt(np.maximum(second[usable] / count[usable, None] - (first[usable] / count[usable, None]) ** 2, 0))
+    floor = 0.5 * np.median(spread, axis=0)
+    for split in tokens:
+        for index, (study, study_ids) in enumerate(zip(tokens[split], ids[split])):
+            own = float(split == "train" and normal[index])  # leave a normal training study out of its own model
+            out = []
+            for series, rows in zip(study.series, study_ids):
+                latent = series.latents.double().numpy()
+                n = np.maximum(count[rows] - own, 1)[:, None]
+                mean = (first[rows] - own * latent) / n
+                sd = np.maximum(np.sqrt(np.maximum((second[rows] - own * latent ** 2) / n - mean ** 2, 0)), floor)
+                z = np.where(usable[rows][:, None], np.clip((latent - mean) / sd, -clip, clip), 0.0)
+                out.append(dataclasses.replace(series, latents=torch.from_numpy(z.astype(np.float32))))
+            tokens[split][index] = dataclasses.replace(study, series=out)
+
+
+if a.place_normal:
+    place_normalise(entries, tokens, targets)
 lesion = None
 if a.aux_lesion:  # per-token lesion share of every training series with a mask
     lesion = {}

@@ -11,9 +11,11 @@
     python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT grid --supervision labels --width 16 \\
         --steps 250 --batch 8
     python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT atlas [--normals 1000]
+    python benchmarks/token_signal.py --data DATA --cache CACHE/<key> --out OUT latent-atlas
 
-DATA and CACHE as for ``benchmarks/recipe_ablation.py`` (the preprocessing is the one the cache was built with); ``--extra-train DATA2 CACHE2`` (repeatable) adds another
-data set's training studies, for a data-scaling point on the same val and test studies. The first call gathers
+DATA and CACHE as for ``benchmarks/recipe_ablation.py`` (masks and images are preprocessed as the cache's model
+config says); ``--extra-train DATA2 CACHE2`` (repeatable) adds another data set's training studies, for a
+data-scaling point on the same val and test studies. The first call gathers
 every cached token (latent, grid coordinates, RAS centre, plane) and its lesion overlap (the share of its patch
 inside any lesion mask) into ``OUT/tokens.npz``; later calls reuse it. Experiments (one JSON line each, appended
 to ``OUT/results.jsonl``):
@@ -35,7 +37,9 @@ to ``OUT/results.jsonl``):
   cached in ``OUT/grids.pkl``), so a lesion is looked for at the resolution of one latent position (4 x 4 x 2
   voxels) with its surroundings; trained on the masks (crops) or on the study label alone (whole studies);
 - ``atlas``: no tokens: a voxel-wise normal model of the image (mean and s.d. of the normal training studies per
-  sequence and plane) in the synthetic template's frame, in RAS, and in RAS centred on the head, read as |z|.
+  sequence and plane) in the synthetic template's frame, in RAS, and in RAS centred on the head, read as |z|;
+- ``latent-atlas``: the same on the tokens: a normal model of the latent per sequence, plane, patch index and latent
+  position, read as |z|; a patch index is a place only on a head-grid cache (``--model prima-lite-head``).
 """
 
 from __future__ import annotations
@@ -74,7 +78,9 @@ PLANES = ("axial", "coronal", "sagittal")
 TOP = 8  # a study's score: the mean of its TOP largest token scores
 PCA_DIM = 32
 LATENT_BLOCK = (4, 4, 2)  # voxels of a canonical patch behind one latent position of the VQ-VAE
-FEATURES = ("latent", "pca", "position", "template", "grid", "neighbours", "centred", "codes", "intensity")
+NORMALS, MIN_COUNT = 1000, 20  # place_deviations: normal training studies in the model, tokens a place needs
+FEATURES = ("latent", "pca", "position", "template", "grid", "neighbours", "centred", "codes", "intensity",
+            "deviation")
 
 
 def cached_studies(data: Path, cache_folder: Path, extra_train: list[tuple[Path, Path]] = ()
@@ -286,6 +292,8 @@ class Tokens:
         if "intensity" in names:
             intensity = np.load(self.out / "intensity.npy").astype(np.float32)
             blocks["intensity"] = (intensity - intensity[sample].mean(0)) / (intensity[sample].std(0) + 1e-6)
+        if "deviation" in names:  # |z| of each latent position against its place's normal model, log-scaled
+            blocks["deviation"] = np.log1p(place_deviations(self))
         if "codes" in names:  # the latent is 128 code positions x 2 channels: a small lesion moves a few
             grid = self.latent.reshape(len(self.latent), -1, 2)
             blocks["codes"] = np.c_[grid.max(1), grid.min(1), grid.std(1),
@@ -669,6 +677,74 @@ def atlas(tokens: Tokens, args) -> dict:
     return result
 
 
+def series_sequences(args) -> Path:
+    """The sequence of every gathered series (gather's order), as the manifest records it ("unknown" if not).
+    Cached in ``OUT/sequence.npy``."""
+    path = args.out / "sequence.npy"
+    if path.exists():
+        return path
+    names = []
+    for studies in cached_studies(args.data, args.cache, args.extra_train).values():
+        for entry, cache in studies:
+            recorded = {s.name: s.sequence for s in entry.series}
+            names += [recorded.get(s.name) or "unknown" for s in cache.study_tokens(entry.study_id).series]
+    np.save(path, np.array(names))
+    return path
+
+
+def place_deviations(tokens: Tokens, normals: int = NORMALS, min_count: int = MIN_COUNT, by_sequence: bool = True
+                     ) -> np.ndarray:
+    """(N, latent positions) |z| of every token's latent against a normal model of its place: per sequence, plane,
+    patch index and latent position, the mean and s.d. over the tokens of ``normals`` normal training studies
+    (a position's s.d. at least half the median one; the norm over the latent's channels). A token of those
+    studies is scored against the model without itself; a place with fewer than ``min_count`` tokens scores 0.
+    Without ``by_sequence`` all sequences share a place's model. On a head-grid cache a patch index is the same
+    place in every study; on the paper's grid it is not."""
+    positions = int(latent_grid_shape().prod())
+    latent = tokens.latent.reshape(len(tokens.latent), positions, -1)
+    sequence = (np.unique(np.load(tokens.out / "sequence.npy"), return_inverse=True)[1][tokens.series] if by_sequence
+                else np.zeros(len(latent), np.int64))
+    _, place = np.unique(np.c_[sequence, tokens.plane, tokens.grid], axis=0, return_inverse=True)
+    place = place.ravel()
+    normal = tokens.splits["train"]["first"] + np.flatnonzero(tokens.abnormal("train") == 0)
+    in_model = np.isin(tokens.study, normal[:normals])
+    first = np.zeros((place.max() + 1, positions, latent.shape[2]), np.float64)
+    second, count = np.zeros_like(first), np.bincount(place[in_model], minlength=len(first)).astype(np.float64)
+    for start in range(0, len(latent), 65536):  # chunks: float64 copies of every latent would not fit
+        rows = np.flatnonzero(in_model[start:start + 65536]) + start
+        np.add.at(first, place[rows], latent[rows])
+        np.add.at(second, place[rows], latent[rows].astype(np.float64) ** 2)
+    usable = count >= min_count
+    spread = np.sqrt(np.maximum(second[usable] / count[usable, None, None]
+                                - (first[usable] / count[usable, None, None]) ** 2, 0.0))
+    floor = 0.5 * np.median(spread, axis=0)
+    out = np.zeros((len(latent), positions), np.float32)
+    for start in range(0, len(latent), 65536):
+        rows = np.arange(start, min(start + 65536, len(latent)))
+        # a token of the model's studies is left out of its own place's model, which must still hold min_count
+        rows = rows[usable[place[rows]] & (count[place[rows]] - in_model[rows] >= max(min_count, 1))]
+        own = in_model[rows][:, None, None]
+        n = count[place[rows]][:, None, None] - own
+        mean = (first[place[rows]] - own * latent[rows]) / n
+        variance = (second[place[rows]] - own * latent[rows].astype(np.float64) ** 2) / n - mean ** 2
+        z = (latent[rows] - mean) / np.maximum(np.sqrt(np.maximum(variance, 0.0)), floor)
+        out[rows] = np.linalg.norm(z, axis=2)
+    return out
+
+
+def latent_atlas(tokens: Tokens, args) -> dict:
+    """``atlas`` on the tokens (``place_deviations``): a held-out token scores as the largest |z| of its latent
+    positions, a study as the mean of its TOP largest token scores."""
+    deviation = place_deviations(tokens, args.normals, args.min_count, not args.any_sequence)
+    scores = deviation.max(axis=1)
+    modelled = deviation[tokens.held_out].max(axis=1) > 0
+    return {"normals": int(min((tokens.abnormal("train") == 0).sum(), args.normals)), "min_count": args.min_count,
+            "by_sequence": not args.any_sequence,
+            "modelled_tokens": float(modelled.mean()),
+            **{split: tokens.study_auroc(scores, split) for split in ("val", "test")},
+            "lesion_tokens": tokens.lesion_auroc(scores), "by_label": tokens.label_auroc(scores)}
+
+
 def _crop(array: torch.Tensor, corner: list[int], size: tuple[int, int, int]) -> torch.Tensor:
     """The last three axes of ``array`` cut to ``size`` from ``corner``, zero-padded where the array ends."""
     cut = array[(..., *(slice(c, c + e) for c, e in zip(corner, size)))]
@@ -719,6 +795,11 @@ def main(argv: list[str] | None = None) -> int:
     voxels.add_argument("--normals", type=int, default=300, help="normal training studies in the model")
     voxels.add_argument("--spacing", type=float, default=3.0, help="grid spacing, mm")
     voxels.add_argument("--min-count", type=int, default=20, help="series a voxel needs to be modelled")
+    tokens_atlas = commands.add_parser("latent-atlas", help="a normal model of the latent per place (patch index)")
+    tokens_atlas.add_argument("--normals", type=int, default=NORMALS, help="normal training studies in the model")
+    tokens_atlas.add_argument("--min-count", type=int, default=MIN_COUNT, help="tokens a place needs to be modelled")
+    tokens_atlas.add_argument("--any-sequence", action="store_true",
+                              help="one model per place for every sequence (a real export without sequence labels)")
     args = parser.parse_args(argv)
     if hasattr(args, "features"):
         args.features = args.features.split(",")
@@ -728,10 +809,12 @@ def main(argv: list[str] | None = None) -> int:
         patch_intensities(args)
     if "template" in getattr(args, "features", ()) or getattr(args, "frame", None) == "template":
         template_positions(args)
+    if args.command == "latent-atlas" or "deviation" in getattr(args, "features", ()):
+        series_sequences(args)
     tokens = Tokens(args.out)
     result = {"experiment": args.command,
               **{"footprint": footprint, "mil": mil, "normative": normative, "probe": probe,
-                 "grid": grid, "atlas": atlas}[args.command](tokens, args),
+                 "grid": grid, "atlas": atlas, "latent-atlas": latent_atlas}[args.command](tokens, args),
               "seconds": round(time.perf_counter() - started, 1)}
     line = json.dumps(result)
     print(line)

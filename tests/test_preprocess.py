@@ -182,7 +182,8 @@ def test_preprocess_series_not_in_lps_is_reoriented_with_its_axis():
 def _phantom_series(name: str, centre_mm, spacing, shape, through_axis: int, plane: str, offset_mm=(0.0, 0.0, 0.0)
                     ) -> Series:
     """A head-like phantom in an L,P,S series: an ellipsoid (radii 70, 85, 60 mm) centred on ``centre_mm`` with a
-    bright ball (radius 20 mm) 30 mm left, 20 mm anterior and 15 mm up of that centre; the grid's centre moved by ``offset_mm``."""
+    bright ball (radius 20 mm) 30 mm left, 20 mm anterior and 15 mm up of that centre; the grid's centre moved by
+    ``offset_mm``."""
     affine = _lps_affine(spacing, origin=(0.0, 0.0, 0.0))
     affine[:3, 3] = np.asarray(centre_mm) + np.asarray(offset_mm) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
     index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)

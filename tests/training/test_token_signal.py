@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "token_signal.py"
+SHIPPED_VOLUME_TOKENIZER = BENCHMARK.parents[1] / "assets" / "volume-tokenizer-lite" / "volume_tokenizer.safetensors"
 
 
 def _load():
@@ -30,7 +31,8 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
             ["grid", "--steps", "2", "--batch", "2", "--crop", "8", "8", "4", "--width", "4"],
             ["grid", "--supervision", "labels", "--steps", "1", "--batch", "2", "--width", "4"],
             ["atlas", "--normals", "3", "--spacing", "12", "--min-count", "1"],
-            ["normative", "--frame", "grid", "--position-weight", "1", "--pool", "500"]]
+            ["normative", "--frame", "grid", "--position-weight", "1", "--pool", "500"],
+            ["latent-atlas", "--min-count", "1"]]
     for run in runs:
         assert token_signal.main(common + run) == 0
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -45,6 +47,7 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     assert all(0.0 <= line["lesion_positions"] <= 1.0 for line in lines[6:8] if line["lesion_positions"] is not None)
     assert set(lines[8]) >= {"template", "ras", "head"} and lines[8]["normals"] >= 1
     assert lines[9]["frame"] == "grid"
+    assert 0.0 < lines[10]["modelled_tokens"] <= 1.0 and set(lines[10]) >= {"val", "test", "lesion_tokens"}
     # another data set's training studies join the training split (here the same one again: twice as many)
     doubled = tmp_path / "doubled"
     assert token_signal.main([*common[:-1], str(doubled), "--extra-train", str(tiny_dataset.parent),
@@ -61,12 +64,14 @@ def test_a_head_grid_cache_is_read_with_its_own_preprocessing(tiny_dataset, tmp_
 
     cache = build_token_cache(TokenCacheConfig(
         manifest=str(tiny_dataset), out=str(tmp_path / "cache"), model="prima-lite-head", min_fraction=0.02,
-        volume_tokenizer=str(BENCHMARK.parents[1] / "assets" / "volume-tokenizer-lite" / "volume_tokenizer.safetensors"),
+        volume_tokenizer=str(SHIPPED_VOLUME_TOKENIZER),
         device="cpu", precision="fp32"), progress=False)
     token_signal = _load()
     out = tmp_path / "signal"
-    assert token_signal.main(["--data", str(tiny_dataset.parent), "--cache", str(cache), "--out", str(out),
-                              "normative", "--frame", "grid", "--position-weight", "3", "--pool", "500"]) == 0
+    for run in (["normative", "--frame", "grid", "--position-weight", "3", "--pool", "500"],
+                ["latent-atlas", "--min-count", "1"]):
+        assert token_signal.main(["--data", str(tiny_dataset.parent), "--cache", str(cache), "--out", str(out),
+                                  *run]) == 0
     tokens = token_signal.Tokens(out)
     assert tokens.lesion.any()
     assert np.all(np.sort(tokens.grid.max(0)) < 12) and sorted(np.unique(tokens.plane)) == [0, 1, 2]
