@@ -60,6 +60,7 @@ p.add_argument("--mtp-ratio", type=float, default=0.4)
 p.add_argument("--place-normal", action="store_true",
                help="tokens enter as their latent's z against the normal training studies' tokens at the same place "
                     "(sequence, plane, patch index); a place is the same anatomy only on a head-grid cache")
+p.add_argument("--place-min-count", type=int, default=20, help="normal tokens a place needs to be modelled")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed); np.random.seed(a.seed)
@@ -85,43 +86,38 @@ tokens = {s: [cache.study_tokens(e.study_id, e.study_description) for e in es] f
 targets = {s: label_targets(es, space) for s, es in entries.items()}
 
 
-def place_normalise(entries, tokens, targets, min_count=20, clip=8.0):
-    """Every token's latent as its z against the normal model of its place, fitted on the normal training studies'
-    tokens (each of those scored without itself); the s.d. at least half the median one; unmodelled places 0."""
-    place_of = {}
+def place_normalise(entries, tokens, targets, min_count, clip=8.0):
+    """Every token's latent as its z against the normal model of its place (sequence, plane, patch index) over the
+    normal training studies' tokens (``token_signal.place_z``), clipped at +-``clip``; 0 where a place is not
+    modelled."""
+    from token_signal import place_z  # benchmarks/ is this script's folder
 
-    def places(entry, study):
-        sequence = {s.name: s.sequence for s in entry.series}
-        return [np.array([place_of.setdefault((sequence.get(s.name) or "unknown", s.plane, *map(int, c)), len(place_of))
-                          for c in s.coords], dtype=np.int64) for s in study.series]
-
-    ids = {split: [places(e, t) for e, t in zip(entries[split], tokens[split])] for split in tokens}
+    place_of, places, in_model, latents = {}, [], [], []
     normal = targets["train"][0].sum(1) == 0
-    count = np.zeros(len(place_of)); first = np.zeros((len(place_of), 256)); second = np.zeros_like(first)
-    for study, study_ids, is_normal in zip(tokens["train"], ids["train"], normal):
-        if is_normal:
-            for series, rows in zip(study.series, study_ids):
-                latent = series.latents.double().numpy()
-                np.add.at(count, rows, 1); np.add.at(first, rows, latent); np.add.at(second, rows, latent ** 2)
-    usable = count >= min_count
-    spread = np.sqrt(np.maximum(second[usable] / count[usable, None] - (first[usable] / count[usable, None]) ** 2, 0))
-    floor = 0.5 * np.median(spread, axis=0)
     for split in tokens:
-        for index, (study, study_ids) in enumerate(zip(tokens[split], ids[split])):
-            own = float(split == "train" and normal[index])  # leave a normal training study out of its own model
+        for index, (entry, study) in enumerate(zip(entries[split], tokens[split])):
+            sequence = {s.name: s.sequence for s in entry.series}
+            for series in study.series:
+                key = (sequence.get(series.name) or "unknown", series.plane)
+                places.append([place_of.setdefault((*key, *map(int, c)), len(place_of)) for c in series.coords])
+                in_model.append(np.full(len(series), split == "train" and bool(normal[index])))
+                latents.append(series.latents.numpy())
+    latent = np.concatenate(latents)
+    z = np.zeros(latent.shape, np.float32)
+    for rows, values in place_z(latent, np.concatenate(places), np.concatenate(in_model), min_count):
+        z[rows] = np.clip(values, -clip, clip)
+    start = 0
+    for split in tokens:
+        for index, study in enumerate(tokens[split]):
             out = []
-            for series, rows in zip(study.series, study_ids):
-                latent = series.latents.double().numpy()
-                n = np.maximum(count[rows] - own, 1)[:, None]
-                mean = (first[rows] - own * latent) / n
-                sd = np.maximum(np.sqrt(np.maximum((second[rows] - own * latent ** 2) / n - mean ** 2, 0)), floor)
-                z = np.where(usable[rows][:, None], np.clip((latent - mean) / sd, -clip, clip), 0.0)
-                out.append(dataclasses.replace(series, latents=torch.from_numpy(z.astype(np.float32))))
+            for series in study.series:
+                out.append(dataclasses.replace(series, latents=torch.from_numpy(z[start:start + len(series)])))
+                start += len(series)
             tokens[split][index] = dataclasses.replace(study, series=out)
 
 
 if a.place_normal:
-    place_normalise(entries, tokens, targets)
+    place_normalise(entries, tokens, targets, a.place_min_count)
 lesion = None
 if a.aux_lesion:  # per-token lesion share of every training series with a mask
     lesion = {}

@@ -50,6 +50,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -692,42 +693,55 @@ def series_sequences(args) -> Path:
     return path
 
 
+def place_z(latent: np.ndarray, place: np.ndarray, in_model: np.ndarray, min_count: int = MIN_COUNT,
+            chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A normal model per place: the mean and s.d. of ``latent`` (any trailing shape) over the ``in_model`` tokens
+    of each place (each value's s.d. at least half its median over the places), and every token's z against it.
+    A token in the model is scored without itself; a place that then holds fewer than ``min_count`` tokens is left
+    out. Yields (rows, z) in chunks of ``chunk`` tokens, since float64 copies of every latent would not fit.
+
+    Args:
+        latent: (N, ...) the tokens' latents.
+        place: (N,) int place index of each token (e.g. sequence, plane and patch index).
+        in_model: (N,) bool, the tokens of the normal studies the model is fitted on.
+    """
+    first = np.zeros((place.max() + 1, *latent.shape[1:]), np.float64)
+    second, count = np.zeros_like(first), np.bincount(place[in_model], minlength=len(first)).astype(np.float64)
+    for start in range(0, len(latent), chunk):
+        rows = np.flatnonzero(in_model[start:start + chunk]) + start
+        np.add.at(first, place[rows], latent[rows])
+        np.add.at(second, place[rows], latent[rows].astype(np.float64) ** 2)
+    usable = count >= min_count
+    if not usable.any():
+        raise ValueError(f"no place holds {min_count} tokens of the normal studies: nothing to model")
+    per_value = (slice(None),) + (None,) * (latent.ndim - 1)
+    spread = np.sqrt(np.maximum(second[usable] / count[usable][per_value]
+                                - (first[usable] / count[usable][per_value]) ** 2, 0.0))
+    floor = 0.5 * np.median(spread, axis=0)
+    for start in range(0, len(latent), chunk):
+        rows = np.arange(start, min(start + chunk, len(latent)))
+        rows = rows[usable[place[rows]] & (count[place[rows]] - in_model[rows] >= max(min_count, 1))]
+        own = in_model[rows][per_value]
+        n = count[place[rows]][per_value] - own
+        mean = (first[place[rows]] - own * latent[rows]) / n
+        variance = (second[place[rows]] - own * latent[rows].astype(np.float64) ** 2) / n - mean ** 2
+        yield rows, (latent[rows] - mean) / np.maximum(np.sqrt(np.maximum(variance, 0.0)), floor)
+
+
 def place_deviations(tokens: Tokens, normals: int = NORMALS, min_count: int = MIN_COUNT, by_sequence: bool = True
                      ) -> np.ndarray:
-    """(N, latent positions) |z| of every token's latent against a normal model of its place: per sequence, plane,
-    patch index and latent position, the mean and s.d. over the tokens of ``normals`` normal training studies
-    (a position's s.d. at least half the median one; the norm over the latent's channels). A token of those
-    studies is scored against the model without itself; a place with fewer than ``min_count`` tokens scores 0.
-    Without ``by_sequence`` all sequences share a place's model. On a head-grid cache a patch index is the same
-    place in every study; on the paper's grid it is not."""
+    """(N, latent positions) |z| of every token's latent (the norm over its channels) against the normal model of its
+    place (``place_z``): per sequence, plane, patch index and latent position, over the tokens of ``normals`` normal
+    training studies; 0 where a place is not modelled. Without ``by_sequence`` all sequences share a place's model.
+    On a head-grid cache a patch index is the same place in every study; on the paper's grid it is not."""
     positions = int(latent_grid_shape().prod())
     latent = tokens.latent.reshape(len(tokens.latent), positions, -1)
     sequence = (np.unique(np.load(tokens.out / "sequence.npy"), return_inverse=True)[1][tokens.series] if by_sequence
                 else np.zeros(len(latent), np.int64))
-    _, place = np.unique(np.c_[sequence, tokens.plane, tokens.grid], axis=0, return_inverse=True)
-    place = place.ravel()
+    place = np.unique(np.c_[sequence, tokens.plane, tokens.grid], axis=0, return_inverse=True)[1].ravel()
     normal = tokens.splits["train"]["first"] + np.flatnonzero(tokens.abnormal("train") == 0)
-    in_model = np.isin(tokens.study, normal[:normals])
-    first = np.zeros((place.max() + 1, positions, latent.shape[2]), np.float64)
-    second, count = np.zeros_like(first), np.bincount(place[in_model], minlength=len(first)).astype(np.float64)
-    for start in range(0, len(latent), 65536):  # chunks: float64 copies of every latent would not fit
-        rows = np.flatnonzero(in_model[start:start + 65536]) + start
-        np.add.at(first, place[rows], latent[rows])
-        np.add.at(second, place[rows], latent[rows].astype(np.float64) ** 2)
-    usable = count >= min_count
-    spread = np.sqrt(np.maximum(second[usable] / count[usable, None, None]
-                                - (first[usable] / count[usable, None, None]) ** 2, 0.0))
-    floor = 0.5 * np.median(spread, axis=0)
     out = np.zeros((len(latent), positions), np.float32)
-    for start in range(0, len(latent), 65536):
-        rows = np.arange(start, min(start + 65536, len(latent)))
-        # a token of the model's studies is left out of its own place's model, which must still hold min_count
-        rows = rows[usable[place[rows]] & (count[place[rows]] - in_model[rows] >= max(min_count, 1))]
-        own = in_model[rows][:, None, None]
-        n = count[place[rows]][:, None, None] - own
-        mean = (first[place[rows]] - own * latent[rows]) / n
-        variance = (second[place[rows]] - own * latent[rows].astype(np.float64) ** 2) / n - mean ** 2
-        z = (latent[rows] - mean) / np.maximum(np.sqrt(np.maximum(variance, 0.0)), floor)
+    for rows, z in place_z(latent, place, np.isin(tokens.study, normal[:normals]), min_count):
         out[rows] = np.linalg.norm(z, axis=2)
     return out
 
