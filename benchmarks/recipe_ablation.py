@@ -5,7 +5,11 @@ time, measured against the spread between seeds, on a token cache of a synthetic
     torchrun --standalone --nproc_per_node 2 -m training.token_cache --manifest DATA/manifest.jsonl --out CACHE \
         --volume-tokenizer assets/volume-tokenizer-lite/volume_tokenizer.safetensors --min-fraction 0.02 --threads 1
     python benchmarks/recipe_ablation.py --data DATA --cache CACHE/<key> --out RUNS --name base --seed 0 \
-        [--sampler random|all|salient|block] [--aux-lesion 1] [--mtp-steps 300] [--no-pos-weight] [--depth N] ...
+        [--sampler random|all|salient|block] [--aux-lesion 1] [--mtp-steps 300] [--no-pos-weight] [--depth N] \
+        [--place-normal] ...
+
+A cache built with ``--model prima-lite-head`` holds tokens of the head grid (docs/design.md §2), where
+``--place-normal`` compares each token with the normal training studies' tokens at the same place.
 
 A fresh lite hViT (the sequence and study ViTs of prima-lite) and the task heads train on the labels (diagnoses
 with positive-weighted BCE, referrals, priority: recipe (a) without CLIP) with the CLIP stage's augmentations;

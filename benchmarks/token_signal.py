@@ -23,7 +23,8 @@ to ``OUT/results.jsonl``):
 - ``footprint``: per split, the share of abnormal studies with a token more than a quarter inside its lesion
   (``--patch 16 16 4``: with patches of another size, counted on the masks);
 - ``mil``: multiple-instance learning from the study label alone: a token MLP, the study's logit the mean of its
-  top 8 token logits; reports train / val / test AUROC and how well its token scores find lesion tokens;
+  top 8 token logits; reports train / val / test AUROC and how well its token scores find lesion tokens
+  (``--features deviation``: each token's |z| against its place's normal model, as ``latent-atlas`` builds it);
 - ``normative``: no labels but "normal": a token's distance to its 5 nearest tokens of normal training studies
   (whitened PCA of the latent, optionally its position: RAS, or with ``--frame template`` its centre in the
   synthetic template's frame, the head pose recorded in the manifest undone, or with ``--frame grid`` its
