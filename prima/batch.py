@@ -43,9 +43,9 @@ from prima.config import PrimaConfig
 from prima.distributed import DistributedContext, distributed
 from prima.errors import ManifestError, ReleaseError
 from prima.manifest import StudyEntry, load_entry_study, read_manifest
-from prima.preprocess import grid_anchor
 from prima.precision import autocast_dtype
 from prima.predict import Prediction, get_release, predict_tokens, ready_release, series_vectors, study_embedding
+from prima.preprocess import grid_anchor
 from prima.release import Release
 from prima.tokens import FilteredPatches, StudyTokens, encode_filtered, filter_patches, series_patches
 
