@@ -15,9 +15,9 @@
 
 DATA and CACHE as for ``benchmarks/recipe_ablation.py`` (masks and images are preprocessed as the cache's model
 config says); ``--extra-train DATA2 CACHE2`` (repeatable) adds another data set's training studies, for a
-data-scaling point on the same val and test studies. The first call gathers
-every cached token (latent, grid coordinates, RAS centre, plane) and its lesion overlap (the share of its patch
-inside any lesion mask) into ``OUT/tokens.npz``; later calls reuse it. Experiments (one JSON line each, appended
+data-scaling point on the same val and test studies. The first call gathers every cached token (latent, grid
+coordinates, RAS centre, plane) and its lesion overlap (the share of its patch inside any lesion mask) into
+``OUT/tokens.npz``, and each series' sequence into ``OUT/sequence.npy``; later calls reuse them. Experiments (one JSON line each, appended
 to ``OUT/results.jsonl``):
 
 - ``footprint``: per split, the share of abnormal studies with a token more than a quarter inside its lesion
@@ -68,12 +68,12 @@ from prima.config import PrimaConfig  # noqa: E402
 from prima.factory import get_model_config  # noqa: E402
 from prima.manifest import StudyEntry, load_entry_study, read_manifest  # noqa: E402
 from prima.patching import patch_extent  # noqa: E402
-from prima.preprocess import find_head_centre, grid_anchor, preprocess_series  # noqa: E402
+from prima.preprocess import find_head_centre, preprocess_series  # noqa: E402
 from training.lesion_masks import LESION_TOKEN_LEVEL, lesion_mask_on_grid, token_lesion_overlap  # noqa: E402
 from training.metrics import auroc  # noqa: E402
 from training.synth.anatomy import BOX_HI, BOX_LO, rotation_matrix  # noqa: E402
 from training.study_data import label_targets  # noqa: E402
-from training.token_cache import TokenCache  # noqa: E402
+from training.token_cache import INDEX_FILE, TokenCache  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 PLANES = ("axial", "coronal", "sagittal")
@@ -102,7 +102,8 @@ def cached_studies(data: Path, cache_folder: Path, extra_train: list[tuple[Path,
 
 def cache_model_config(cache_folder: Path, extra_train: list[tuple[Path, Path]] = ()) -> PrimaConfig:
     """The model config whose preprocessing the token cache (and every ``extra_train`` cache) was built with."""
-    models = {TokenCache(folder).index["config"]["model"] for folder in [cache_folder, *(f for _, f in extra_train)]}
+    models = {json.loads((folder / INDEX_FILE).read_text())["config"]["model"]
+              for folder in [cache_folder, *(f for _, f in extra_train)]}
     if len(models) != 1:
         raise ValueError(f"the token caches were built with different model configs: {sorted(models)}")
     return get_model_config(models.pop())
@@ -116,11 +117,14 @@ def gather(data: Path, cache_folder: Path, out: Path, extra_train: list[tuple[Pa
         return path
     config = cache_model_config(cache_folder, extra_train)
     columns = {name: [] for name in ("latent", "ras", "grid", "plane", "study", "series", "overlap")}
+    sequences = []  # per series, as the manifest records it
     splits, first = {}, 0
     for split, studies in cached_studies(data, cache_folder, extra_train).items():
         splits[split] = {"first": first, "labels": label_targets([e for e, _ in studies], config.label_space)[0]}
         for entry, cache in studies:
+            recorded = {s.name: s.sequence for s in entry.series}
             for s in cache.study_tokens(entry.study_id).series:
+                sequences.append(recorded.get(s.name) or "unknown")
                 extent = np.array(patch_extent(s.through_axis, config.volume_tokenizer.patch_size))
                 centres = s.coords * extent + extent / 2 - 0.5
                 overlap = token_lesion_overlap(entry, s, config.preprocess, config.volume_tokenizer.patch_size)
@@ -134,6 +138,7 @@ def gather(data: Path, cache_folder: Path, out: Path, extra_train: list[tuple[Pa
             first += 1
     out.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{name: np.concatenate(parts) for name, parts in columns.items()})
+    np.save(out / "sequence.npy", np.array(sequences))
     (out / "splits.pkl").write_bytes(pickle.dumps(splits))
     return path
 
@@ -145,7 +150,7 @@ def patch_intensities(args) -> Path:
     if path.exists():
         return path
     config = cache_model_config(args.cache, args.extra_train)
-    min_fraction = json.loads((args.cache / "index.json").read_text())["config"]["min_fraction"]
+    min_fraction = json.loads((args.cache / INDEX_FILE).read_text())["config"]["min_fraction"]
     parts = []
     for studies in cached_studies(args.data, args.cache, args.extra_train).values():
         prepared_in_order = prepared_studies([e for e, _ in studies], config, 1, min_fraction)
@@ -620,10 +625,10 @@ def atlas(tokens: Tokens, args) -> dict:
         """Per series: (sequence, plane) and, per frame, its intensities on the grid (NaN outside the series)."""
         forward, translation = head_pose(entry)
         study = load_entry_study(entry)
-        head_centre = grid_anchor(study.series, config.preprocess)
+        head_centre = find_head_centre(study.series)  # the head frame's origin, and the head grid's if the cache's
         ready_series = [preprocess_series(series, config.preprocess, head_centre) for series in study.series]
         world = {"template": points @ forward.T + translation, "ras": points,
-                 "head": points - (BOX_LO + BOX_HI) / 2 + find_head_centre(study.series)}
+                 "head": points - (BOX_LO + BOX_HI) / 2 + head_centre}
         sequences = {s.name: s.sequence for s in entry.series}
         out = []
         for ready in ready_series:
@@ -679,21 +684,6 @@ def atlas(tokens: Tokens, args) -> dict:
     return result
 
 
-def series_sequences(args) -> Path:
-    """The sequence of every gathered series (gather's order), as the manifest records it ("unknown" if not).
-    Cached in ``OUT/sequence.npy``."""
-    path = args.out / "sequence.npy"
-    if path.exists():
-        return path
-    names = []
-    for studies in cached_studies(args.data, args.cache, args.extra_train).values():
-        for entry, cache in studies:
-            recorded = {s.name: s.sequence for s in entry.series}
-            names += [recorded.get(s.name) or "unknown" for s in cache.study_tokens(entry.study_id).series]
-    np.save(path, np.array(names))
-    return path
-
-
 def place_z(latent: np.ndarray, place: np.ndarray, in_model: np.ndarray, min_count: int = MIN_COUNT,
             chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A normal model per place: the mean and s.d. of ``latent`` (any trailing shape) over the ``in_model`` tokens
@@ -738,7 +728,7 @@ def place_deviations(tokens: Tokens, normals: int = NORMALS, min_count: int = MI
     positions = int(latent_grid_shape().prod())
     latent = tokens.latent.reshape(len(tokens.latent), positions, -1)
     sequence = (np.unique(np.load(tokens.out / "sequence.npy"), return_inverse=True)[1][tokens.series] if by_sequence
-                else np.zeros(len(latent), np.int64))
+                else np.zeros(len(latent), np.int64))  # sequence.npy: one per gathered series, written by gather
     place = np.unique(np.c_[sequence, tokens.plane, tokens.grid], axis=0, return_inverse=True)[1].ravel()
     normal = tokens.splits["train"]["first"] + np.flatnonzero(tokens.abnormal("train") == 0)
     out = np.zeros((len(latent), positions), np.float32)
@@ -824,8 +814,6 @@ def main(argv: list[str] | None = None) -> int:
         patch_intensities(args)
     if "template" in getattr(args, "features", ()) or getattr(args, "frame", None) == "template":
         template_positions(args)
-    if args.command == "latent-atlas" or "deviation" in getattr(args, "features", ()):
-        series_sequences(args)
     tokens = Tokens(args.out)
     result = {"experiment": args.command,
               **{"footprint": footprint, "mil": mil, "normative": normative, "probe": probe,
