@@ -6,7 +6,8 @@ time, measured against the spread between seeds, on a token cache of a synthetic
         --volume-tokenizer assets/volume-tokenizer-lite/volume_tokenizer.safetensors --min-fraction 0.02 --threads 1
     python benchmarks/recipe_ablation.py --data DATA --cache CACHE/<key> --out RUNS --name base --seed 0 \
         [--sampler random|all|salient|block] [--aux-lesion 1] [--mtp-steps 300] [--no-pos-weight] [--depth N] \
-        [--place-normal] ...
+        [--place-normal [--place-form z|deviation]] [--task all|dx|abnormal] [--pool registers|topk] \
+        [--abnormal-weight W] ...
 
 A cache built with ``--model prima-lite-head`` holds tokens of the head grid (docs/design.md §2), where
 ``--place-normal`` compares each token with the normal training studies' tokens at the same place.
@@ -15,8 +16,11 @@ A fresh lite hViT (the sequence and study ViTs of prima-lite) and the task heads
 with positive-weighted BCE, referrals, priority: recipe (a) without CLIP) with the CLIP stage's augmentations;
 options add a dense lesion loss on the sequence ViT's token outputs (needs the manifest's lesion masks), or
 masked-token pre-training of the sequence ViT before the labels (a latent-space masked prediction, the idea of
-Vol-JEPA). Scored on 100 training studies (is it fitting?), val and test: normal vs abnormal from the largest
-diagnosis logit, mean diagnosis and referral AUROC, priority Spearman, and linear probes on the frozen study
+Vol-JEPA). ``--task abnormal`` trains one normal-vs-abnormal logit alone; ``--pool topk`` reads that logit and the
+diagnosis logits as the mean of a study's 8 largest token scores (linear scores of the sequence ViT's token
+outputs, over all its series: the pooling of token_signal's ``mil``) instead of from the study embedding. Scored on
+100 training studies (is it fitting?), val and test: normal vs abnormal from the largest diagnosis logit and from
+the abnormal logit, mean diagnosis and referral AUROC, priority Spearman, and linear probes on the frozen study
 embedding fitted on the training split. One JSON line per run is appended to RUNS/results.jsonl.
 """
 import argparse, dataclasses, json, time
@@ -52,7 +56,15 @@ p.add_argument("--mlp", type=int, default=None)
 p.add_argument("--registers", type=int, default=None)
 p.add_argument("--study-depth", type=int, default=None)
 p.add_argument("--aux-lesion", type=float, default=0.0)
-p.add_argument("--task", default="all")  # all = diagnoses+referrals+priority; dx = diagnoses only
+p.add_argument("--task", default="all", choices=("all", "dx", "abnormal"),
+               help="all = diagnoses + referrals + priority; dx = diagnoses only; abnormal = one normal-vs-abnormal "
+                    "logit only (the target of token_signal's mil)")
+p.add_argument("--abnormal-weight", type=float, default=0.0,
+               help="weight of the normal-vs-abnormal loss added to the task losses (--task abnormal: it alone)")
+p.add_argument("--pool", default="registers", choices=("registers", "topk"),
+               help="where the abnormal and diagnosis logits come from: the study embedding (registers: a linear "
+                    "layer, and the task heads), or for each the mean of the study's 8 largest token scores, linear "
+                    "scores of the sequence ViT's token outputs (topk)")
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--train-n", type=int, default=None)
 p.add_argument("--pretrained", default=None)
@@ -65,6 +77,8 @@ p.add_argument("--place-normal", action="store_true",
                help="tokens enter as their latent's z against the normal training studies' tokens at the same place "
                     "(sequence, plane, patch index); a place is the same anatomy only on a head-grid cache")
 p.add_argument("--place-min-count", type=int, default=20, help="normal tokens a place needs to be modelled")
+p.add_argument("--place-form", default="z", choices=("z", "deviation"),
+               help="with --place-normal: the signed z, or log1p(|z|) (token_signal's deviation feature)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed); np.random.seed(a.seed)
@@ -90,10 +104,10 @@ tokens = {s: [cache.study_tokens(e.study_id, e.study_description) for e in es] f
 targets = {s: label_targets(es, space) for s, es in entries.items()}
 
 
-def place_normalise(entries, tokens, targets, min_count, clip=8.0):
+def place_normalise(entries, tokens, targets, min_count, form, clip=8.0):
     """Every token's latent as its z against the normal model of its place (sequence, plane, patch index) over the
-    normal training studies' tokens (``token_signal.place_z``), clipped at +-``clip``; 0 where a place is not
-    modelled."""
+    normal training studies' tokens (``token_signal.place_z``), clipped at +-``clip`` (``form`` "z"), or as
+    log1p(|z|) (``form`` "deviation"); 0 where a place is not modelled."""
     from token_signal import place_z  # benchmarks/ is this script's folder
 
     place_of, places, in_model, latents = {}, [], [], []
@@ -109,7 +123,7 @@ def place_normalise(entries, tokens, targets, min_count, clip=8.0):
     latent = np.concatenate(latents)
     z = np.zeros(latent.shape, np.float32)
     for rows, values in place_z(latent, np.concatenate(places), np.concatenate(in_model), min_count):
-        z[rows] = np.clip(values, -clip, clip)
+        z[rows] = np.clip(values, -clip, clip) if form == "z" else np.log1p(np.abs(values))
     start = 0
     for split in tokens:
         for index, study in enumerate(tokens[split]):
@@ -121,7 +135,7 @@ def place_normalise(entries, tokens, targets, min_count, clip=8.0):
 
 
 if a.place_normal:
-    place_normalise(entries, tokens, targets, a.place_min_count)
+    place_normalise(entries, tokens, targets, a.place_min_count, a.place_form)
 lesion = None
 if a.aux_lesion:  # per-token lesion share of every training series with a mask
     lesion = {}
@@ -141,7 +155,9 @@ from prima.config import HeadsConfig
 heads = TaskHeads(visual.study_dim, HeadsConfig(hidden=256, dropout=a.dropout), len(space.diagnosis_keys),
                   len(space.referral_keys), len(space.priority_tiers))
 token_head = torch.nn.Linear(289, 1) if a.aux_lesion else None
-modules = torch.nn.ModuleList([visual, heads] + ([token_head] if token_head is not None else []))
+abnormal_head = (torch.nn.Linear(289, 1 + len(space.diagnosis_keys)) if a.pool == "topk"
+                 else torch.nn.Linear(visual.study_dim, 1))  # column 0: abnormal; topk: then one per diagnosis
+modules = torch.nn.ModuleList([visual, heads, abnormal_head] + ([token_head] if token_head is not None else []))
 decay = [q for n, q in modules.named_parameters() if q.ndim >= 2 and "registers" not in n]
 no_decay = [q for n, q in modules.named_parameters() if not (q.ndim >= 2 and "registers" not in n)]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
@@ -205,6 +221,8 @@ def inputs_of(study_tokens, rng, train, study_id=None):
 
 
 def forward(batch_pairs, descs, return_tokens=False):
+    """Study embeddings, the sequence ViT's token outputs (or None) and their mask, and the pooled logits: (B, 1)
+    abnormal, or with --pool topk (B, 1 + diagnoses)."""
     batch = pack_studies(batch_pairs, descs, seq.series_name.max_length, config.vision.study.description.max_length)
     names = visual.series_name_encoder(batch.name_ids, batch.name_mask)
     if return_tokens:
@@ -221,22 +239,34 @@ def forward(batch_pairs, descs, return_tokens=False):
         token_out = None
     vectors, mask = batch.study_layout(series)
     study = visual.encode_study(vectors, mask, batch.description_ids, batch.description_mask)
-    return study, token_out, batch.token_mask
+    if a.pool == "topk":  # per output, the mean of the study's 8 largest token scores over all its series
+        scores = abnormal_head(token_out.float()).masked_fill(~batch.token_mask[..., None], -torch.inf)
+        per_study, usable = batch.study_layout(scores.flatten(1))  # (B, S, T * outputs)
+        per_study = per_study.masked_fill(~usable[..., None], -torch.inf)
+        per_study = per_study.unflatten(2, scores.shape[1:]).flatten(1, 2)  # (B, S * T, outputs)
+        pooled = per_study.topk(8, dim=1).values.mean(1)
+    else:
+        pooled = abnormal_head(study.float())
+    return study, token_out, batch.token_mask, pooled
+
+
+def diagnosis_logits(out, pooled):
+    return pooled[:, 1:] if a.pool == "topk" else out.diagnosis_logits
 
 
 @torch.no_grad()
 def embed(split):
     visual.eval(); heads.eval()
-    E, D, R, P = [], [], [], []
+    E, D, R, P, A = [], [], [], [], []
     ts = tokens[split]
     for i in range(0, len(ts), 16):
         chunk = [inputs_of(t, None, False) for t in ts[i:i + 16]]
         with autocast(torch.device("cpu"), dtype):
-            study, _, _ = forward([c[0] for c in chunk], [c[1] for c in chunk])
+            study, _, _, pooled = forward([c[0] for c in chunk], [c[1] for c in chunk], return_tokens=a.pool == "topk")
             out = heads(study)
-        E.append(study.float()); D.append(out.diagnosis_logits.float()); R.append(out.referral_logits.float())
-        P.append(out.priority_logits.float())
-    return torch.cat(E).numpy(), torch.cat(D).numpy(), torch.cat(R).numpy(), torch.cat(P).numpy()
+        E.append(study.float()); D.append(diagnosis_logits(out, pooled).float()); R.append(out.referral_logits.float())
+        P.append(out.priority_logits.float()); A.append(pooled[:, 0].float())
+    return tuple(torch.cat(x).numpy() for x in (E, D, R, P, A))
 
 
 def mean_auroc(y, s):
@@ -245,10 +275,10 @@ def mean_auroc(y, s):
     return float(np.mean(vals)), len(vals)
 
 
-def metrics(split, E, D, R, P, probe=None):
+def metrics(split, E, D, R, P, A, probe=None):
     y, yr, yt = targets[split]
     ab = (y.sum(1) > 0).astype(int)
-    out = {"abnormal_auroc": auroc(ab, D.max(1)), "dx_mean_auroc": mean_auroc(y, D)[0],
+    out = {"abnormal_auroc": auroc(ab, D.max(1)), "abnormal_logit_auroc": auroc(ab, A), "dx_mean_auroc": mean_auroc(y, D)[0],
            "ref_mean_auroc": mean_auroc(yr, R)[0]}
     from scipy.stats import spearmanr
     probs = torch.softmax(torch.from_numpy(P), 1).numpy()
@@ -329,9 +359,16 @@ for step in range(a.steps):
     lr = warmup_cosine(step, a.steps, max(1, a.steps // 10), a.lr)
     for g in opt.param_groups: g["lr"] = lr
     with autocast(torch.device("cpu"), dtype), attention_kernel("auto", torch.device("cpu")):
-        study, token_out, token_mask = forward([c[0] for c in chunk], [c[1] for c in chunk], return_tokens=token_head is not None)
+        study, token_out, token_mask, pooled = forward(
+            [c[0] for c in chunk], [c[1] for c in chunk], return_tokens=token_head is not None or a.pool == "topk")
         out = heads(study)
-    loss = F.binary_cross_entropy_with_logits(out.diagnosis_logits.float(), dx[idx].float(), pos_weight=pos_weight)
+    abnormal_loss = F.binary_cross_entropy_with_logits(pooled[:, 0].float(), abnormal[idx].float())
+    if a.task == "abnormal":
+        loss = abnormal_loss
+    else:
+        loss = F.binary_cross_entropy_with_logits(diagnosis_logits(out, pooled).float(), dx[idx].float(),
+                                                  pos_weight=pos_weight)
+        loss = loss + a.abnormal_weight * abnormal_loss
     if a.task == "all":
         loss = loss + F.binary_cross_entropy_with_logits(out.referral_logits.float(), ref[idx].float(), pos_weight=rpos_weight)
         loss = loss + F.cross_entropy(out.priority_logits.float(), tier[idx])
@@ -349,7 +386,8 @@ for step in range(a.steps):
     torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
     opt.step()
     if step % 20 == 0 or step == a.steps - 1:
-        rec = {"step": step, "loss": float(loss), "aux": float(aux), "s": time.time() - started}
+        rec = {"step": step, "loss": float(loss), "abnormal_loss": float(abnormal_loss), "aux": float(aux),
+               "s": time.time() - started}
         print(json.dumps(rec), flush=True); log.write(json.dumps(rec) + "\n"); log.flush()
 
 train_seconds = time.time() - started

@@ -58,7 +58,9 @@ import torch
 from einops import rearrange
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from sklearn.cluster import KMeans
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.metrics import adjusted_rand_score
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -719,17 +721,36 @@ def place_z(latent: np.ndarray, place: np.ndarray, in_model: np.ndarray, min_cou
         yield rows, (latent[rows] - mean) / np.maximum(np.sqrt(np.maximum(variance, 0.0)), floor)
 
 
-def place_deviations(tokens: Tokens, normals: int = NORMALS, min_count: int = MIN_COUNT, by_sequence: bool = True
-                     ) -> np.ndarray:
+def series_kinds(tokens: Tokens, source: str = "manifest", clusters: int = 16, seed: int = 0) -> np.ndarray:
+    """One int per gathered series saying which normal model it is compared with: its sequence as the manifest records
+    it (``manifest``; ``OUT/sequence.npy``, written by ``gather``), one kind for all (``none``), or (``clusters``) the
+    k-means cluster of its mean latent, fitted on the training series, which needs neither names nor labels."""
+    if source == "manifest":
+        return np.unique(np.load(tokens.out / "sequence.npy"), return_inverse=True)[1]
+    if source == "none":
+        return np.zeros(tokens.series.max() + 1, np.int64)
+    if source != "clusters":
+        raise ValueError(f"source must be manifest, clusters or none, got {source!r}")
+    count = np.bincount(tokens.series).astype(np.float64)
+    mean = np.zeros((len(count), tokens.latent.shape[1]))
+    np.add.at(mean, tokens.series, tokens.latent)
+    mean /= np.maximum(count, 1)[:, None]
+    training = np.unique(tokens.series[~tokens.held_out])
+    centre, spread = mean[training].mean(0), mean[training].std(0) + 1e-6
+    model = KMeans(clusters, n_init=10, random_state=seed).fit((mean[training] - centre) / spread)
+    return model.predict((mean - centre) / spread)
+
+
+def place_deviations(tokens: Tokens, normals: int = NORMALS, min_count: int = MIN_COUNT,
+                     kind: np.ndarray | None = None) -> np.ndarray:
     """(N, latent positions) |z| of every token's latent (the norm over its channels) against the normal model of its
-    place (``place_z``): per sequence, plane, patch index and latent position, over the tokens of ``normals`` normal
-    training studies; 0 where a place is not modelled. Without ``by_sequence`` all sequences share a place's model.
-    On a head-grid cache a patch index is the same place in every study; on the paper's grid it is not."""
+    place (``place_z``): per series kind (``series_kinds``; default: the manifest's sequence), plane, patch index and
+    latent position, over the tokens of ``normals`` normal training studies; 0 where a place is not modelled. On a
+    head-grid cache a patch index is the same place in every study; on the paper's grid it is not."""
     positions = int(latent_grid_shape().prod())
     latent = tokens.latent.reshape(len(tokens.latent), positions, -1)
-    sequence = (np.unique(np.load(tokens.out / "sequence.npy"), return_inverse=True)[1][tokens.series] if by_sequence
-                else np.zeros(len(latent), np.int64))  # sequence.npy: one per gathered series, written by gather
-    place = np.unique(np.c_[sequence, tokens.plane, tokens.grid], axis=0, return_inverse=True)[1].ravel()
+    kind = series_kinds(tokens) if kind is None else kind
+    place = np.unique(np.c_[kind[tokens.series], tokens.plane, tokens.grid], axis=0, return_inverse=True)[1].ravel()
     normal = tokens.splits["train"]["first"] + np.flatnonzero(tokens.abnormal("train") == 0)
     out = np.zeros((len(latent), positions), np.float32)
     for rows, z in place_z(latent, place, np.isin(tokens.study, normal[:normals]), min_count):
@@ -740,11 +761,14 @@ def place_deviations(tokens: Tokens, normals: int = NORMALS, min_count: int = MI
 def latent_atlas(tokens: Tokens, args) -> dict:
     """``atlas`` on the tokens (``place_deviations``): a held-out token scores as the largest |z| of its latent
     positions, a study as the mean of its TOP largest token scores."""
-    deviation = place_deviations(tokens, args.normals, args.min_count, not args.any_sequence)
+    kind = series_kinds(tokens, args.sequence, args.clusters)
+    deviation = place_deviations(tokens, args.normals, args.min_count, kind)
     scores = deviation.max(axis=1)
     modelled = deviation[tokens.held_out].max(axis=1) > 0
+    sequence = np.load(tokens.out / "sequence.npy")
     return {"normals": int(min((tokens.abnormal("train") == 0).sum(), args.normals)), "min_count": args.min_count,
-            "by_sequence": not args.any_sequence,
+            "sequence": args.sequence, "kinds": int(kind.max() + 1),
+            "agreement_with_sequence": adjusted_rand_score(sequence, kind),
             "modelled_tokens": float(modelled.mean()),
             **{split: tokens.study_auroc(scores, split) for split in ("val", "test")},
             "lesion_tokens": tokens.lesion_auroc(scores), "by_label": tokens.label_auroc(scores)}
@@ -803,8 +827,11 @@ def main(argv: list[str] | None = None) -> int:
     tokens_atlas = commands.add_parser("latent-atlas", help="a normal model of the latent per place (patch index)")
     tokens_atlas.add_argument("--normals", type=int, default=NORMALS, help="normal training studies in the model")
     tokens_atlas.add_argument("--min-count", type=int, default=MIN_COUNT, help="tokens a place needs to be modelled")
-    tokens_atlas.add_argument("--any-sequence", action="store_true",
-                              help="one model per place for every sequence (a real export without sequence labels)")
+    tokens_atlas.add_argument("--sequence", choices=("manifest", "clusters", "none"), default="manifest",
+                              help="which series share a normal model: those of one sequence as the manifest records "
+                                   "it, of one k-means cluster of the series' mean latent (no names or labels, as in a "
+                                   "real export), or all")
+    tokens_atlas.add_argument("--clusters", type=int, default=16, help="k-means clusters for --sequence clusters")
     args = parser.parse_args(argv)
     if hasattr(args, "features"):
         args.features = args.features.split(",")

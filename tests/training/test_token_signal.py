@@ -32,7 +32,8 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
             ["grid", "--supervision", "labels", "--steps", "1", "--batch", "2", "--width", "4"],
             ["atlas", "--normals", "3", "--spacing", "12", "--min-count", "1"],
             ["normative", "--frame", "grid", "--position-weight", "1", "--pool", "500"],
-            ["latent-atlas", "--min-count", "1"]]
+            ["latent-atlas", "--min-count", "1"],
+            ["latent-atlas", "--min-count", "1", "--sequence", "clusters", "--clusters", "2"]]
     for run in runs:
         assert token_signal.main(common + run) == 0
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -48,6 +49,8 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     assert set(lines[8]) >= {"template", "ras", "head"} and lines[8]["normals"] >= 1
     assert lines[9]["frame"] == "grid"
     assert 0.0 < lines[10]["modelled_tokens"] <= 1.0 and set(lines[10]) >= {"val", "test", "lesion_tokens"}
+    assert lines[10]["agreement_with_sequence"] == 1.0 and lines[11]["kinds"] == 2
+    assert -1.0 <= lines[11]["agreement_with_sequence"] <= 1.0 and lines[11]["sequence"] == "clusters"
     # another data set's training studies join the training split (here the same one again: twice as many)
     doubled = tmp_path / "doubled"
     assert token_signal.main([*common[:-1], str(doubled), "--extra-train", str(tiny_dataset.parent),
