@@ -77,6 +77,9 @@ p.add_argument("--place-normal", action="store_true",
                help="tokens enter as their latent's z against the normal training studies' tokens at the same place "
                     "(sequence, plane, patch index); a place is the same anatomy only on a head-grid cache")
 p.add_argument("--place-min-count", type=int, default=20, help="normal tokens a place needs to be modelled")
+p.add_argument("--place-kind", type=int, default=0, metavar="K",
+               help="with --place-normal: series share a normal model by the manifest's sequence (0), or by the k-means "
+                    "cluster (of K) of their mean latent, which needs no names (token_signal.latent_clusters)")
 p.add_argument("--place-form", default="z", choices=("z", "deviation"),
                help="with --place-normal: the signed z, or log1p(|z|) (token_signal's deviation feature)")
 a = p.parse_args()
@@ -104,22 +107,31 @@ tokens = {s: [cache.study_tokens(e.study_id, e.study_description) for e in es] f
 targets = {s: label_targets(es, space) for s, es in entries.items()}
 
 
-def place_normalise(entries, tokens, targets, min_count, form, clip=8.0):
-    """Every token's latent as its z against the normal model of its place (sequence, plane, patch index) over the
-    normal training studies' tokens (``token_signal.place_z``), clipped at +-``clip`` (``form`` "z"), or as
-    log1p(|z|) (``form`` "deviation"); 0 where a place is not modelled."""
-    from token_signal import place_z  # benchmarks/ is this script's folder
+def place_normalise(entries, tokens, targets, min_count, form, kinds, clip=8.0):
+    """Every token's latent as its z against the normal model of its place (series kind, plane, patch index) over
+    the normal training studies' tokens (``token_signal.place_z``), clipped at +-``clip`` (``form`` "z"), or as
+    log1p(|z|) (``form`` "deviation"); 0 where a place is not modelled. A series' kind is its sequence in the
+    manifest (``kinds`` 0) or the k-means cluster of its mean latent (``kinds`` clusters)."""
+    from token_signal import latent_clusters, place_z  # benchmarks/ is this script's folder
 
-    place_of, places, in_model, latents = {}, [], [], []
+    keys, coords, in_model, latents, means, training = [], [], [], [], [], []
     normal = targets["train"][0].sum(1) == 0
     for split in tokens:
         for index, (entry, study) in enumerate(zip(entries[split], tokens[split])):
             sequence = {s.name: s.sequence for s in entry.series}
             for series in study.series:
-                key = (sequence.get(series.name) or "unknown", series.plane)
-                places.append([place_of.setdefault((*key, *map(int, c)), len(place_of)) for c in series.coords])
+                keys.append((sequence.get(series.name) or "unknown", series.plane))
+                coords.append(series.coords)
                 in_model.append(np.full(len(series), split == "train" and bool(normal[index])))
                 latents.append(series.latents.numpy())
+                means.append(latents[-1].mean(0))
+                training.append(split == "train")
+    if kinds:
+        clusters = latent_clusters(np.array(means), np.flatnonzero(training), kinds)
+        keys = [(int(cluster), plane) for cluster, (_, plane) in zip(clusters, keys)]
+    place_of, places = {}, []
+    for key, series_coords in zip(keys, coords):
+        places.append([place_of.setdefault((*key, *map(int, c)), len(place_of)) for c in series_coords])
     latent = np.concatenate(latents)
     z = np.zeros(latent.shape, np.float32)
     for rows, values in place_z(latent, np.concatenate(places), np.concatenate(in_model), min_count):
@@ -135,7 +147,7 @@ def place_normalise(entries, tokens, targets, min_count, form, clip=8.0):
 
 
 if a.place_normal:
-    place_normalise(entries, tokens, targets, a.place_min_count, a.place_form)
+    place_normalise(entries, tokens, targets, a.place_min_count, a.place_form, a.place_kind)
 lesion = None
 if a.aux_lesion:  # per-token lesion share of every training series with a mask
     lesion = {}

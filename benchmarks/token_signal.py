@@ -735,10 +735,14 @@ def series_kinds(tokens: Tokens, source: str = "manifest", clusters: int = 16, s
     mean = np.zeros((len(count), tokens.latent.shape[1]))
     np.add.at(mean, tokens.series, tokens.latent)
     mean /= np.maximum(count, 1)[:, None]
-    training = np.unique(tokens.series[~tokens.held_out])
-    centre, spread = mean[training].mean(0), mean[training].std(0) + 1e-6
-    model = KMeans(clusters, n_init=10, random_state=seed).fit((mean[training] - centre) / spread)
-    return model.predict((mean - centre) / spread)
+    return latent_clusters(mean, np.unique(tokens.series[~tokens.held_out]), clusters, seed)
+
+
+def latent_clusters(series_mean: np.ndarray, training: np.ndarray, clusters: int, seed: int = 0) -> np.ndarray:
+    """The k-means cluster of every series' mean latent (S, 256), standardised and fitted on the ``training`` rows."""
+    centre, spread = series_mean[training].mean(0), series_mean[training].std(0) + 1e-6
+    model = KMeans(clusters, n_init=10, random_state=seed).fit((series_mean[training] - centre) / spread)
+    return model.predict((series_mean - centre) / spread)
 
 
 def place_deviations(tokens: Tokens, normals: int = NORMALS, min_count: int = MIN_COUNT,

@@ -14,8 +14,8 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "recipe_ablatio
 
 
 @pytest.mark.parametrize("options", [[], ["--task", "abnormal", "--place-form", "deviation"],
-                                     ["--pool", "topk", "--abnormal-weight", "1"]],
-                         ids=["task-heads", "abnormal-only", "token-pooling"])
+                                     ["--pool", "topk", "--abnormal-weight", "1", "--place-kind", "2"]],
+                         ids=["task-heads", "abnormal-only", "token-pooling-clustered-kinds"])
 def test_a_place_normalised_run_reports_every_split(options, tiny_dataset, tiny_token_cache, tmp_path):
     command = [sys.executable, str(BENCHMARK), "--data", str(tiny_dataset.parent), "--cache", str(tiny_token_cache),
                "--out", str(tmp_path), "--name", "tiny", "--steps", "2", "--batch", "2", "--place-normal",
