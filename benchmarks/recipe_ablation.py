@@ -407,8 +407,18 @@ probe = make_probe()
 result = {"name": a.name, "seed": a.seed, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
           "train_seconds": train_seconds}
 tokens["train100"] = tokens["train"][:100]; targets["train100"] = tuple(t[:100] for t in targets["train"])
-for split in ("train100", "val", "test"):
-    result[split] = metrics(split, *embed(split), probe=probe)
+outputs = {split: embed(split) for split in ("train100", "val", "test")}
+for split, (E, D, R, P, A) in outputs.items():
+    result[split] = metrics(split, E, D, R, P, A, probe=probe)
+# val and test together, so that more diagnoses have enough positives to be scored
+held_out_dx = np.concatenate([targets[split][0] for split in ("val", "test")])
+held_out_logits = np.concatenate([outputs[split][1] for split in ("val", "test")])
+scored = held_out_dx.sum(0) >= 5
+result["held_out_dx"] = {"mean_auroc": mean_auroc(held_out_dx[:, scored], held_out_logits[:, scored])[0]
+                         if scored.any() else None, "diagnoses": int(scored.sum())}
+np.savez_compressed(a.out / f"{a.name}_s{a.seed}_logits.npz",
+                    **{f"{split}_{kind}": values for split, out in outputs.items()
+                       for kind, values in zip(("diagnosis", "referral", "priority", "abnormal"), out[1:])})
 result["n"] = {s: len(v) for s, v in tokens.items()}
 print(json.dumps(result), flush=True)
 with open(a.out / "results.jsonl", "a") as f:
