@@ -80,11 +80,13 @@ def metadata_baseline(studies: list[StudyEntry], split: str = "test", train_spli
         train_split: the split fitted on.
 
     Returns:
-        ``{"split", "n_train", "n_test", "mean_auroc", "n_labels_scored", "per_label", "positives"}``:
-        ``per_label`` maps every label to its AUROC on ``split``, or None where that split (or the
-        train split) has no positive or no negative; ``mean_auroc`` averages the others (None if
-        none); ``positives`` counts each label's positives in ``split``; ``n_test`` is the number
-        of studies in ``split``.
+        ``{"split", "n_train", "n_test", "mean_auroc", "n_labels_scored", "per_label", "positives",
+        "abnormal_auroc"}``: ``per_label`` maps every label to its AUROC on ``split``, or None where
+        that split (or the train split) has no positive or no negative; ``mean_auroc`` averages the
+        others (None if none); ``positives`` counts each label's positives in ``split``; ``n_test``
+        is the number of studies in ``split``; ``abnormal_auroc`` is normal (no positive label)
+        against abnormal studies, from a regression fitted the same way (None where a split has one
+        kind only).
     """
     if split == train_split:
         raise ValueError(f"the scored split must differ from the train split, got {split!r} for both")
@@ -97,18 +99,20 @@ def metadata_baseline(studies: list[StudyEntry], split: str = "test", train_spli
         raise ValueError("the studies have no labels (an unlabelled export)")
     features = MetadataFeatures().fit(train)
     x_train, x_test = features.transform(train), features.transform(test)
+    def fitted_auroc(y_train: np.ndarray, y_test: np.ndarray) -> float | None:
+        if len(set(y_train)) < 2 or len(set(y_test)) < 2:
+            return None
+        model = LogisticRegression(class_weight="balanced", max_iter=2000, random_state=RANDOM_STATE)
+        model.fit(x_train, y_train)
+        return float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]))
+
     per_label: dict[str, float | None] = {}
     positives: dict[str, int] = {}
     for key in keys:
-        y_train = np.array([s.labels.get(key, 0) for s in train])
         y_test = np.array([s.labels.get(key, 0) for s in test])
         positives[key] = int(y_test.sum())
-        if len(set(y_train)) < 2 or len(set(y_test)) < 2:
-            per_label[key] = None
-            continue
-        model = LogisticRegression(class_weight="balanced", max_iter=2000, random_state=RANDOM_STATE)
-        model.fit(x_train, y_train)
-        per_label[key] = float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]))
+        per_label[key] = fitted_auroc(np.array([s.labels.get(key, 0) for s in train]), y_test)
+    abnormal = fitted_auroc(*(np.array([max(s.labels.values(), default=0) for s in split]) for split in (train, test)))
     scored = [v for v in per_label.values() if v is not None]
     return {
         "split": split,
@@ -118,6 +122,7 @@ def metadata_baseline(studies: list[StudyEntry], split: str = "test", train_spli
         "n_labels_scored": len(scored),
         "per_label": per_label,
         "positives": positives,
+        "abnormal_auroc": abnormal,
     }
 
 
@@ -152,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(a.manifest, a.split, a.out)
     except ValueError as error:
         parser.error(str(error))
-    mean = result["mean_auroc"]
+    mean, abnormal = result["mean_auroc"], result["abnormal_auroc"]
     print(f"metadata-only baseline on {result['split']} ({result['n_test']} studies, fitted on {result['n_train']}): "
-          f"mean AUROC {'n/a' if mean is None else f'{mean:.3f}'} over {result['n_labels_scored']} labels")
+          f"mean AUROC {'n/a' if mean is None else f'{mean:.3f}'} over {result['n_labels_scored']} labels; "
+          f"normal vs abnormal {'n/a' if abnormal is None else f'{abnormal:.3f}'}")
     top = sorted(((v, k) for k, v in result["per_label"].items() if v is not None), reverse=True)[:5]
     for auroc, key in top:
         print(f"  {auroc:.3f}  {key}  ({result['positives'][key]} positives)")
