@@ -21,7 +21,7 @@ diagnosis logits as the mean of a study's 8 largest token scores (linear scores 
 outputs, over all its series: the pooling of token_signal's ``mil``) instead of from the study embedding. Scored on
 100 training studies (is it fitting?), val and test: normal vs abnormal from the largest diagnosis logit and from
 the abnormal logit, mean diagnosis and referral AUROC, priority Spearman, and linear probes on the frozen study
-embedding fitted on the training split. One JSON line per run is appended to RUNS/results.jsonl.
+embedding fitted on the training split; val and test again with every series name and study description "unk". One JSON line per run is appended to RUNS/results.jsonl.
 """
 import argparse, dataclasses, json, time
 from pathlib import Path
@@ -206,7 +206,7 @@ def sample_tokens(series_tokens, rng):
     return series_tokens.subset(keep)
 
 
-def inputs_of(study_tokens, rng, train, study_id=None):
+def inputs_of(study_tokens, rng, train, study_id=None, unknown_names=False):
     series = list(study_tokens.series)
     if train and len(series) > 1:
         kept = [s for s in series if rng.random() >= 0.08]
@@ -219,7 +219,7 @@ def inputs_of(study_tokens, rng, train, study_id=None):
             name = "unk" if rng.random() < 0.07 else s2.name
         else:
             s2 = s.refilter(0.05, 25)
-            name = s2.name
+            name = "unk" if unknown_names else s2.name
         pairs.append((s2.features, name))
         if lesion is not None and train:
             ov = lesion.get((study_id, s.name))
@@ -228,7 +228,7 @@ def inputs_of(study_tokens, rng, train, study_id=None):
             else:
                 lookup = dict(zip(s.patch_indices.tolist(), ov.tolist()))
                 lesion_targets.append(torch.tensor([lookup.get(i, 0.0) for i in s2.patch_indices.tolist()], dtype=torch.float32))
-    desc = "unk" if train and rng.random() < 0.07 else study_tokens.description
+    desc = "unk" if (train and rng.random() < 0.07) or unknown_names else study_tokens.description
     return pairs, desc, lesion_targets
 
 
@@ -267,12 +267,12 @@ def diagnosis_logits(out, pooled):
 
 
 @torch.no_grad()
-def embed(split):
+def embed(split, unknown_names=False):
     visual.eval(); heads.eval()
     E, D, R, P, A = [], [], [], [], []
     ts = tokens[split]
     for i in range(0, len(ts), 16):
-        chunk = [inputs_of(t, None, False) for t in ts[i:i + 16]]
+        chunk = [inputs_of(t, None, False, unknown_names=unknown_names) for t in ts[i:i + 16]]
         with autocast(torch.device("cpu"), dtype):
             study, _, _, pooled = forward([c[0] for c in chunk], [c[1] for c in chunk], return_tokens=a.pool == "topk")
             out = heads(study)
@@ -410,6 +410,8 @@ tokens["train100"] = tokens["train"][:100]; targets["train100"] = tuple(t[:100] 
 outputs = {split: embed(split) for split in ("train100", "val", "test")}
 for split, (E, D, R, P, A) in outputs.items():
     result[split] = metrics(split, E, D, R, P, A, probe=probe)
+for split in ("val", "test"):  # every series name and study description "unk": what the names add
+    result[f"{split}_unk_names"] = metrics(split, *embed(split, unknown_names=True))
 # val and test together, so that more diagnoses have enough positives to be scored
 held_out_dx = np.concatenate([targets[split][0] for split in ("val", "test")])
 held_out_logits = np.concatenate([outputs[split][1] for split in ("val", "test")])

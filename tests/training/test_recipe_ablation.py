@@ -23,6 +23,6 @@ def test_a_place_normalised_run_reports_every_split(options, tiny_dataset, tiny_
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=BENCHMARK.parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert result["args"]["place_normal"] and {"val", "test"} <= set(result)
+    assert result["args"]["place_normal"] and {"val", "test", "val_unk_names", "test_unk_names"} <= set(result)
     assert all(result[split][key] is None or 0.0 <= result[split][key] <= 1.0
                for split in ("val", "test") for key in ("abnormal_auroc", "abnormal_logit_auroc"))
