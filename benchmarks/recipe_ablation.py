@@ -21,7 +21,8 @@ diagnosis logits as the mean of a study's 8 largest token scores (linear scores 
 outputs, over all its series: the pooling of token_signal's ``mil``) instead of from the study embedding. Scored on
 100 training studies (is it fitting?), val and test: normal vs abnormal from the largest diagnosis logit and from
 the abnormal logit, mean diagnosis and referral AUROC, priority Spearman, and linear probes on the frozen study
-embedding fitted on the training split; val and test again with every series name and study description "unk". One JSON line per run is appended to RUNS/results.jsonl.
+embedding fitted on the training split; val and test again with every series name and study description "unk".
+One JSON line per run is appended to RUNS/results.jsonl, and every split's logits to RUNS/NAME_sSEED_logits.npz.
 """
 import argparse, dataclasses, json, time
 from pathlib import Path
@@ -78,11 +79,14 @@ p.add_argument("--place-normal", action="store_true",
                     "(sequence, plane, patch index); a place is the same anatomy only on a head-grid cache")
 p.add_argument("--place-min-count", type=int, default=20, help="normal tokens a place needs to be modelled")
 p.add_argument("--place-kind", type=int, default=0, metavar="K",
-               help="with --place-normal: series share a normal model by the manifest's sequence (0), or by the k-means "
-                    "cluster (of K) of their mean latent, which needs no names (token_signal.latent_clusters)")
+               help="with --place-normal: series share a normal model by the manifest's sequence (0), or by the "
+                    "k-means cluster (of K) of their mean latent, which needs no names (token_signal.latent_clusters)")
 p.add_argument("--place-form", default="z", choices=("z", "deviation"),
                help="with --place-normal: the signed z, or log1p(|z|) (token_signal's deviation feature)")
 a = p.parse_args()
+if not a.place_normal and (a.place_kind or a.place_form != "z"):
+    p.error("--place-kind and --place-form need --place-normal")
+TOP = 8  # --pool topk: a study's logit is the mean of its TOP largest token scores, as in token_signal's mil
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed); np.random.seed(a.seed)
 
@@ -167,9 +171,10 @@ from prima.config import HeadsConfig
 heads = TaskHeads(visual.study_dim, HeadsConfig(hidden=256, dropout=a.dropout), len(space.diagnosis_keys),
                   len(space.referral_keys), len(space.priority_tiers))
 token_head = torch.nn.Linear(289, 1) if a.aux_lesion else None
-abnormal_head = (torch.nn.Linear(289, 1 + len(space.diagnosis_keys)) if a.pool == "topk"
-                 else torch.nn.Linear(visual.study_dim, 1))  # column 0: abnormal; topk: then one per diagnosis
-modules = torch.nn.ModuleList([visual, heads, abnormal_head] + ([token_head] if token_head is not None else []))
+# the abnormal logit (column 0), and with --pool topk the diagnosis logits after it, scored per token
+pooled_head = (torch.nn.Linear(289, 1 + len(space.diagnosis_keys)) if a.pool == "topk"
+               else torch.nn.Linear(visual.study_dim, 1))
+modules = torch.nn.ModuleList([visual, heads, pooled_head] + ([token_head] if token_head is not None else []))
 decay = [q for n, q in modules.named_parameters() if q.ndim >= 2 and "registers" not in n]
 no_decay = [q for n, q in modules.named_parameters() if not (q.ndim >= 2 and "registers" not in n)]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
@@ -251,14 +256,14 @@ def forward(batch_pairs, descs, return_tokens=False):
         token_out = None
     vectors, mask = batch.study_layout(series)
     study = visual.encode_study(vectors, mask, batch.description_ids, batch.description_mask)
-    if a.pool == "topk":  # per output, the mean of the study's 8 largest token scores over all its series
-        scores = abnormal_head(token_out.float()).masked_fill(~batch.token_mask[..., None], -torch.inf)
+    if a.pool == "topk":  # per output, the mean of the study's TOP largest token scores over all its series
+        scores = pooled_head(token_out.float()).masked_fill(~batch.token_mask[..., None], -torch.inf)
         per_study, usable = batch.study_layout(scores.flatten(1))  # (B, S, T * outputs)
         per_study = per_study.masked_fill(~usable[..., None], -torch.inf)
         per_study = per_study.unflatten(2, scores.shape[1:]).flatten(1, 2)  # (B, S * T, outputs)
-        pooled = per_study.topk(8, dim=1).values.mean(1)
+        pooled = per_study.topk(TOP, dim=1).values.mean(1)
     else:
-        pooled = abnormal_head(study.float())
+        pooled = pooled_head(study.float())
     return study, token_out, batch.token_mask, pooled
 
 
@@ -290,8 +295,8 @@ def mean_auroc(y, s):
 def metrics(split, E, D, R, P, A, probe=None):
     y, yr, yt = targets[split]
     ab = (y.sum(1) > 0).astype(int)
-    out = {"abnormal_auroc": auroc(ab, D.max(1)), "abnormal_logit_auroc": auroc(ab, A), "dx_mean_auroc": mean_auroc(y, D)[0],
-           "ref_mean_auroc": mean_auroc(yr, R)[0]}
+    out = {"abnormal_auroc": auroc(ab, D.max(1)), "abnormal_logit_auroc": auroc(ab, A),
+           "dx_mean_auroc": mean_auroc(y, D)[0], "ref_mean_auroc": mean_auroc(yr, R)[0]}
     from scipy.stats import spearmanr
     probs = torch.softmax(torch.from_numpy(P), 1).numpy()
     out["priority_spearman"] = float(spearmanr(probs @ np.arange(probs.shape[1]), yt).statistic)
