@@ -99,6 +99,7 @@ def metadata_baseline(studies: list[StudyEntry], split: str = "test", train_spli
         raise ValueError("the studies have no labels (an unlabelled export)")
     features = MetadataFeatures().fit(train)
     x_train, x_test = features.transform(train), features.transform(test)
+
     def fitted_auroc(y_train: np.ndarray, y_test: np.ndarray) -> float | None:
         if len(set(y_train)) < 2 or len(set(y_test)) < 2:
             return None
@@ -112,7 +113,10 @@ def metadata_baseline(studies: list[StudyEntry], split: str = "test", train_spli
         y_test = np.array([s.labels.get(key, 0) for s in test])
         positives[key] = int(y_test.sum())
         per_label[key] = fitted_auroc(np.array([s.labels.get(key, 0) for s in train]), y_test)
-    abnormal = fitted_auroc(*(np.array([max(s.labels.values(), default=0) for s in split]) for split in (train, test)))
+    def abnormal_of(studies: list[StudyEntry]) -> np.ndarray:
+        return np.array([max(s.labels.values(), default=0) for s in studies])
+
+    abnormal = fitted_auroc(abnormal_of(train), abnormal_of(test))
     scored = [v for v in per_label.values() if v is not None]
     return {
         "split": split,
