@@ -237,23 +237,12 @@ def inputs_of(study_tokens, rng, train, study_id=None, unknown_names=False):
     return pairs, desc, lesion_targets
 
 
-def forward(batch_pairs, descs, return_tokens=False):
-    """Study embeddings, the sequence ViT's token outputs (or None) and their mask, and the pooled logits: (B, 1)
-    abnormal, or with --pool topk (B, 1 + diagnoses)."""
+def forward(batch_pairs, descs):
+    """Study embeddings, the sequence ViT's token outputs and their mask, and the pooled logits: (B, 1) abnormal, or
+    with --pool topk (B, 1 + diagnoses)."""
     batch = pack_studies(batch_pairs, descs, seq.series_name.max_length, config.vision.study.description.max_length)
     names = visual.series_name_encoder(batch.name_ids, batch.name_mask)
-    if return_tokens:
-        sv = visual.sequence_vit
-        n_series, R = batch.tokens.shape[0], sv.config.registers
-        regs = sv.registers[None].expand(n_series, -1, -1).to(batch.tokens.dtype)
-        x = torch.cat([regs, names[:, None], batch.tokens], 1)
-        always = batch.token_mask.new_ones(n_series, R + 1)
-        x = sv.transformer(x, torch.cat([always, batch.token_mask], 1))
-        series = sv.proj(x[:, :R].flatten(1))
-        token_out = x[:, R + 1:]
-    else:
-        series = visual.sequence_vit(batch.tokens, batch.token_mask, names)
-        token_out = None
+    series, token_out = visual.sequence_vit.encode_with_tokens(batch.tokens, batch.token_mask, names)
     vectors, mask = batch.study_layout(series)
     study = visual.encode_study(vectors, mask, batch.description_ids, batch.description_mask)
     if a.pool == "topk":  # per output, the mean of the study's TOP largest token scores over all its series
@@ -279,7 +268,7 @@ def embed(split, unknown_names=False):
     for i in range(0, len(ts), 16):
         chunk = [inputs_of(t, None, False, unknown_names=unknown_names) for t in ts[i:i + 16]]
         with autocast(torch.device("cpu"), dtype):
-            study, _, _, pooled = forward([c[0] for c in chunk], [c[1] for c in chunk], return_tokens=a.pool == "topk")
+            study, _, _, pooled = forward([c[0] for c in chunk], [c[1] for c in chunk])
             out = heads(study)
         E.append(study.float()); D.append(diagnosis_logits(out, pooled).float()); R.append(out.referral_logits.float())
         P.append(out.priority_logits.float()); A.append(pooled[:, 0].float())
@@ -350,12 +339,8 @@ def masked_token_pretraining():
         x = x.clone()
         x[..., :256] = torch.where(hidden[..., None], mask_vector.expand_as(x[..., :256]), x[..., :256])
         names = visual.series_name_encoder(batch.name_ids, batch.name_mask)
-        R = sv.config.registers
-        regs = sv.registers[None].expand(x.shape[0], -1, -1)
         with autocast(torch.device("cpu"), dtype), attention_kernel("auto", torch.device("cpu")):
-            h = sv.transformer(torch.cat([regs, names[:, None], x], 1),
-                               torch.cat([batch.token_mask.new_ones(x.shape[0], R + 1), batch.token_mask], 1))
-            pred = head(h[:, R + 1:].float())
+            pred = head(sv.encode_with_tokens(x, batch.token_mask, names)[1].float())
         loss = ((pred - target) ** 2).mean(-1)[hidden].mean()
         lr = warmup_cosine(step, a.mtp_steps, max(1, a.mtp_steps // 10), a.lr)
         for g in o.param_groups: g["lr"] = lr
@@ -376,8 +361,7 @@ for step in range(a.steps):
     lr = warmup_cosine(step, a.steps, max(1, a.steps // 10), a.lr)
     for g in opt.param_groups: g["lr"] = lr
     with autocast(torch.device("cpu"), dtype), attention_kernel("auto", torch.device("cpu")):
-        study, token_out, token_mask, pooled = forward(
-            [c[0] for c in chunk], [c[1] for c in chunk], return_tokens=token_head is not None or a.pool == "topk")
+        study, token_out, token_mask, pooled = forward([c[0] for c in chunk], [c[1] for c in chunk])
         out = heads(study)
     abnormal_loss = F.binary_cross_entropy_with_logits(pooled[:, 0].float(), abnormal[idx].float())
     if a.task == "abnormal":

@@ -731,10 +731,9 @@ def series_kinds(tokens: Tokens, source: str = "manifest", clusters: int = 16, s
         return np.zeros(tokens.series.max() + 1, np.int64)
     if source != "clusters":
         raise ValueError(f"source must be manifest, clusters or none, got {source!r}")
-    count = np.bincount(tokens.series).astype(np.float64)
-    mean = np.zeros((len(count), tokens.latent.shape[1]))
-    np.add.at(mean, tokens.series, tokens.latent)
-    mean /= np.maximum(count, 1)[:, None]
+    starts = np.r_[0, np.flatnonzero(np.diff(tokens.series)) + 1]  # a series' tokens are gathered together
+    count = np.diff(np.r_[starts, len(tokens.series)])
+    mean = np.add.reduceat(tokens.latent, starts, axis=0, dtype=np.float64) / count[:, None]
     return latent_clusters(mean, np.unique(tokens.series[~tokens.held_out]), clusters, seed)
 
 

@@ -39,6 +39,16 @@ class SequenceViT(nn.Module):
         Returns:
             (S, out_dim) series vectors.
         """
+        return self.encode_with_tokens(tokens, token_mask, name_embedding)[0]
+
+    def encode_with_tokens(self, tokens: Tensor, token_mask: Tensor, name_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward``, also returning every token's output state.
+
+        Args: as ``forward``.
+
+        Returns:
+            (S, out_dim) series vectors and (S, T, 289) token outputs (padded positions are not meaningful).
+        """
         if tokens.ndim != 3 or tokens.shape[-1] != TOKEN_DIM:
             raise ValueError(f"tokens must have shape (S, T, {TOKEN_DIM}), got {tuple(tokens.shape)}")
         if token_mask.shape != tokens.shape[:2]:
@@ -48,4 +58,4 @@ class SequenceViT(nn.Module):
         x = torch.cat([registers, name_embedding[:, None].to(tokens.dtype), tokens], dim=1)
         always = token_mask.new_ones(n_series, n_registers + 1)
         x = self.transformer(x, torch.cat([always, token_mask.bool()], dim=1))
-        return self.proj(x[:, :n_registers].flatten(1))
+        return self.proj(x[:, :n_registers].flatten(1)), x[:, n_registers + 1:]

@@ -19,6 +19,18 @@ def test_series_vector_comes_from_the_concatenated_registers(vit):
     assert vit(tokens, mask, name).shape == (2, 24)
 
 
+def test_token_outputs_come_with_the_series_vector(vit):
+    tokens, mask, name = torch.randn(2, 5, 289), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 289)
+    mask[1, 3:] = False
+    series, token_outputs = vit.encode_with_tokens(tokens, mask, name)
+    torch.testing.assert_close(series, vit(tokens, mask, name), atol=0, rtol=0)
+    assert token_outputs.shape == (2, 5, 289)
+    changed = tokens.clone()
+    changed[0, 2] += torch.randn(289)  # only the changed token's own output moves beyond the others' share
+    moved = (vit.encode_with_tokens(changed, mask, name)[1][0] - token_outputs[0]).abs().sum(-1)
+    assert int(moved.argmax()) == 2
+
+
 def test_the_name_and_only_real_tokens_matter(vit):
     tokens, mask, name = torch.randn(1, 6, 289), torch.ones(1, 6, dtype=torch.bool), torch.randn(1, 289)
     mask[0, 4:] = False
