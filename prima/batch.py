@@ -356,8 +356,8 @@ def embed_manifest(manifest: str | Path, out: str | Path, weights: Release | str
             if tokens is None:
                 embeddings.failed[prepared.study_id] = prepared.error
                 continue
-            vectors = series_vectors(release, tokens, dtype)[None]
-            embedding = study_embedding(release, vectors, tokens.description, dtype)[0]
+            vectors, _ = series_vectors(release, tokens, dtype)
+            embedding = study_embedding(release, vectors[None], tokens.description, dtype)[0]
             embeddings.rows[prepared.study_id] = embedding.cpu().numpy()
         embeddings.write(part_path(out, context))
         counts.seconds = time.perf_counter() - started

@@ -16,6 +16,8 @@ LATENT_DIM = 256  # a quantised 8x8x2 latent with 2 channels
 POSITION_DIM_PER_AXIS = 10  # 5 sines + 5 cosines per patch-grid axis
 TOKEN_DIM = LATENT_DIM + 3 * POSITION_DIM_PER_AXIS + len(PLANES)  # 289
 GRIDS = ("field_of_view", "head")  # the preprocessed grids a series can be resampled onto (PreprocessConfig.grid)
+TOKEN_VALUES = ("latent", "place_deviation")  # what the sequence ViT reads of a token (VisionConfig.token_values)
+DIAGNOSIS_POOLS = ("embedding", "tokens")  # where the diagnosis logits are read from (HeadsConfig.diagnosis_pool)
 
 
 @dataclass
@@ -122,6 +124,13 @@ class VisionConfig:
     study: StudyViTConfig = field(default_factory=StudyViTConfig)
     patdis_hidden: int = 2560  # hidden width of the 2-layer patient-discrimination MLP
     patdis_dim: int = 128  # output width of the patient-discrimination MLP
+    token_values: str = "latent"  # what a token's first 256 features hold: its VQ-VAE "latent" (paper), or
+    #                               its "place_deviation" against the release's place-normal model (head grid
+    #                               only; docs/design.md, "Departures")
+
+    def __post_init__(self) -> None:
+        if self.token_values not in TOKEN_VALUES:
+            raise ValueError(f"token_values must be one of {TOKEN_VALUES}, got {self.token_values!r}")
 
 
 @dataclass
@@ -142,6 +151,16 @@ class HeadsConfig:
 
     hidden: int = 1024  # width of both hidden layers
     dropout: float = 0.1  # dropout after each hidden layer (training only)
+    diagnosis_pool: str = "embedding"  # "embedding": the diagnosis MLP reads the study embedding (paper);
+    #                                    "tokens": each diagnosis logit, and an abnormal logit, is the mean of the
+    #                                    study's top_tokens largest token scores (docs/design.md, "Departures")
+    top_tokens: int = 8  # "tokens" pooling: token scores averaged per study and output
+
+    def __post_init__(self) -> None:
+        if self.diagnosis_pool not in DIAGNOSIS_POOLS:
+            raise ValueError(f"diagnosis_pool must be one of {DIAGNOSIS_POOLS}, got {self.diagnosis_pool!r}")
+        if self.top_tokens < 1:
+            raise ValueError(f"top_tokens must be >= 1, got {self.top_tokens}")
 
 
 @dataclass
@@ -186,6 +205,9 @@ class PrimaConfig:
                 f"config {self.name!r}: study-description encoder out_dim must equal the study ViT width "
                 f"{study.width}, got {study.description.out_dim}"
             )
+        if self.vision.token_values == "place_deviation" and self.preprocess.grid != "head":
+            raise ConfigError(f"config {self.name!r}: place deviations need the head grid (a patch index is a place "
+                              f"only there), got grid {self.preprocess.grid!r}")
         for field_name, thresholds, n in (
             ("diagnosis_thresholds", self.diagnosis_thresholds, len(space.diagnoses)),
             ("referral_thresholds", self.referral_thresholds, len(space.referral_keys)),

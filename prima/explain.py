@@ -37,7 +37,8 @@ from prima.models.heads import HeadOutput
 from prima.models.name_encoder import encode_names
 from prima.patching import DEFAULT_PATCH_SIZE, unpatchify
 from prima.precision import autocast, autocast_dtype
-from prima.predict import Progress, get_release, ready_release, series_vectors, study_embedding
+from prima.predict import (Progress, encode_series, get_release, head_outputs, ready_release, series_vectors,
+                           study_embedding)
 from prima.release import Release
 from prima.spaces import on_gpu
 from prima.tokens import SeriesTokens, StudyTokens, tokenize_study
@@ -227,7 +228,7 @@ def masked_outputs(
     model = release.model
     device = model.logit_scale.device
     features = series.features.to(device)
-    others = series_vectors(release, tokens, dtype)  # (S, D); the explained series' row is replaced below
+    others, other_scores = series_vectors(release, tokens, dtype)  # the explained series' row is replaced below
     name_ids, name_mask = encode_names([series.name], model.config.vision.sequence.series_name.max_length)
     name_ids, name_mask = name_ids.to(device), name_mask.to(device)
     counts = masks.sum(1)
@@ -242,14 +243,16 @@ def masked_outputs(
         gather = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :length]
         token_mask = torch.arange(length, device=device)[None] < keep.sum(1, keepdim=True)
         batch = features[gather] * token_mask[..., None]
-        with autocast(device, dtype):
-            vectors = model.visual.encode_series(batch, token_mask, name_ids.expand(len(rows), -1),
-                                                 name_mask.expand(len(rows), -1)).float()
+        vectors, scores = encode_series(release, batch, token_mask, name_ids.expand(len(rows), -1),
+                                        name_mask.expand(len(rows), -1), dtype)
         study = others[None].repeat(len(rows), 1, 1)
         study[:, series_index] = vectors
-        embedding = study_embedding(release, study, tokens.description, dtype)
-        with autocast(device, dtype):
-            outputs[rows] = _target_output(release.heads(embedding), kind, index).cpu().double().numpy()
+        study_scores = None
+        if scores is not None:
+            study_scores = other_scores[None].repeat(len(rows), 1, 1, 1)
+            study_scores[:, series_index] = scores
+        heads, _ = head_outputs(release, study, study_scores, tokens.description, dtype)
+        outputs[rows] = _target_output(heads, kind, index).cpu().double().numpy()
         done = min(start + batch_size, len(order))
         report(done / len(order), f"explaining {series.name}: {done}/{len(order)} samples")
     return outputs
@@ -399,14 +402,19 @@ def series_contribution(
     tokens = _study_tokens(study, release, report, precision)
     dtype = autocast_dtype(release.model.logit_scale.device, precision)
     report(0.5, "dropping each series in turn")
-    vectors = series_vectors(release, tokens, dtype)
+    vectors, scores = series_vectors(release, tokens, dtype)
     count = len(vectors)
-    without = vectors[None].expand(count, -1, -1)[~torch.eye(count, dtype=torch.bool, device=vectors.device)]
+    others = ~torch.eye(count, dtype=torch.bool, device=vectors.device)
+
+    def without_each(per_series: Tensor) -> Tensor:  # (S, ...) -> (S, S - 1, ...): row i lacks series i
+        return per_series[None].expand(count, *per_series.shape)[others].reshape(count, count - 1,
+                                                                                 *per_series.shape[1:])
+
     logits = []
-    for batch in (vectors[None], without.reshape(count, count - 1, vectors.shape[-1])):
-        embedding = study_embedding(release, batch, tokens.description, dtype)
-        with autocast(vectors.device, dtype):
-            logits.append(release.heads(embedding).diagnosis_logits.float().cpu().double().numpy())
+    for batch, batch_scores in ((vectors[None], None if scores is None else scores[None]),
+                                (without_each(vectors), None if scores is None else without_each(scores))):
+        heads, _ = head_outputs(release, batch, batch_scores, tokens.description, dtype)
+        logits.append(heads.diagnosis_logits.float().cpu().double().numpy())
     report(1.0, "done")
     return SeriesContribution(list(release.config.label_space.diagnosis_keys), [s.name for s in tokens.series],
                               logits[0][0], logits[0] - logits[1])
@@ -468,7 +476,7 @@ def zero_shot(
     dtype = autocast_dtype(target, precision)
     if isinstance(study_or_embedding, (StudyTokens, Study, str, Path)):
         tokens = _study_tokens(study_or_embedding, release, lambda fraction, stage: None, precision)
-        embedding = study_embedding(release, series_vectors(release, tokens, dtype)[None], tokens.description, dtype)
+        embedding = study_embedding(release, series_vectors(release, tokens, dtype)[0][None], tokens.description, dtype)
     else:
         embedding = torch.as_tensor(np.asarray(study_or_embedding, dtype=np.float32), device=target)[None]
         if embedding.shape != (1, model.visual.study_dim):

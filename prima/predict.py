@@ -27,6 +27,7 @@ from prima.errors import ReleaseError
 from prima.io import Study, load_study
 from prima.io.orientation import voxel_spacing
 from prima.labels import LabelSpace
+from prima.models.heads import HeadOutput
 from prima.models.name_encoder import encode_names
 from prima.precision import autocast, autocast_dtype
 from prima.release import Release, load_release
@@ -160,7 +161,7 @@ def get_release(source: Release | str | Path, device: str | torch.device = "auto
     once per process and device and then reused (no reload per study)."""
     target = resolve_device(device)
     if isinstance(source, Release):
-        for module in (source.model, source.volume_tokenizer, source.heads):
+        for module in (source.model, source.volume_tokenizer, source.heads, source.place_normal):
             if module is not None:
                 module.to(target)
         return source
@@ -176,13 +177,31 @@ def _label_scores(keys: Sequence[str], names: Sequence[str], logits: Tensor, thr
             for key, name, logit, threshold in zip(keys, names, logits.tolist(), thresholds.tolist())]
 
 
-def series_vectors(release: Release, tokens: StudyTokens, dtype: torch.dtype | None) -> Tensor:
-    """(S, series_dim) sequence-ViT vectors of every series of a study, one padded batch."""
-    model = release.model
-    batch = model.pack([[(series.features, series.name) for series in tokens.series]], [tokens.description])
-    device = model.logit_scale.device
-    with torch.no_grad(), autocast(device, dtype):
-        return model.visual.encode_series(batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask).float()
+def encode_series(release: Release, tokens: Tensor, token_mask: Tensor, name_ids: Tensor, name_mask: Tensor,
+                  dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+    """The sequence ViT on padded series, and what the heads need of their tokens.
+
+    Args:
+        release: the release (its model, and its heads when they pool tokens).
+        tokens, token_mask, name_ids, name_mask: as ``PrimaVisual.encode_series``, on the model's device.
+        dtype: autocast dtype, None for fp32.
+
+    Returns:
+        (S, series_dim) float32 series vectors, and with token-pooling heads their (S, top_tokens, 1 + diagnoses)
+        float32 token scores (``TaskHeads.series_scores``), else None.
+    """
+    model, heads = release.model, release.heads
+    with torch.no_grad(), autocast(model.logit_scale.device, dtype):
+        vectors, token_outputs = model.visual.encode_series_with_tokens(tokens, token_mask, name_ids, name_mask)
+        scores = heads.series_scores(token_outputs, token_mask) if heads is not None and heads.pools_tokens else None
+    return vectors.float(), None if scores is None else scores.float()
+
+
+def series_vectors(release: Release, tokens: StudyTokens, dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+    """``encode_series`` of every series of a study, one padded batch: (S, series_dim) vectors and the (S,
+    top_tokens, outputs) token scores of token-pooling heads (else None)."""
+    batch = release.model.pack([[(series.features, series.name) for series in tokens.series]], [tokens.description])
+    return encode_series(release, batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask, dtype)
 
 
 def study_embedding(release: Release, vectors: Tensor, description: str | None, dtype: torch.dtype | None) -> Tensor:
@@ -193,6 +212,15 @@ def study_embedding(release: Release, vectors: Tensor, description: str | None, 
     series_mask = torch.ones(vectors.shape[:2], dtype=torch.bool, device=device)
     with torch.no_grad(), autocast(device, dtype):
         return model.visual.encode_study(vectors.to(device), series_mask, ids.to(device), mask.to(device)).float()
+
+
+def head_outputs(release: Release, vectors: Tensor, scores: Tensor | None, description: str | None,
+                 dtype: torch.dtype | None) -> tuple[HeadOutput, Tensor]:
+    """The heads' outputs and the study embeddings of (B, S, series_dim) series vectors (all present) and, with
+    token-pooling heads, their (B, S, top_tokens, outputs) token scores."""
+    embedding = study_embedding(release, vectors, description, dtype)
+    with torch.no_grad(), autocast(embedding.device, dtype):
+        return release.heads(embedding, None if scores is None else scores.to(embedding.device)), embedding
 
 
 def ready_release(release: Release | str | Path, device: str | torch.device = "auto") -> Release:
@@ -214,9 +242,9 @@ def predict_tokens(tokens: StudyTokens, release: Release, *, precision: str = "a
     target = release.model.logit_scale.device
     dtype = autocast_dtype(target, precision)
     started = time.perf_counter()
-    embedding = study_embedding(release, series_vectors(release, tokens, dtype)[None], tokens.description, dtype)
-    with torch.no_grad(), autocast(target, dtype):
-        heads = release.heads(embedding)
+    vectors, scores = series_vectors(release, tokens, dtype)
+    heads, embedding = head_outputs(release, vectors[None], None if scores is None else scores[None],
+                                    tokens.description, dtype)
     elapsed = time.perf_counter() - started
     space = release.config.label_space
     diagnoses = _label_scores(space.diagnosis_keys, [d.name for d in space.diagnoses],

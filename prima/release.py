@@ -8,6 +8,8 @@ A release is a folder::
                                    "text_proj.*", "logit_scale", "patdis_logit_scale"
     volume_tokenizer.safetensors   the VQ-VAE volume tokenizer, its config in the file's metadata (optional)
     heads.safetensors              the task heads, thresholds included (optional)
+    place_normal.safetensors       the place-normal model the tokens are read against (optional;
+                                   ``prima.models.place_normal``), mean and sd stored in fp16
     report_tokenizer.json          the byte-level BPE report tokenizer (``tokenizers`` format)
     README.md                      the model card
 
@@ -35,6 +37,7 @@ from prima.errors import ConfigError, ReleaseError
 from prima.factory import create_heads, create_model, create_volume_tokenizer
 from prima.models.clip import PrimaCLIP
 from prima.models.heads import TaskHeads
+from prima.models.place_normal import PlaceNormalModel
 from prima.models.text import ReportTokenizer
 from prima.models.vqvae import VQVAE
 
@@ -43,6 +46,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 VOLUME_TOKENIZER_FILE = "volume_tokenizer.safetensors"
 HEADS_FILE = "heads.safetensors"
+PLACE_NORMAL_FILE = "place_normal.safetensors"
 REPORT_TOKENIZER_FILE = "report_tokenizer.json"
 MODEL_CARD_FILE = "README.md"
 HF_SCHEME = "hf://"
@@ -61,6 +65,7 @@ class Release:
     heads: TaskHeads | None  # when the release ships them
     path: Path  # local folder the files were read from
     revision: str | None  # hub revision asked for, None for local folders
+    place_normal: PlaceNormalModel | None = None  # when the model reads tokens as deviations from normal
 
 
 def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,6 +128,7 @@ def save_release(
     report_tokenizer: ReportTokenizer,
     volume_tokenizer: VQVAE | None = None,
     heads: TaskHeads | None = None,
+    place_normal: PlaceNormalModel | None = None,
     model_card: str | None = None,
 ) -> Path:
     """Write a release folder (created if needed; existing release files are overwritten).
@@ -134,11 +140,15 @@ def save_release(
         volume_tokenizer: the VQ-VAE; its config replaces the model config's ``volume_tokenizer``
             section. ``None`` ships no volume tokenizer.
         heads: task heads; their thresholds are written into ``config.json`` too.
+        place_normal: the place-normal model the model was trained to read tokens against (``None``: latents).
         model_card: markdown for ``README.md``; a minimal card is written when ``None``.
 
     Returns:
         the folder path.
     """
+    if (place_normal is not None) != (model.config.vision.token_values == "place_deviation"):
+        raise ValueError(f"a model reading token {model.config.vision.token_values}s needs "
+                         f"{'a' if place_normal is None else 'no'} place-normal model")
     if report_tokenizer.vocab_size > model.config.text.vocab_size:
         raise ValueError(
             f"report tokenizer has {report_tokenizer.vocab_size} tokens, the text tower only "
@@ -155,7 +165,8 @@ def save_release(
             diagnosis_thresholds=heads.diagnosis_thresholds.tolist(),
             referral_thresholds=heads.referral_thresholds.tolist(),
         )
-    files = {"model": MODEL_FILE, "report_tokenizer": REPORT_TOKENIZER_FILE, "volume_tokenizer": None, "heads": None}
+    files = {"model": MODEL_FILE, "report_tokenizer": REPORT_TOKENIZER_FILE, "volume_tokenizer": None, "heads": None,
+             "place_normal": None}
     save_file(module_state(model), folder / MODEL_FILE, metadata={"format": "pt"})
     if volume_tokenizer is not None:
         save_volume_tokenizer(volume_tokenizer, folder / VOLUME_TOKENIZER_FILE)
@@ -163,6 +174,9 @@ def save_release(
     if heads is not None:
         save_file(module_state(heads), folder / HEADS_FILE, metadata={"format": "pt"})
         files["heads"] = HEADS_FILE
+    if place_normal is not None:
+        save_place_normal(place_normal, folder / PLACE_NORMAL_FILE)
+        files["place_normal"] = PLACE_NORMAL_FILE
     report_tokenizer.save(folder / REPORT_TOKENIZER_FILE)
     doc = config.to_dict()
     doc["release"] = {"format_version": FORMAT_VERSION, "files": files}
@@ -170,6 +184,32 @@ def save_release(
     card = model_card if model_card is not None else f"# {config.name}\n\nA Prima release (format {FORMAT_VERSION}).\n"
     (folder / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
     return folder
+
+
+def save_place_normal(model: PlaceNormalModel, path: str | Path) -> Path:
+    """Write a place-normal model; its per-place mean and sd in fp16 (a deviation needs no more, and they are
+    most of its size)."""
+    state = module_state(model)
+    for key in ("mean", "sd"):
+        state[key] = state[key].half()
+    save_file(state, path, metadata={"format": "pt"})
+    return Path(path)
+
+
+def load_place_normal(path: str | Path) -> PlaceNormalModel:
+    """A saved place-normal model (``save_place_normal``), in float32 on the CPU, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReleaseError(f"missing weight file {path}")
+    try:
+        state = load_file(path)
+        model = PlaceNormalModel.for_state(state)
+    except ValueError as exc:
+        raise ReleaseError(f"{path}: {exc}") from exc
+    except Exception as exc:  # safetensors raises its own error type for truncated or garbled files
+        raise ReleaseError(f"{path}: corrupted or truncated safetensors file: {exc}") from exc
+    load_weights(model, path)
+    return model.eval()
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str | None]:
@@ -287,7 +327,11 @@ def load_release(
     if files.get("heads"):
         heads = create_heads(config)
         load_weights(heads, folder / files["heads"])
-    for module in (model, volume_tokenizer, heads):
+    place_normal = load_place_normal(folder / files["place_normal"]) if files.get("place_normal") else None
+    if (place_normal is not None) != (config.vision.token_values == "place_deviation"):
+        raise ReleaseError(f"{folder}: the model reads token {config.vision.token_values}s, but the release "
+                           f"{'ships' if place_normal is not None else 'lacks'} a place-normal model")
+    for module in (model, volume_tokenizer, heads, place_normal):
         if module is not None:
             module.to(device).eval()
-    return Release(config, model, report_tokenizer, volume_tokenizer, heads, folder, revision)
+    return Release(config, model, report_tokenizer, volume_tokenizer, heads, folder, revision, place_normal)

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prima.config import PrimaConfig
+from prima.config import PrimaConfig, VolumeTokenizerConfig
 from prima.io.study import Series, Study
 from prima.models.features import token_features
+from prima.models.place_normal import PlaceNormalModel
 from prima.models.vqvae import VQVAE
 from prima.patching import foreground_fractions, patch_grid_shape, patchify, select_tokens
 from prima.precision import autocast, autocast_dtype
@@ -76,6 +77,8 @@ class SeriesTokens:
     coords: np.ndarray  # (K, 3) int64 patch-grid coordinates of each kept token, array-axis order
     codes: np.ndarray  # (K, 128) VQ-VAE codes of each kept token (``code_dtype``: int16 for 8192 codes)
     latents: Tensor  # (K, 256) float32 quantised latents (the codebook vectors of ``codes``)
+    deviations: Tensor | None = None  # (K, 256) each latent against a place-normal model (``place_normalised``);
+    #                                   when set, the sequence ViT reads these instead of the latents
 
     def __len__(self) -> int:
         return len(self.patch_indices)
@@ -87,16 +90,19 @@ class SeriesTokens:
 
     @property
     def features(self) -> Tensor:
-        """(K, 289) sequence-ViT input: ``[latent | sinusoidal position | plane one-hot]``."""
-        return token_features(self.latents, torch.from_numpy(self.coords), self.plane)
+        """(K, 289) sequence-ViT input: ``[latent (or its deviation) | sinusoidal position | plane one-hot]``."""
+        values = self.latents if self.deviations is None else self.deviations
+        return token_features(values, torch.from_numpy(self.coords), self.plane)
 
     def subset(self, keep: np.ndarray | list[int]) -> "SeriesTokens":
         """The tokens at positions ``keep`` (indices into this series' K tokens), in increasing order."""
         keep = np.unique(np.asarray(keep, dtype=np.int64))
         if len(keep) and (keep[0] < 0 or keep[-1] >= len(self)):
             raise ValueError(f"token indices must lie in [0, {len(self)}), got {keep.min()}..{keep.max()}")
+        rows = torch.from_numpy(keep)
         return dataclasses.replace(self, patch_indices=self.patch_indices[keep], coords=self.coords[keep],
-                                   codes=self.codes[keep], latents=self.latents[torch.from_numpy(keep)])
+                                   codes=self.codes[keep], latents=self.latents[rows],
+                                   deviations=None if self.deviations is None else self.deviations[rows])
 
     def refilter(self, min_fraction: float, min_tokens: int) -> "SeriesTokens":
         """Re-apply the background filter at ``min_fraction`` among the encoded tokens (a threshold at or
@@ -229,4 +235,27 @@ def tokenize_study(study: Study, release, *, min_fraction: float | None = None,
             on_series(index, series.name)
         tokens.append(tokenize_series(series, release.volume_tokenizer, release.config, min_fraction=min_fraction,
                                       batch_size=batch_size, precision=precision, head_centre=head_centre))
-    return StudyTokens(study.description, tokens)
+    study_tokens = StudyTokens(study.description, tokens)
+    if release.place_normal is not None:
+        return place_normalised(study_tokens, release.place_normal, release.config.volume_tokenizer)
+    return study_tokens
+
+
+def place_normalised(tokens: StudyTokens, model: PlaceNormalModel, config: VolumeTokenizerConfig) -> StudyTokens:
+    """The study with every token's ``deviations`` against the place-normal model set (the sequence ViT then
+    reads them instead of the latents). A series' kind is found from the mean latent of the tokens that the
+    config's background filter keeps, so training (whose cache keeps more) and inference agree on it.
+
+    Args:
+        tokens: the study's tokens (encoded at or below the config's filter threshold).
+        model: the release's ``PlaceNormalModel``.
+        config: the model config's volume-tokenizer section (its filter threshold and minimum token count).
+    """
+    device = model.centroids.device
+    series = []
+    for one in tokens.series:
+        kept = one.refilter(config.min_foreground_fraction, config.min_tokens)
+        kind = model.kind_of(kept.latents.to(device).mean(0, keepdim=True))[0]
+        series.append(dataclasses.replace(one, deviations=model.deviations(
+            one.latents.to(device), kind, one.plane, torch.from_numpy(one.patch_indices)).cpu()))
+    return dataclasses.replace(tokens, series=series)

@@ -53,11 +53,11 @@ class ToySequenceViT(nn.Module):
         self.register_buffer("weights", torch.tensor(weights))  # (M,)
         self.out_dim = out_dim
 
-    def forward(self, tokens: Tensor, token_mask: Tensor, name_embedding: Tensor) -> Tensor:
+    def encode_with_tokens(self, tokens: Tensor, token_mask: Tensor, name_embedding: Tensor) -> tuple[Tensor, Tensor]:
         hits = (tokens[:, :, None] == self.known[None, None]).all(-1) & token_mask[..., None]  # (S, T, M)
         out = tokens.new_zeros(len(tokens), self.out_dim)
         out[:, 0] = (hits.float() * self.weights).sum((1, 2))
-        return out
+        return out, tokens
 
 
 class ToyStudyViT(nn.Module):
@@ -70,11 +70,13 @@ class ToyStudyViT(nn.Module):
 class ToyHeads(nn.Module):
     """Every diagnosis and referral logit is component 0 of the study embedding."""
 
+    pools_tokens = False
+
     def __init__(self, n_diagnoses: int, n_referrals: int, n_tiers: int) -> None:
         super().__init__()
         self.sizes = n_diagnoses, n_referrals, n_tiers
 
-    def forward(self, embedding: Tensor) -> HeadOutput:
+    def forward(self, embedding: Tensor, series_scores: None = None) -> HeadOutput:
         value = embedding[:, :1]
         return HeadOutput(*(value.expand(-1, n) for n in self.sizes))
 
@@ -163,7 +165,7 @@ def test_batched_equals_masked_padding_equals_each_sample_alone(tokens, random_r
     with torch.no_grad():
         vectors = model.visual.encode_series(batch.tokens, torch.from_numpy(masks).bool(), batch.name_ids,
                                              batch.name_mask)
-        study = series_vectors(random_release, tokens, None)[None].repeat(len(masks), 1, 1)
+        study = series_vectors(random_release, tokens, None)[0][None].repeat(len(masks), 1, 1)
         study[:, index] = vectors
         heads = random_release.heads(study_embedding(random_release, study, tokens.description, None))
 

@@ -71,9 +71,11 @@ def test_inconsistent_configs_raise_config_error():
         PrimaConfig.from_dict(doc)
 
 
-def test_lite_head_is_lite_on_the_head_grid():
+def test_lite_head_is_lite_on_the_head_grid_reading_deviations_and_pooling_tokens():
     lite, head = (get_model_config(name).to_dict() for name in ("prima-lite", "prima-lite-head"))
     assert head["preprocess"]["grid"] == "head" and lite["preprocess"]["grid"] == "field_of_view"
+    assert (head["vision"]["token_values"], lite["vision"]["token_values"]) == ("place_deviation", "latent")
+    assert (head["heads"]["diagnosis_pool"], lite["heads"]["diagnosis_pool"]) == ("tokens", "embedding")
     for doc in (lite, head):
-        del doc["name"], doc["preprocess"]["grid"]
+        del doc["name"], doc["preprocess"]["grid"], doc["vision"]["token_values"], doc["heads"]["diagnosis_pool"]
     assert lite == head

@@ -86,7 +86,7 @@ def test_split_path_equals_the_full_forward(study, random_release, prediction):
     with torch.no_grad():
         embedding, vectors = model.visual(batch)
         logits = random_release.heads(embedding).diagnosis_logits[0]
-    torch.testing.assert_close(vectors, series_vectors(random_release, tokens, None), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vectors, series_vectors(random_release, tokens, None)[0], rtol=1e-5, atol=1e-5)
     got = torch.tensor([d.logit for d in prediction.diagnoses])
     torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
 

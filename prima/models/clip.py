@@ -59,7 +59,14 @@ class PrimaVisual(nn.Module):
     def encode_series(self, tokens: Tensor, token_mask: Tensor, name_ids: Tensor, name_mask: Tensor) -> Tensor:
         """Series vectors (S, series_dim) from padded token features (S, T, 289), their mask (S, T)
         and the series-name codes and mask (S, Ln)."""
-        return self.sequence_vit(tokens, token_mask, self.series_name_encoder(name_ids, name_mask))
+        return self.encode_series_with_tokens(tokens, token_mask, name_ids, name_mask)[0]
+
+    def encode_series_with_tokens(self, tokens: Tensor, token_mask: Tensor, name_ids: Tensor,
+                                  name_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``encode_series``, also returning the sequence ViT's token outputs (S, T, 289) (what token-pooling
+        heads score; padded positions are not meaningful)."""
+        names = self.series_name_encoder(name_ids, name_mask)
+        return self.sequence_vit.encode_with_tokens(tokens, token_mask, names)
 
     def encode_study(
         self, series_vectors: Tensor, series_mask: Tensor, description_ids: Tensor, description_mask: Tensor

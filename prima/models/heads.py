@@ -1,6 +1,11 @@
-"""Task heads on the frozen study embedding: 3-layer MLPs for the diagnoses (sigmoid each), the
-referrals (sigmoid each) and the priority tier (softmax). Each diagnosis and referral output keeps
-its operating threshold in logit units, so a prediction is positive when ``logit > threshold``.
+"""Task heads on the study embedding: 3-layer MLPs for the diagnoses (sigmoid each), the referrals
+(sigmoid each) and the priority tier (softmax). Each diagnosis and referral output keeps its operating
+threshold in logit units, so a prediction is positive when ``logit > threshold``.
+
+With ``diagnosis_pool="tokens"`` the diagnoses are read from the tokens instead: a linear layer scores every
+token output of the sequence ViT for an abnormal logit and each diagnosis, and a study's logit is the mean of
+its ``top_tokens`` largest scores over all its series. A few lesion tokens can then decide a study, which
+registers pooled over hundreds of tokens did not learn to do (docs/training.md).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prima.config import HeadsConfig
+from prima.config import TOKEN_DIM, HeadsConfig
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -30,6 +35,7 @@ class HeadOutput:
     diagnosis_logits: Tensor  # (B, n_diagnoses)
     referral_logits: Tensor  # (B, n_referrals)
     priority_logits: Tensor  # (B, n_tiers)
+    abnormal_logits: Tensor | None = None  # (B,) normal vs abnormal, with token pooling only
 
 
 class TaskHeads(nn.Module):
@@ -38,6 +44,9 @@ class TaskHeads(nn.Module):
         config: hidden width and dropout.
         n_diagnoses, n_referrals, n_tiers: output sizes (52, 11, 3 for the shipped label space).
         diagnosis_thresholds, referral_thresholds: operating thresholds in logit units; ``None`` = 0.
+
+    With ``config.diagnosis_pool == "tokens"`` the diagnosis MLP is replaced by ``token_scorer``, a linear layer
+    from a sequence-ViT token output (289) to the abnormal logit and the diagnosis logits (1 + n_diagnoses).
     """
 
     def __init__(
@@ -54,7 +63,11 @@ class TaskHeads(nn.Module):
         if min(in_dim, config.hidden, n_diagnoses, n_referrals, n_tiers) <= 0:
             raise ValueError("in_dim, hidden width and every output size must be positive")
         self.config = config
-        self.diagnosis = _mlp(in_dim, config.hidden, n_diagnoses, config.dropout)
+        self.pools_tokens = config.diagnosis_pool == "tokens"
+        if self.pools_tokens:
+            self.token_scorer = nn.Linear(TOKEN_DIM, 1 + n_diagnoses)
+        else:
+            self.diagnosis = _mlp(in_dim, config.hidden, n_diagnoses, config.dropout)
         self.referral = _mlp(in_dim, config.hidden, n_referrals, config.dropout)
         self.priority = _mlp(in_dim, config.hidden, n_tiers, config.dropout)
         self.register_buffer("diagnosis_thresholds", self._thresholds(diagnosis_thresholds, n_diagnoses, "diagnosis"))
@@ -68,10 +81,51 @@ class TaskHeads(nn.Module):
             raise ValueError(f"{len(values)} {what} thresholds for {n} outputs")
         return torch.tensor(values, dtype=torch.float32)
 
-    def forward(self, study_embedding: Tensor) -> HeadOutput:
-        """study_embedding: (B, in_dim)."""
-        return HeadOutput(
-            diagnosis_logits=self.diagnosis(study_embedding),
-            referral_logits=self.referral(study_embedding),
-            priority_logits=self.priority(study_embedding),
-        )
+    def series_scores(self, token_outputs: Tensor, token_mask: Tensor) -> Tensor:
+        """The ``top_tokens`` largest token scores of each series and output, all a study's pooling needs.
+
+        Args:
+            token_outputs: (S, T, 289) the sequence ViT's token outputs (``PrimaVisual.encode_series_with_tokens``).
+            token_mask: (S, T) bool, True for real tokens.
+
+        Returns:
+            (S, top_tokens, 1 + n_diagnoses) scores, largest first; -inf where a series has fewer tokens.
+        """
+        if not self.pools_tokens:
+            raise ValueError("these heads read the study embedding (diagnosis_pool 'embedding'), not token scores")
+        if token_outputs.ndim != 3 or token_mask.shape != token_outputs.shape[:2]:
+            raise ValueError(f"token_outputs (S, T, {TOKEN_DIM}) and token_mask (S, T) expected, got "
+                             f"{tuple(token_outputs.shape)} and {tuple(token_mask.shape)}")
+        scores = self.token_scorer(token_outputs).float().masked_fill(~token_mask.bool()[..., None], -torch.inf)
+        top = scores.topk(min(self.config.top_tokens, scores.shape[1]), dim=1).values
+        missing = self.config.top_tokens - top.shape[1]
+        return torch.cat([top, top.new_full((len(top), missing, top.shape[2]), -torch.inf)], 1) if missing else top
+
+    def pool(self, series_scores: Tensor) -> Tensor:
+        """(B, 1 + n_diagnoses) per study and output, the mean of its ``top_tokens`` largest token scores.
+
+        Args:
+            series_scores: (B, S, top_tokens, 1 + n_diagnoses) ``series_scores`` of each study's series, -inf
+                for padded series; a study needs at least one token.
+        """
+        scores = series_scores.flatten(1, 2)
+        top = scores.topk(min(self.config.top_tokens, scores.shape[1]), dim=1).values
+        real = torch.isfinite(top)
+        if not real[:, 0].all():
+            raise ValueError("every study needs at least one token score")
+        return torch.where(real, top, torch.zeros_like(top)).sum(1) / real.sum(1)
+
+    def forward(self, study_embedding: Tensor, series_scores: Tensor | None = None) -> HeadOutput:
+        """Args:
+            study_embedding: (B, in_dim).
+            series_scores: (B, S, top_tokens, 1 + n_diagnoses) token scores of each study's series (``series_scores``,
+                -inf for padded series); required with token pooling, refused without.
+        """
+        if self.pools_tokens != (series_scores is not None):
+            raise ValueError("token-pooling heads need series_scores" if self.pools_tokens
+                             else "these heads read the study embedding only: series_scores must be None")
+        referral, priority = self.referral(study_embedding), self.priority(study_embedding)
+        if not self.pools_tokens:
+            return HeadOutput(self.diagnosis(study_embedding), referral, priority)
+        pooled = self.pool(series_scores)
+        return HeadOutput(pooled[:, 1:], referral, priority, abnormal_logits=pooled[:, 0])
