@@ -9,7 +9,7 @@ A release is a folder::
     volume_tokenizer.safetensors   the VQ-VAE volume tokenizer, its config in the file's metadata (optional)
     heads.safetensors              the task heads, thresholds included (optional)
     place_normal.safetensors       the place-normal model the tokens are read against (optional;
-                                   ``prima.models.place_normal``), mean and sd stored in fp16
+                                   ``prima.models.place_normal``)
     report_tokenizer.json          the byte-level BPE report tokenizer (``tokenizers`` format)
     README.md                      the model card
 
@@ -187,12 +187,8 @@ def save_release(
 
 
 def save_place_normal(model: PlaceNormalModel, path: str | Path) -> Path:
-    """Write a place-normal model; its per-place mean and sd in fp16 (a deviation needs no more, and they are
-    most of its size)."""
-    state = module_state(model)
-    for key in ("mean", "sd"):
-        state[key] = state[key].half()
-    save_file(state, path, metadata={"format": "pt"})
+    """Write a place-normal model (one safetensors file, as it is in memory: its places at 8 bits a value)."""
+    save_file(module_state(model), path, metadata={"format": "pt"})
     return Path(path)
 
 

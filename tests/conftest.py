@@ -63,3 +63,14 @@ def random_release(random_release_path: Path):
     from prima.release import load_release
 
     return load_release(random_release_path)
+
+
+@pytest.fixture(scope="session")
+def pooling_release(tmp_path_factory: pytest.TempPathFactory):
+    """A prima-lite-head release with random weights: tokens read against a place-normal model, diagnoses pooled
+    from token scores."""
+    from helpers.releases import write_random_release
+
+    from prima.release import load_release
+
+    return load_release(write_random_release(tmp_path_factory.mktemp("pooling_release"), model="prima-lite-head"))

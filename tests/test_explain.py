@@ -322,3 +322,34 @@ def test_end_to_end_from_a_study_path(random_release_path, tokens):
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any("tokenizing" in stage for _, stage in seen) and any("40/40 samples" in s for _, s in seen)
     assert explanation.elapsed_s > 0
+
+
+def test_a_token_pooling_release_explains_and_drops_series_as_its_prediction_reads(pooling_release):
+    """With diagnoses pooled from token scores, LIME's batched samples equal each subset predicted alone, and the
+    series-drop analysis starts from the prediction's own logits and equals predicting without each series."""
+    tokens = tokenize_study(load_study(EXAMPLE), pooling_release, precision="fp32")
+    key = pooling_release.config.label_space.diagnosis_keys[3]
+    index = 1
+    series = tokens.series[index]
+    masks = keep_masks(len(series), 9, seed=2)
+    masks[1] = 0
+    masks[1, 0] = 1  # one token kept: fewer than the heads' top_tokens
+    batched = masked_outputs(tokens, pooling_release, index, masks, key, batch_size=4, dtype=None)
+
+    def logit(study_tokens: StudyTokens) -> np.ndarray:
+        return np.array([d.logit for d in predict_tokens(study_tokens, pooling_release, precision="fp32").diagnoses])
+
+    position = pooling_release.config.label_space.diagnosis_keys.index(key)
+    alone = []
+    for mask in masks:
+        subset = StudyTokens(tokens.description, list(tokens.series))
+        subset.series[index] = series.subset(np.flatnonzero(mask))
+        alone.append(logit(subset)[position])
+    assert np.abs(batched - np.array(alone)).max() <= 1e-4
+    assert np.ptp(alone) > 1e-4
+
+    contribution = series_contribution(tokens, pooling_release, device="cpu", precision="fp32")
+    full = logit(tokens)
+    assert np.abs(contribution.logits - full).max() <= 1e-4
+    without = StudyTokens(tokens.description, [s for i, s in enumerate(tokens.series) if i != index])
+    assert np.abs(contribution.deltas[index] - (full - logit(without))).max() <= 1e-4

@@ -122,3 +122,21 @@ def test_release_without_heads_or_study_without_series_raise(random_release, tmp
     with pytest.raises(NoUsableSeriesError):
         predict(empty, random_release)
     assert np.isfinite([d.logit for d in predict(EXAMPLES / "normal_dwi.zip", random_release).diagnoses]).all()
+
+
+def test_a_token_pooling_release_reads_deviations_and_pools_the_whole_batch_forward(study, pooling_release):
+    """prima-lite-head: the tokens carry their place deviations, and each diagnosis logit is what the heads make of
+    the one-batch forward of every series (the split path of series vectors and token scores changes nothing)."""
+    tokens = tokenize_study(study, pooling_release, precision="fp32")
+    assert all(s.deviations is not None and s.deviations.shape == s.latents.shape for s in tokens.series)
+    assert all(torch.equal(s.features[:, :256], s.deviations) for s in tokens.series)
+    model, heads = pooling_release.model, pooling_release.heads
+    batch = model.pack([[(t.features, t.name) for t in tokens.series]], [tokens.description])
+    with torch.no_grad():
+        embedding, _, token_outputs = model.visual.encode(batch)
+        expected = heads.on_batch(embedding, token_outputs, batch)
+    prediction = predict(study, pooling_release, device="cpu", precision="fp32")
+    got = torch.tensor([d.logit for d in prediction.diagnoses])
+    torch.testing.assert_close(got, expected.diagnosis_logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([r.logit for r in prediction.referrals]), expected.referral_logits[0],
+                               rtol=1e-5, atol=1e-5)

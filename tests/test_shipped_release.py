@@ -37,7 +37,8 @@ def test_model_card_carries_the_shipped_evaluation_and_how_it_was_made():
     assert "not for clinical use" in card and "python -m training.release --config" in card
     result = json.loads((evaluation / "eval.json").read_text(encoding="utf-8"))
     provenance = json.loads((evaluation / "provenance.json").read_text(encoding="utf-8"))
-    assert result["split"] == "test" and provenance["config"]["model"] == "prima-lite"
+    shipped_config = json.loads((SHIPPED / "config.json").read_text(encoding="utf-8"))
+    assert result["split"] == "test" and provenance["config"]["model"] == shipped_config["name"]
     assert (evaluation / "reliability.png").stat().st_size > 0
 
 

@@ -38,7 +38,7 @@ from prima.models.clip import zero_shot_prompt
 from prima.models.name_encoder import UNK_NAME
 from prima.precision import autocast, autocast_dtype
 from prima.predict import Prediction, predict_tokens, ready_release
-from prima.release import Release
+from prima.release import PLACE_NORMAL_FILE, Release
 from prima.tokens import StudyTokens, tokenize_study
 from training.ladder import abnormal_auroc, embedding_probe, token_lesion_probe
 from training.lesion_masks import lesion_mask_on_grid, token_lesion_overlap
@@ -223,10 +223,13 @@ def score(entries: list[StudyEntry], outputs: dict[str, np.ndarray], unk_outputs
 
 def tokens_identity(release: Release, precision: str) -> str:
     """What a study's tokens depend on besides its images: the volume tokenizer's weights, the release
-    config (preprocessing, filter threshold) and the precision."""
+    config (preprocessing, filter threshold), the place-normal model the deviations are read against and
+    the precision."""
     folder = Path(release.path)
+    normal = folder / PLACE_NORMAL_FILE
     return cache_key(volume_tokenizer=weights_digest(folder / "volume_tokenizer.safetensors"),
-                     config=(folder / "config.json").read_text(encoding="utf-8"), precision=precision)
+                     config=(folder / "config.json").read_text(encoding="utf-8"), precision=precision,
+                     place_normal=weights_digest(normal) if normal.exists() else None)
 
 
 def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "test", out: str | Path | None = None,

@@ -9,6 +9,9 @@ with cross-entropy. After every epoch each task is scored on validation (mean AU
 mean one-vs-rest AUROC over tiers) and the best epoch of each task is kept (paper). Operating thresholds
 are then chosen per label on validation (``training.metrics.choose_threshold``, Youden's J by default).
 Writes ``<out>/heads.safetensors`` (thresholds included) and ``<out>/heads.json``.
+
+Heads trained with the hViT (``training.clip`` with ``task_weight``; token-pooling heads can only be trained
+so) are given as ``trained``: they are kept as they are and only their thresholds are chosen on validation.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ from tqdm import tqdm
 from prima.config import PrimaConfig
 from prima.factory import create_heads, get_model_config
 from prima.losses import positive_weights, priority_ce, weighted_bce
-from prima.models.heads import TaskHeads
+from prima.models.heads import HeadOutput, TaskHeads
 from prima.precision import autocast_dtype
 from prima.release import load_weights, module_state
 from training.clip import load_clip
 from training.metrics import auroc, choose_threshold
 from training.runtime import config_dict, git_commit, parse_stage_args, print_on_main, seed_everything
-from training.study_data import AugmentConfig, label_targets, study_embeddings, token_studies
-from training.token_cache import TokenCache
+from training.study_data import AugmentConfig, label_targets, study_embeddings, study_outputs, token_studies
+from training.token_cache import TokenCache, token_reader
 
 HEADS_FILE = "heads.safetensors"
 SUMMARY_FILE = "heads.json"
@@ -49,6 +52,8 @@ class HeadsTrainConfig:
     token_cache: str  # token cache folder of that manifest
     clip: str  # clip.safetensors from training.clip (frozen)
     out: str  # run folder: heads.safetensors, heads.json
+    trained: str | None = None  # heads.safetensors trained jointly by training.clip: only thresholds are chosen
+    place_normal: str | None = None  # place_normal.safetensors, for a model config reading place deviations
     model: str = "prima-lite"  # model config of the CLIP weights and the heads
     train_views: int = 4  # embeddings per training study: one as inference sees it + augmented views
     series_dropout: float = 0.08  # augmentation of the extra views (as in CLIP training)
@@ -71,7 +76,14 @@ def task_scores(heads: TaskHeads, embeddings: torch.Tensor, diagnoses: np.ndarra
     """Validation score of each task: mean AUROC over scorable labels (priority: one-vs-rest per tier)."""
     heads.eval()
     with torch.no_grad():
-        output = heads(embeddings)
+        scores = task_scores_of(heads(embeddings), diagnoses, referrals, tiers)
+    heads.train()
+    return scores
+
+
+def task_scores_of(output: HeadOutput, diagnoses: np.ndarray, referrals: np.ndarray,
+                   tiers: np.ndarray) -> dict[str, float]:
+    """Mean AUROC of each task over its scorable labels (priority: one-vs-rest per tier)."""
     scores = {}
     for task, logits, targets in (("diagnosis", output.diagnosis_logits, diagnoses),
                                   ("referral", output.referral_logits, referrals),
@@ -79,8 +91,18 @@ def task_scores(heads: TaskHeads, embeddings: torch.Tensor, diagnoses: np.ndarra
         values = [auroc(targets[:, c], logits[:, c].numpy()) for c in range(targets.shape[1])]
         scored = [v for v in values if v is not None]
         scores[task] = float(np.mean(scored)) if scored else float("nan")
-    heads.train()
     return scores
+
+
+def choose_thresholds(heads: TaskHeads, output: HeadOutput, diagnoses: np.ndarray, referrals: np.ndarray,
+                      rule: str) -> None:
+    """Set the heads' operating thresholds from their validation outputs (``choose_threshold`` per label)."""
+    heads.diagnosis_thresholds.copy_(torch.tensor(
+        [choose_threshold(diagnoses[:, c], output.diagnosis_logits[:, c].numpy(), rule=rule)
+         for c in range(diagnoses.shape[1])]))
+    heads.referral_thresholds.copy_(torch.tensor(
+        [choose_threshold(referrals[:, c], output.referral_logits[:, c].numpy(), rule=rule)
+         for c in range(referrals.shape[1])]))
 
 
 def embed(model, studies, config: HeadsTrainConfig, views: int) -> tuple[torch.Tensor, list[int]]:
@@ -119,13 +141,18 @@ def train(config: HeadsTrainConfig) -> Path:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
     settings = get_model_config(config.model)
+    if settings.heads.diagnosis_pool == "tokens" and config.trained is None:
+        raise ValueError(f"model {config.model!r} pools diagnoses from token scores: its heads train with the hViT "
+                         "(training.clip with task_weight > 0); give them as trained")
     space = settings.label_space
-    cache = TokenCache(config.token_cache)
+    cache = TokenCache(config.token_cache, token_reader(settings, config.place_normal))
     train_studies = token_studies(config.manifest, cache, ["train"])
     val_studies = token_studies(config.manifest, cache, ["val"])
     if not train_studies or not val_studies:
         raise ValueError(f"need cached train and val studies, got {len(train_studies)} and {len(val_studies)}")
     model = load_clip(config.clip, config.model).to(config.device)
+    if config.trained is not None:
+        return thresholds_only(config, settings, model, val_studies, len(train_studies), started)
     train_x, owners = embed(model, train_studies, config, config.train_views)
     val_x, _ = embed(model, val_studies, config, 1)
     train_d, train_r, train_t = (a[owners] for a in label_targets([s.entry for s in train_studies], space))
@@ -164,18 +191,32 @@ def train(config: HeadsTrainConfig) -> Path:
 
     heads.eval()
     with torch.no_grad():
-        output = heads(val_x)
-    heads.diagnosis_thresholds.copy_(torch.tensor(
-        [choose_threshold(val_d[:, c], output.diagnosis_logits[:, c].numpy(), rule=config.threshold_rule)
-         for c in range(val_d.shape[1])]))
-    heads.referral_thresholds.copy_(torch.tensor(
-        [choose_threshold(val_r[:, c], output.referral_logits[:, c].numpy(), rule=config.threshold_rule)
-         for c in range(val_r.shape[1])]))
+        choose_thresholds(heads, heads(val_x), val_d, val_r, config.threshold_rule)
     save_file(module_state(heads), path, metadata={"format": "pt"})
     summary = {"best": {task: {"val_auroc": best[task][0], "epoch": best[task][1]} for task in TASKS},
                "train_studies": len(train_studies), "val_studies": len(val_studies), "history": history,
                "seconds": time.perf_counter() - started, "commit": git_commit(), "config": config_dict(config)}
     summary_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def thresholds_only(config: HeadsTrainConfig, settings: PrimaConfig, model, val_studies, train_count: int,
+                    started: float) -> Path:
+    """Heads trained with the hViT (``config.trained``): their thresholds chosen on validation, nothing trained."""
+    heads = load_heads(config.trained, settings).to(config.device)
+    dtype = autocast_dtype(torch.device(config.device), config.precision)
+    output = study_outputs(model, [s.tokens() for s in val_studies], settings, heads=heads,
+                           batch_size=config.embed_batch_size, dtype=dtype).heads
+    val_d, val_r, val_t = label_targets([s.entry for s in val_studies], settings.label_space)
+    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule)
+    path = Path(config.out) / HEADS_FILE
+    save_file(module_state(heads), path, metadata={"format": "pt"})
+    scores = task_scores_of(output, val_d, val_r, val_t)
+    summary = {"best": {task: {"val_auroc": scores[task], "epoch": None} for task in TASKS},
+               "trained_with_the_hvit": config.trained, "train_studies": train_count, "val_studies": len(val_studies),
+               "history": [], "seconds": time.perf_counter() - started, "commit": git_commit(),
+               "config": config_dict(config)}
+    (Path(config.out) / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return path
 
 

@@ -125,6 +125,25 @@ def shifted_rows(result: dict, shifted: dict | None) -> list[str]:
               for name, key in rows)]
 
 
+def recipe_description(config: PrimaConfig, clip: dict) -> str:
+    """What the card says the model is and how it learnt, from its model config and the release's clip section."""
+    task_weight, clip_weight = clip.get("task_weight", 0.0), clip.get("clip_weight", 1.0)
+    tokens = ("VQ-VAE volume tokens on the head grid, each read as its deviation from a place-normal model (the "
+              "normal training studies' tokens at the same place, by series kind)"
+              if config.vision.token_values == "place_deviation" else "VQ-VAE volume tokens")
+    objective = "CLIP against the reports and a patient-discrimination loss" if clip_weight > 0 else ""
+    if task_weight > 0:
+        objective += (" and " if objective else "") + "the task labels, jointly"
+    if config.heads.diagnosis_pool == "tokens":
+        heads = (f"diagnosis logits (and a normal-vs-abnormal logit) pooled as the mean of each study's "
+                 f"{config.heads.top_tokens} largest token scores, and MLP heads on the study embedding for 11 "
+                 "referrals and a 3-tier worklist priority")
+    else:
+        heads = "MLP heads for 52 diagnoses, 11 referrals and a 3-tier worklist priority"
+    return (f"A Prima brain-MRI vision-language model: {tokens}, a hierarchical ViT (sequence ViT per series, study "
+            f"ViT per study) trained with {objective}, and {heads}. No lesion mask was used in training.")
+
+
 def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_markdown: str,
                reliability_png: str, scaling: list[dict] | None = None, shifted: dict | None = None,
                localisation: dict | None = None) -> str:
@@ -149,9 +168,7 @@ def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_m
         "> **Research demo — not for clinical use.** Trained on synthetic studies only; not validated on real "
         "patients.",
         "",
-        "A Prima brain-MRI vision-language model: VQ-VAE volume tokens, a hierarchical ViT (sequence ViT per "
-        "series, study ViT per study) trained with CLIP against the reports and a patient-discrimination loss, "
-        "and MLP heads for 52 diagnoses, 11 referrals and a 3-tier worklist priority.",
+        recipe_description(config, provenance["config"].get("clip", {})),
         "",
         "## Intended use and limitations",
         "",

@@ -27,12 +27,11 @@ from tqdm import tqdm
 from prima.config import LATENT_DIM, PLANES
 from prima.factory import get_model_config
 from prima.models.place_normal import PLACE_STRIDE, PlaceNormalModel
-from prima.release import save_place_normal
+from prima.release import PLACE_NORMAL_FILE, save_place_normal
 from training.runtime import config_dict, git_commit, parse_stage_args, print_on_main
 from training.study_data import token_studies
 from training.token_cache import TokenCache
 
-PLACE_NORMAL_FILE = "place_normal.safetensors"
 SUMMARY_FILE = "place_normal.json"
 
 
@@ -127,9 +126,8 @@ def fit(config: PlaceNormalFitConfig) -> Path:
     model.kind_centre.copy_(torch.from_numpy(centre))
     model.kind_scale.copy_(torch.from_numpy(scale))
     model.centroids.copy_(torch.from_numpy(kmeans.cluster_centers_))
-    model.keys.copy_(torch.from_numpy(keys))  # sorted: groups ascending, patch indices ascending within each
-    model.mean.copy_(torch.from_numpy(np.concatenate(means_out)))
-    model.sd.copy_(torch.from_numpy(spread))
+    # keys are sorted: groups ascending, patch indices ascending within each
+    model.set_places(torch.from_numpy(keys), torch.from_numpy(np.concatenate(means_out)), torch.from_numpy(spread))
     save_place_normal(model, path)
     summary = {"places": len(keys), "kinds": config.kinds, "train_series": len(means),
                "normal_studies": sum(not s.abnormal for s in studies), "train_studies": len(studies),

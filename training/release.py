@@ -6,10 +6,13 @@ interrupted one continues from its checkpoint):
     data             training.synth (or a given manifest, e.g. from training.export_manifest)
     volume tokenizer training.volume_tokenizer.train (or given weights)
     token cache      training.token_cache
+    place normal     training.place_normal     (only for a model reading place deviations: prima-lite-head)
     report LM        training.report_lm        (BPE report tokenizer + GPT-2 next-token pre-training)
     series names     training.series_names     (series-name encoder CLIP pre-training)
-    clip             training.clip             (hViT CLIP + patient discrimination)
-    heads            training.heads            (diagnoses, referrals, priority; thresholds)
+    clip             training.clip             (hViT CLIP + patient discrimination; with task_weight the heads
+                                               trained jointly on the labels)
+    heads            training.heads            (diagnoses, referrals, priority; thresholds; only thresholds
+                                               for heads trained in the clip stage)
     release          prima.release.save_release, then training.evaluate on the test split, then the model card
     optional         a shifted test set, a localisation test set (focal lesions, for LIME) and the
                      data-scaling curve (config sections ``shifted``, ``localisation``, ``scaling``)
@@ -37,9 +40,10 @@ from prima.errors import ConfigError
 from prima.factory import get_model_config
 from prima.manifest import read_manifest, write_manifest
 from prima.models.text import ReportTokenizer
-from prima.release import load_volume_tokenizer, save_release, volume_tokenizer_provenance
+from prima.release import load_place_normal, load_volume_tokenizer, save_release, volume_tokenizer_provenance
 from training import clip as clip_stage
 from training import heads as heads_stage
+from training import place_normal as place_normal_stage
 from training import report_lm, series_names
 from training.evaluate import EVAL_JSON, EVAL_MARKDOWN, FOCAL_DIAGNOSES, RELIABILITY_PNG, evaluate
 from training.model_card import model_card
@@ -76,6 +80,7 @@ class ReleaseConfig:
     data: dict = field(default_factory=dict)  # training.synth settings (n, spacing, balance, ...) or {manifest: path}
     volume_tokenizer: dict = field(default_factory=dict)  # {weights: path} or training.volume_tokenizer.train fields
     token_cache: dict = field(default_factory=dict)  # training.token_cache fields
+    place_normal: dict = field(default_factory=dict)  # training.place_normal fields (a model reading deviations)
     report_lm: dict = field(default_factory=dict)  # training.report_lm fields
     series_names: dict = field(default_factory=dict)  # training.series_names fields
     clip: dict = field(default_factory=dict)  # training.clip fields
@@ -101,6 +106,7 @@ def check_release_config(doc: dict) -> ReleaseConfig:
              "volume_tokenizer": ("weights", *(f.name for f in dataclasses.fields(
                  volume_tokenizer_stage.VolumeTokenizerTrainConfig))),
              "token_cache": [f.name for f in dataclasses.fields(TokenCacheConfig)],
+             "place_normal": [f.name for f in dataclasses.fields(place_normal_stage.PlaceNormalFitConfig)],
              "report_lm": [f.name for f in dataclasses.fields(report_lm.ReportLMConfig)],
              "series_names": [f.name for f in dataclasses.fields(series_names.SeriesNamesConfig)],
              "clip": [f.name for f in dataclasses.fields(clip_stage.ClipTrainConfig)],
@@ -185,6 +191,13 @@ def build(config: ReleaseConfig, command: str) -> Path:
                                 model=config.model, device=config.device, threads=config.threads)
     cache = timer.run("token cache", lambda: build_token_cache(cache_config))
 
+    place_normal: dict[str, str] = {}  # the place_normal path of every stage reading tokens, when the model needs it
+    if get_model_config(config.model).vision.token_values == "place_deviation":
+        normal_config = stage_config(place_normal_stage.PlaceNormalFitConfig, config.place_normal, "place_normal",
+                                     manifest=str(manifest), token_cache=str(cache), out=str(work / "place_normal"),
+                                     model=config.model, seed=config.seed)
+        place_normal["place_normal"] = str(timer.run("place normal", lambda: place_normal_stage.fit(normal_config)))
+
     lm_config = stage_config(report_lm.ReportLMConfig, config.report_lm, "report_lm", manifest=str(manifest),
                              out=str(work / "report_lm"), **shared)
     timer.run("report LM", lambda: report_lm.train(lm_config))
@@ -193,19 +206,22 @@ def build(config: ReleaseConfig, command: str) -> Path:
 
     names_config = stage_config(series_names.SeriesNamesConfig, config.series_names, "series_names",
                                 manifest=str(manifest), token_cache=str(cache), out=str(work / "series_names"),
-                                **shared)
+                                **place_normal, **shared)
     names_path = timer.run("series names", lambda: series_names.train(names_config))
 
     clip_config = stage_config(clip_stage.ClipTrainConfig, config.clip, "clip", manifest=str(manifest),
                                token_cache=str(cache), report_tokenizer=str(tokenizer_path),
                                text_tower=str(text_tower_path), series_names=str(names_path),
-                               out=str(work / "clip"), **shared)
+                               out=str(work / "clip"), **place_normal, **shared)
     clip_path = timer.run("clip", lambda: clip_stage.train(clip_config))
+
+    def trained_heads(clip_weights: Path) -> dict[str, str]:  # heads the CLIP stage trained with the hViT
+        return {"trained": str(clip_weights.parent / clip_stage.HEADS_FILE)} if clip_config.task_weight > 0 else {}
 
     heads_config = stage_config(heads_stage.HeadsTrainConfig, config.heads, "heads", manifest=str(manifest),
                                 token_cache=str(cache), clip=str(clip_path), out=str(work / "heads"),
                                 model=config.model, device="cpu" if config.device == "auto" else config.device,
-                                threads=config.threads, seed=config.seed)
+                                threads=config.threads, seed=config.seed, **place_normal, **trained_heads(clip_path))
     heads_path = timer.run("heads", lambda: heads_stage.train(heads_config))
 
     out = Path(config.out)
@@ -213,8 +229,10 @@ def build(config: ReleaseConfig, command: str) -> Path:
     def assemble(folder: Path, clip_weights: Path, heads_weights: Path) -> Path:
         model = clip_stage.load_clip(clip_weights, config.model)
         heads = heads_stage.load_heads(heads_weights, get_model_config(config.model))
+        normal = load_place_normal(place_normal["place_normal"]) if place_normal else None
         return save_release(folder, model, report_tokenizer=ReportTokenizer.load(tokenizer_path),
-                            volume_tokenizer=load_volume_tokenizer(volume_tokenizer_path), heads=heads)
+                            volume_tokenizer=load_volume_tokenizer(volume_tokenizer_path), heads=heads,
+                            place_normal=normal)
 
     timer.run("assemble", lambda: assemble(out, clip_path, heads_path))
     options = {"n_boot": 1000, "lime_samples": 500, "lime_max": 150, **config.evaluate}
@@ -232,7 +250,8 @@ def build(config: ReleaseConfig, command: str) -> Path:
             "volume_tokenizer": volume_tokenizer_provenance(volume_tokenizer_path),
             "stage_summaries": {name: _summary(work / folder / file) for name, folder, file in (
                 ("report_lm", "report_lm", "report_lm.json"), ("series_names", "series_names", "series_names.json"),
-                ("clip", "clip", clip_stage.SUMMARY_FILE), ("heads", "heads", heads_stage.SUMMARY_FILE))},
+                ("clip", "clip", clip_stage.SUMMARY_FILE), ("heads", "heads", heads_stage.SUMMARY_FILE),
+                ("place_normal", "place_normal", place_normal_stage.SUMMARY_FILE))},
             "label_counts": _label_counts(manifest),
         }
         (out / EVALUATION_FOLDER / PROVENANCE_JSON).write_text(json.dumps(provenance, indent=1) + "\n",
@@ -268,7 +287,7 @@ def build(config: ReleaseConfig, command: str) -> Path:
                 clip_config, manifest=str(subset), out=str(folder / "clip"), steps=steps,
                 warmup=min(clip_config.warmup, max(1, steps // 5)), eval_every=max(1, steps)))
             heads_weights = heads_stage.train(dataclasses.replace(heads_config, manifest=str(subset), clip=str(
-                clip_weights), out=str(folder / "heads")))
+                clip_weights), out=str(folder / "heads"), **trained_heads(clip_weights)))
             scored = evaluate_once(assemble(folder / "release", clip_weights, heads_weights), manifest,
                                    folder / "evaluation", device=config.device, seed=config.seed,
                                    token_memo=test_tokens, **{**options, "n_boot": 0, "lime_max": 0})

@@ -63,7 +63,7 @@ from training.runtime import (
     seed_everything,
     warmup_cosine,
 )
-from training.token_cache import TokenCache
+from training.token_cache import TokenCache, token_reader
 
 SERIES_NAMES_FILE = "series_names.safetensors"
 SUMMARY_FILE = "series_names.json"
@@ -82,6 +82,7 @@ class SeriesNamesConfig:
     token_cache: str  # token cache folder of the manifest's studies (the one holding index.json)
     out: str  # run folder: checkpoint, log, series_names.json and the trained series_names.safetensors
     model: str = "prima-lite"  # model config whose series-name encoder and sequence ViT are trained
+    place_normal: str | None = None  # place_normal.safetensors, for a model config reading place deviations
     max_tokens: int = 256  # tokens kept per series (a random subset of longer series): bounds a step's cost
     steps: int = 3000  # optimiser steps
     batch_size: int = 32  # distinct names (one series each) per step, over all processes together
@@ -314,7 +315,7 @@ def train(config: SeriesNamesConfig) -> Path:
         torch.set_num_threads(config.threads)
     settings = get_model_config(config.model)
     max_length = settings.vision.sequence.series_name.max_length
-    cache = TokenCache(config.token_cache)
+    cache = TokenCache(config.token_cache, token_reader(settings, config.place_normal))
     cached = set(cache.study_ids)  # studies the cache could not load are absent from it
 
     def split_groups(split: str) -> NameGroups:

@@ -7,6 +7,7 @@ so a resumed run sees exactly the batches an uninterrupted one would, on any num
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -18,6 +19,7 @@ from prima.config import PrimaConfig, VolumeTokenizerConfig
 from prima.labels import LabelSpace
 from prima.manifest import StudyEntry, read_manifest
 from prima.models.clip import PrimaCLIP
+from prima.models.heads import HeadOutput, TaskHeads
 from prima.models.name_encoder import UNK_NAME
 from prima.precision import autocast
 from prima.tokens import SeriesTokens, StudyTokens
@@ -57,7 +59,7 @@ class TokenStudy:
     """One manifest study whose series are in the token cache."""
 
     entry: StudyEntry  # the manifest line
-    cache: TokenCache  # where its tokens are
+    cache: TokenCache  # where its tokens are (read as its ``read`` says)
 
     def tokens(self) -> StudyTokens:
         return self.cache.study_tokens(self.entry.study_id, self.entry.study_description)
@@ -161,22 +163,48 @@ def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
         yield items[start : start + batch_size]
 
 
-@torch.no_grad()
-def study_embeddings(model: PrimaCLIP, studies: Sequence[StudyTokens], config: PrimaConfig, *,
-                     augment: AugmentConfig = NO_AUGMENTATION, seed: int = 0, batch_size: int = 16,
-                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Raw hViT study embeddings (N, study_dim) and joint-space image features (N, embed_dim), float32 on
-    the CPU, of tokenized studies, ``batch_size`` studies per forward (no augmentation by default)."""
+@dataclass
+class StudyOutputs:
+    """What the model (and heads) make of a list of studies, float32 on the CPU."""
+
+    embeddings: Tensor  # (N, study_dim) raw hViT study embeddings
+    image_features: Tensor  # (N, embed_dim) L2-normalised joint-space image features
+    heads: HeadOutput | None  # the heads' outputs (when heads were given)
+
+
+def study_outputs(model: PrimaCLIP, studies: Sequence[StudyTokens], config: PrimaConfig, *,
+                  heads: TaskHeads | None = None, augment: AugmentConfig = NO_AUGMENTATION, seed: int = 0,
+                  batch_size: int = 16, dtype: torch.dtype | None = None) -> StudyOutputs:
+    """The model (and ``heads``) on tokenized studies, ``batch_size`` studies per forward, in eval mode (no
+    augmentation by default: what inference sees)."""
     model.eval()
+    if heads is not None:
+        heads.eval()
     device = model.logit_scale.device
-    raw, joint = [], []
+    raw, joint, outputs = [], [], []
     for first, chunk in zip(range(0, len(studies), batch_size), batches(studies, batch_size)):
         inputs = [study_inputs(tokens, augment, config.volume_tokenizer, step_rng(seed, 0, first + i))
                   for i, tokens in enumerate(chunk)]
         batch = model.pack([pairs for pairs, _ in inputs], [description for _, description in inputs])
-        with autocast(device, dtype):
-            study, _ = model.visual(batch)
+        with torch.no_grad(), autocast(device, dtype):
+            study, _, token_outputs = model.visual.encode(batch)
             features = model.image_proj(study)
+            if heads is not None:
+                outputs.append(heads.on_batch(study, token_outputs, batch))
         raw.append(study.float().cpu())
         joint.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-    return torch.cat(raw), torch.cat(joint)
+    def joined(name: str) -> Tensor | None:
+        parts = [getattr(output, name) for output in outputs]
+        return None if parts[0] is None else torch.cat([part.float().cpu() for part in parts])
+
+    head_output = HeadOutput(*map(joined, (f.name for f in dataclasses.fields(HeadOutput)))) if outputs else None
+    return StudyOutputs(torch.cat(raw), torch.cat(joint), head_output)
+
+
+def study_embeddings(model: PrimaCLIP, studies: Sequence[StudyTokens], config: PrimaConfig, *,
+                     augment: AugmentConfig = NO_AUGMENTATION, seed: int = 0, batch_size: int = 16,
+                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Raw hViT study embeddings (N, study_dim) and joint-space image features (N, embed_dim), float32 on
+    the CPU, of tokenized studies (``study_outputs`` without heads)."""
+    outputs = study_outputs(model, studies, config, augment=augment, seed=seed, batch_size=batch_size, dtype=dtype)
+    return outputs.embeddings, outputs.image_features

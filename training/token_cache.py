@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,8 +39,9 @@ from prima.distributed import resolve_device
 from prima.factory import get_model_config
 from prima.manifest import manifest_digest, read_manifest
 from prima.precision import autocast_dtype
-from prima.release import load_volume_tokenizer
-from prima.tokens import SeriesTokens, StudyTokens, check_volume_tokenizer, code_dtype, encode_filtered
+from prima.release import load_place_normal, load_volume_tokenizer
+from prima.tokens import (SeriesTokens, StudyTokens, check_volume_tokenizer, code_dtype, encode_filtered,
+                          place_normalised)
 from training.runtime import add_config_arguments, cache_key, distributed, file_digest, load_stage_config
 
 CACHE_VERSION = 1
@@ -163,10 +166,12 @@ class TokenCache:
 
     Args:
         folder: a cache folder written by :func:`build_token_cache` (holding ``index.json``).
+        read: applied to every study's tokens as they are read (``token_reader``); None keeps them as cached.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, read: Callable[[StudyTokens], StudyTokens] | None = None) -> None:
         self.folder = Path(folder)
+        self.read = read  # applied to every study's tokens (``token_reader``: place deviations)
         if not (self.folder / INDEX_FILE).exists():
             raise FileNotFoundError(f"{self.folder} is not a complete token cache (no {INDEX_FILE})")
         self.index = json.loads((self.folder / INDEX_FILE).read_text(encoding="utf-8"))
@@ -215,7 +220,21 @@ class TokenCache:
                 patch_indices=np.asarray(arrays["patch_indices"][start : start + count], dtype=np.int64),
                 coords=np.asarray(arrays["coords"][start * 3 : (start + count) * 3], dtype=np.int64).reshape(count, 3),
                 codes=codes, latents=self.latents(codes)))
-        return StudyTokens(description, series)
+        tokens = StudyTokens(description, series)
+        return tokens if self.read is None else self.read(tokens)
+
+
+def token_reader(config: PrimaConfig, place_normal: str | None) -> Callable[[StudyTokens], StudyTokens] | None:
+    """How a model config reads cached tokens (``TokenCache``'s ``read``): as they are, or against the
+    place-normal model saved at ``place_normal`` (``training.place_normal``), which a config reading place
+    deviations requires."""
+    wants = config.vision.token_values == "place_deviation"
+    if wants != (place_normal is not None):
+        raise ValueError(f"model {config.name!r} reads token {config.vision.token_values}s: "
+                         f"{'a place-normal model is needed' if wants else 'a place-normal model is not read'}")
+    if place_normal is None:
+        return None
+    return functools.partial(place_normalised, model=load_place_normal(place_normal), config=config.volume_tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,13 +41,14 @@ class StudyBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return StudyBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()})
 
-    def study_layout(self, series_vectors: Tensor) -> tuple[Tensor, Tensor]:
-        """Scatter per-series vectors (S, D) to (B, S_max, D) with a (B, S_max) mask of usable series.
+    def study_layout(self, series_vectors: Tensor, fill: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Scatter per-series values (S, ...) to (B, S_max, ...), ``fill`` where a study has fewer series, with a
+        (B, S_max) mask of usable series.
 
         A series is usable when it has at least one real token.
         """
         shape = (self.num_studies, self.max_series)
-        out = series_vectors.new_zeros(*shape, series_vectors.shape[-1])
+        out = series_vectors.new_full((*shape, *series_vectors.shape[1:]), fill)
         out[self.series_study, self.series_slot] = series_vectors
         mask = torch.zeros(shape, dtype=torch.bool, device=series_vectors.device)
         mask[self.series_study, self.series_slot] = self.token_mask.any(dim=-1)

@@ -80,12 +80,17 @@ class PrimaVisual(nn.Module):
         """Patient-discrimination embeddings (S, patdis_dim) of series vectors (S, series_dim)."""
         return self.patdis_proj(series_vectors)
 
-    def forward(self, batch: StudyBatch) -> tuple[Tensor, Tensor]:
-        """Returns the study embeddings (B, study_dim) and the series vectors (S, series_dim)."""
-        series = self.encode_series(batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask)
+    def encode(self, batch: StudyBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """``forward``, also returning the sequence ViT's token outputs (S, T, 289)."""
+        series, token_outputs = self.encode_series_with_tokens(batch.tokens, batch.token_mask, batch.name_ids,
+                                                               batch.name_mask)
         series_vectors, series_mask = batch.study_layout(series)
         study = self.encode_study(series_vectors, series_mask, batch.description_ids, batch.description_mask)
-        return study, series
+        return study, series, token_outputs
+
+    def forward(self, batch: StudyBatch) -> tuple[Tensor, Tensor]:
+        """Returns the study embeddings (B, study_dim) and the series vectors (S, series_dim)."""
+        return self.encode(batch)[:2]
 
 
 # Cap of both logit scales (temperature >= 0.01), as in CLIP: beyond it training becomes unstable.
@@ -117,6 +122,7 @@ class ClipOutput:
     series_study: Tensor  # (S,) study index of each series (the positives of eq. 8)
     series_valid: Tensor  # (S,) bool, True for series with at least one real token
     study_embedding: Tensor  # (B, visual.study_dim) raw hViT study embeddings (for the heads)
+    token_outputs: Tensor  # (S, T, 289) the sequence ViT's token outputs (for token-pooling heads)
 
 
 class PrimaCLIP(nn.Module):
@@ -188,7 +194,7 @@ class PrimaCLIP(nn.Module):
         return F.normalize(torch.cat(rows), dim=-1)
 
     def forward(self, batch: StudyBatch, text_ids: Tensor, text_mask: Tensor) -> ClipOutput:
-        study, series = self.visual(batch)
+        study, series, token_outputs = self.visual.encode(batch)
         return ClipOutput(
             image_features=F.normalize(self.image_proj(study), dim=-1),
             text_features=self.encode_text(text_ids, text_mask),
@@ -198,4 +204,5 @@ class PrimaCLIP(nn.Module):
             series_study=batch.series_study,
             series_valid=batch.token_mask.any(dim=-1),
             study_embedding=study,
+            token_outputs=token_outputs,
         )

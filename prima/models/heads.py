@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from prima.config import TOKEN_DIM, HeadsConfig
+from prima.models.batching import StudyBatch
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -114,6 +115,20 @@ class TaskHeads(nn.Module):
         if not real[:, 0].all():
             raise ValueError("every study needs at least one token score")
         return torch.where(real, top, torch.zeros_like(top)).sum(1) / real.sum(1)
+
+    def on_batch(self, study_embedding: Tensor, token_outputs: Tensor, batch: StudyBatch) -> HeadOutput:
+        """The outputs for a packed batch of studies.
+
+        Args:
+            study_embedding: (B, in_dim) the batch's study embeddings.
+            token_outputs: (S, T, 289) the sequence ViT's token outputs of the batch's series (read only when
+                pooling tokens; ``PrimaVisual.encode``).
+            batch: the ``StudyBatch`` they were computed from.
+        """
+        if not self.pools_tokens:
+            return self(study_embedding)
+        scores, _ = batch.study_layout(self.series_scores(token_outputs, batch.token_mask), fill=-torch.inf)
+        return self(study_embedding, scores)
 
     def forward(self, study_embedding: Tensor, series_scores: Tensor | None = None) -> HeadOutput:
         """Args:

@@ -35,11 +35,13 @@ class PlaceNormalModel(nn.Module):
         kinds: number of series kinds (k-means centroids).
         places: number of modelled places.
 
-    Buffers (filled by ``training.place_normal`` or a release's weights):
+    Buffers (filled by ``training.place_normal`` through ``set_places``, or by a release's weights):
         kind_centre, kind_scale: (256,) standardisation of a series' mean latent before its nearest centroid.
         centroids: (kinds, 256) k-means centroids of the standardised series mean latents.
         keys: (places,) int64 sorted place keys (``place_keys``).
-        mean, sd: (places, 256) the normal tokens' latent mean and spread at each place (sd > 0).
+        mean_codes, mean_offset, mean_step: each place's latent mean, 8 bits a value (``offset + step * code``
+            per latent value), which keeps a release within its size budget.
+        log_sd_codes, log_sd_offset, log_sd_step: each place's latent s.d., as the mean but in log space.
     """
 
     def __init__(self, kinds: int, places: int) -> None:
@@ -50,8 +52,35 @@ class PlaceNormalModel(nn.Module):
         self.register_buffer("kind_scale", torch.ones(LATENT_DIM))
         self.register_buffer("centroids", torch.zeros(kinds, LATENT_DIM))
         self.register_buffer("keys", torch.arange(places, dtype=torch.int64))
-        self.register_buffer("mean", torch.zeros(places, LATENT_DIM))
-        self.register_buffer("sd", torch.ones(places, LATENT_DIM))
+        for name in ("mean", "log_sd"):
+            self.register_buffer(f"{name}_codes", torch.zeros(places, LATENT_DIM, dtype=torch.uint8))
+            self.register_buffer(f"{name}_offset", torch.zeros(LATENT_DIM))
+            self.register_buffer(f"{name}_step", torch.zeros(LATENT_DIM))
+
+    def set_places(self, keys: Tensor, mean: Tensor, sd: Tensor) -> None:
+        """Store the modelled places: sorted unique ``keys`` (places,) and their latent ``mean`` and ``sd`` (places,
+        256), each latent value quantised to 256 levels over its range across the places."""
+        if keys.shape != self.keys.shape or mean.shape != self.mean_codes.shape or sd.shape != mean.shape:
+            raise ValueError(f"{len(self.keys)} places expected: keys (P,), mean and sd (P, {LATENT_DIM}), got "
+                             f"{tuple(keys.shape)}, {tuple(mean.shape)} and {tuple(sd.shape)}")
+        if len(keys) > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError("place keys must be sorted and unique")
+        if not bool((sd > 0).all()):
+            raise ValueError("every s.d. must be > 0")
+        self.keys.copy_(keys)
+        for name, values in (("mean", mean.double()), ("log_sd", sd.double().log())):
+            low, high = values.amin(0), values.amax(0)
+            step = (high - low) / 255
+            codes = torch.where(step > 0, (values - low) / step.clamp(min=1e-12), torch.zeros_like(values))
+            getattr(self, f"{name}_codes").copy_(codes.round().clamp(0, 255).to(torch.uint8))
+            getattr(self, f"{name}_offset").copy_(low)
+            getattr(self, f"{name}_step").copy_(step)
+
+    def normal_of(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(K, 256) float32 latent mean and s.d. of the places at ``rows`` (K,) (indices into ``keys``)."""
+        mean = self.mean_offset + self.mean_step * self.mean_codes[rows].float()
+        sd = torch.exp(self.log_sd_offset + self.log_sd_step * self.log_sd_codes[rows].float())
+        return mean, sd
 
     @classmethod
     def for_state(cls, state: dict[str, Tensor]) -> "PlaceNormalModel":
@@ -90,5 +119,6 @@ class PlaceNormalModel(nn.Module):
         keys = place_keys(kind.to(self.keys.device), PLANES.index(plane), patch_indices.to(self.keys.device))
         row = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
         modelled = self.keys[row] == keys
-        z = (latents.float() - self.mean[row].float()) / self.sd[row].float()
+        mean, sd = self.normal_of(row)
+        z = (latents.float() - mean) / sd
         return torch.where(modelled[:, None], torch.log1p(z.abs()), torch.zeros_like(z))

@@ -36,3 +36,14 @@ def tiny_token_cache(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactor
                               volume_tokenizer=str(_SHIPPED_VOLUME_TOKENIZER),
                               splits=("train", "val", "test"), min_fraction=0.02, device="cpu", precision="fp32")
     return build_token_cache(config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_head_token_cache(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The token cache of ``tiny_dataset`` on the head grid (``prima-lite-head``), every split: its folder."""
+    from training.token_cache import TokenCacheConfig, build_token_cache
+
+    config = TokenCacheConfig(manifest=str(tiny_dataset), out=str(tmp_path_factory.mktemp("tiny_head_cache")),
+                              model="prima-lite-head", volume_tokenizer=str(_SHIPPED_VOLUME_TOKENIZER),
+                              splits=("train", "val", "test"), min_fraction=0.02, device="cpu", precision="fp32")
+    return build_token_cache(config, progress=False)

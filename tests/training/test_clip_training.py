@@ -206,3 +206,66 @@ def test_clip_overfits_a_few_dozen_studies(overfit_set, tmp_path):
     assert moved["visual."] > 1e-3 and moved["text."] > 1e-3
     retrieval = validate(model, studies, ReportTokenizer.load(tokenizer_path), config, None)
     assert retrieval["image_to_text"]["top1"] >= 0.9 and retrieval["text_to_image"]["top1"] >= 0.9, retrieval
+
+
+@pytest.fixture(scope="module")
+def place_normal(tiny_dataset, tiny_head_token_cache, tmp_path_factory) -> Path:
+    from training.place_normal import PlaceNormalFitConfig, fit
+
+    return fit(PlaceNormalFitConfig(manifest=str(tiny_dataset), token_cache=str(tiny_head_token_cache),
+                                    out=str(tmp_path_factory.mktemp("place_normal")), kinds=2, min_count=2))
+
+
+def test_heads_train_jointly_on_place_deviations_and_resume(tiny_dataset, tiny_head_token_cache, report_tokenizer,
+                                                            place_normal, tmp_path):
+    """prima-lite-head without the CLIP loss: the token-pooling heads learn with the hViT on the labels, are saved
+    beside it and scored at validation; a resumed run equals an uninterrupted one, heads included."""
+    from training.heads import load_heads
+
+    def run(out: Path, steps: int = 4) -> Path:
+        return train(_config(tiny_dataset, tiny_head_token_cache, report_tokenizer, out, steps=steps,
+                             model="prima-lite-head", place_normal=str(place_normal), clip_weight=0.0,
+                             task_weight=1.0))
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "parts", steps=2)
+    parts = run(tmp_path / "parts")
+    for name in ("clip.safetensors", "heads.safetensors"):
+        first, second = load_file(whole.parent / name), load_file(parts.parent / name)
+        assert all(torch.equal(first[key], second[key]) for key in first)
+    heads = load_heads(whole.parent / "heads.safetensors", get_model_config("prima-lite-head"))
+    assert heads.pools_tokens
+    summary = json.loads((tmp_path / "whole" / "clip.json").read_text())
+    assert {"abnormal_auroc", "diagnosis_mean_auroc"} == set(summary["validation"][-1]["heads"])
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert logged[0]["task"] > 0 and logged[0]["loss"] == pytest.approx(logged[0]["task"], rel=1e-4)
+    assert "val_abnormal_auroc" in logged[1]
+
+    # the heads stage keeps heads trained with the hViT and only chooses their thresholds on validation
+    from training.heads import HeadsTrainConfig, train as train_heads
+
+    config = HeadsTrainConfig(manifest=str(tiny_dataset), token_cache=str(tiny_head_token_cache), clip=str(whole),
+                              out=str(tmp_path / "heads"), trained=str(whole.parent / "heads.safetensors"),
+                              place_normal=str(place_normal), model="prima-lite-head")
+    chosen = load_heads(train_heads(config), get_model_config("prima-lite-head"))
+    for key, value in heads.state_dict().items():
+        if not key.endswith("thresholds"):
+            assert torch.equal(chosen.state_dict()[key], value)
+    chosen_summary = json.loads((tmp_path / "heads" / "heads.json").read_text())
+    assert chosen_summary["trained_with_the_hvit"] == config.trained and chosen_summary["history"] == []
+    with pytest.raises(ValueError, match="give them as trained"):
+        train_heads(HeadsTrainConfig(manifest=str(tiny_dataset), token_cache=str(tiny_head_token_cache),
+                                     clip=str(whole), out=str(tmp_path / "again"), place_normal=str(place_normal),
+                                     model="prima-lite-head"))
+
+
+def test_bad_recipes_are_refused(tiny_dataset, tiny_token_cache, tiny_head_token_cache, report_tokenizer,
+                                 place_normal, tmp_path):
+    with pytest.raises(ValueError, match="place-normal model is needed"):
+        train(_config(tiny_dataset, tiny_head_token_cache, report_tokenizer, tmp_path, model="prima-lite-head"))
+    with pytest.raises(ValueError, match="not read"):
+        train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path, place_normal=str(place_normal)))
+    with pytest.raises(ValueError, match="nothing to train"):
+        train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path, clip_weight=0.0))
+    with pytest.raises(ValueError, match=">= 0"):
+        train(_config(tiny_dataset, tiny_token_cache, report_tokenizer, tmp_path, task_weight=-1.0))

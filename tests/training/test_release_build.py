@@ -3,6 +3,7 @@ release loads with prima.load_release and predicts, and its model card holds the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -40,6 +41,28 @@ def tiny_release_config(manifest: Path, tmp_path: Path) -> ReleaseConfig:
         localisation={"n": 2, "spacing": 6.0, "max_series": 3, "stratify": True},
         scaling={"fractions": [0.5], "steps": "proportional"},
     )
+
+
+def test_the_lite_recipe_releases_a_model_that_reads_place_deviations_and_pools_tokens(tiny_dataset, tmp_path):
+    """prima-lite-head: the place-normal stage runs after the token cache, the heads train with the hViT in the clip
+    stage and the heads stage only chooses their thresholds; the release ships the place-normal model and its
+    evaluation reads the studies through it."""
+    config = dataclasses.replace(
+        tiny_release_config(tiny_dataset, tmp_path), model="prima-lite-head",
+        place_normal={"kinds": 2, "min_count": 2}, shifted={}, localisation={}, scaling={},
+        clip={"steps": 3, "batch_size": 4, "warmup": 1, "max_tokens": 32, "eval_every": 3, "log_every": 1,
+              "precision": "fp32", "task_weight": 1.0})
+    folder = build(config, "python -m training.release --config tiny-head.yaml")
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert list(stages) == ["data", "token cache", "place normal", "report LM", "series names", "clip", "heads",
+                            "assemble", "evaluate"]
+    release = load_release(folder)
+    assert release.place_normal is not None and release.heads.pools_tokens
+    assert json.loads((tmp_path / "work" / "heads" / "heads.json").read_text())["trained_with_the_hvit"]
+    result = json.loads((folder / "evaluation" / "eval.json").read_text())
+    assert result["split"] == "test" and result["studies"] > 0
+    card = (folder / "README.md").read_text()
+    assert "deviation from a place-normal model" in card and "largest token scores" in card
 
 
 def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_path):
@@ -103,7 +126,7 @@ def test_shipped_release_configs_name_only_known_fields(name):
     check_release_config(read_config_file(REPO / "training" / "configs" / name))
 
 
-@pytest.mark.parametrize("stage", ["clip", "heads", "report_lm", "series_names", "token_cache", "evaluate",
+@pytest.mark.parametrize("stage", ["clip", "heads", "place_normal", "report_lm", "series_names", "token_cache", "evaluate",
                                    "release", "volume_tokenizer.train"])
 def test_every_stage_command_explains_itself(stage):
     result = subprocess.run([sys.executable, "-m", f"training.{stage}", "--help"], cwd=REPO, capture_output=True,

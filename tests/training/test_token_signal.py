@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "token_signal.py"
-SHIPPED_VOLUME_TOKENIZER = BENCHMARK.parents[1] / "assets" / "volume-tokenizer-lite" / "volume_tokenizer.safetensors"
 
 
 def _load():
@@ -60,15 +59,10 @@ def test_every_experiment_runs_on_a_tiny_data_set(tiny_dataset, tiny_token_cache
     assert again["test"] == lines[0]["test"]
 
 
-def test_a_head_grid_cache_is_read_with_its_own_preprocessing(tiny_dataset, tmp_path):
+def test_a_head_grid_cache_is_read_with_its_own_preprocessing(tiny_dataset, tiny_head_token_cache, tmp_path):
     """A cache built on the head grid (prima-lite-head): the lesion overlaps come from that grid (a mask resampled
     with the paper's preprocessing would not fit it and raise), and every token index lies in the box."""
-    from training.token_cache import TokenCacheConfig, build_token_cache
-
-    cache = build_token_cache(TokenCacheConfig(
-        manifest=str(tiny_dataset), out=str(tmp_path / "cache"), model="prima-lite-head", min_fraction=0.02,
-        volume_tokenizer=str(SHIPPED_VOLUME_TOKENIZER),
-        device="cpu", precision="fp32"), progress=False)
+    cache = tiny_head_token_cache
     token_signal = _load()
     out = tmp_path / "signal"
     for run in (["normative", "--frame", "grid", "--position-weight", "3", "--pool", "500"],
