@@ -47,7 +47,7 @@ from prima.precision import autocast_dtype
 from prima.predict import Prediction, get_release, predict_tokens, ready_release, series_vectors, study_embedding
 from prima.preprocess import grid_anchor
 from prima.release import Release
-from prima.tokens import FilteredPatches, StudyTokens, encode_filtered, filter_patches, series_patches
+from prima.tokens import FilteredPatches, StudyTokens, encode_filtered, filter_patches, read_by_model, series_patches
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -178,7 +178,8 @@ def _study_tokens(entries: Sequence[StudyEntry], release: Release, context: Dist
                 counts.studies += 1
                 counts.series += len(series)
                 counts.tokens += sum(len(s) for s in series)
-                yield prepared, StudyTokens(prepared.description, series), time.perf_counter() - started
+                yield prepared, read_by_model(StudyTokens(prepared.description, series), release), \
+                    time.perf_counter() - started
             bar.update()  # after the caller ran the model on it
 
 

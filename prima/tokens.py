@@ -235,10 +235,15 @@ def tokenize_study(study: Study, release, *, min_fraction: float | None = None,
             on_series(index, series.name)
         tokens.append(tokenize_series(series, release.volume_tokenizer, release.config, min_fraction=min_fraction,
                                       batch_size=batch_size, precision=precision, head_centre=head_centre))
-    study_tokens = StudyTokens(study.description, tokens)
-    if release.place_normal is not None:
-        return place_normalised(study_tokens, release.place_normal, release.config.volume_tokenizer)
-    return study_tokens
+    return read_by_model(StudyTokens(study.description, tokens), release)
+
+
+def read_by_model(tokens: StudyTokens, release) -> StudyTokens:
+    """A study's tokens as the release's model reads them: against its place-normal model when it ships one
+    (``place_normalised``), else as they are. Every path from a study to the model goes through it."""
+    if release.place_normal is None:
+        return tokens
+    return place_normalised(tokens, release.place_normal, release.config.volume_tokenizer)
 
 
 def place_normalised(tokens: StudyTokens, model: PlaceNormalModel, config: VolumeTokenizerConfig) -> StudyTokens:

@@ -75,6 +75,22 @@ def test_predict_batch_lines_follow_the_manifest_and_equal_predict(batch, manife
         assert set(record["timings_s"]) == {"load", "patches", "tokens", "model"}
 
 
+def test_predict_batch_reads_tokens_as_a_place_normal_release_does(manifest, pooling_release, tmp_path):
+    """The batch path builds its tokens itself: it must read them through the release's place-normal model, as
+    ``predict`` does."""
+    out = tmp_path / "preds.jsonl"
+    code, _, stderr = run_cli(["predict-batch", str(manifest), "--out", str(out), "--weights",
+                               str(pooling_release.path), "--workers", "1", *MODEL_ARGS])
+    assert code == 0, stderr
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    for entry, record in zip(read_manifest(manifest), records):
+        if entry.study_id == BROKEN:
+            continue
+        expected = predict(load_entry_study(entry), pooling_release, device="cpu", precision="fp32")
+        torch.testing.assert_close(torch.tensor([d["logit"] for d in record["diagnoses"]]),
+                                   torch.tensor([d.logit for d in expected.diagnoses]), rtol=0, atol=1e-5)
+
+
 def test_a_failing_study_is_reported_and_does_not_stop_the_batch(batch):
     records, stdout, stderr = batch
     broken = next(r for r in records if r["study_id"] == BROKEN)
