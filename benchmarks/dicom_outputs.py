@@ -44,7 +44,7 @@ from helpers.dcm2niix import oracle_volume, run_dcm2niix, to_canonical  # noqa: 
 from helpers.dicom_objects import frame_geometry  # noqa: E402
 from helpers.studies import write_three_plane_study  # noqa: E402
 from prima import export  # noqa: E402
-from prima.explain import explain  # noqa: E402
+from prima.explain import explain, series_contribution  # noqa: E402
 from prima.io import load_study  # noqa: E402
 from prima.predict import predict  # noqa: E402
 from prima.release import load_release  # noqa: E402
@@ -116,7 +116,10 @@ def _clean(files: list[Path], secrets: set[str]) -> bool:
 def check_series(name: str, folder: Path, study, prediction, release, index: int, out: Path,
                  num_samples: int) -> list[ObjectCheck]:
     series = study.series[index]
-    target = prediction.differential[0].key
+    # the diagnosis this series raises most: with token-pooled diagnoses a series whose tokens are not among the
+    # study's top scores for the leading diagnosis would get no positive LIME weight and nothing to outline
+    contribution = series_contribution(prediction.tokens, release, device="cpu")
+    target = contribution.diagnosis_keys[int(contribution.deltas[index].argmax())]
     lime = explain(prediction.tokens, release, target, index, num_samples=num_samples, device="cpu")
     tokens = prediction.tokens.series[index]
     stem = f"{name}-{index:02d}"

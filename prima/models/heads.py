@@ -107,14 +107,13 @@ class TaskHeads(nn.Module):
 
         Args:
             series_scores: (B, S, top_tokens, 1 + n_diagnoses) ``series_scores`` of each study's series, -inf
-                for padded series; a study needs at least one token.
+                for padded series. A study without any token (every series left out, as the series-drop analysis
+                does to a one-series study) scores 0: no evidence either way.
         """
         scores = series_scores.flatten(1, 2)
         top = scores.topk(min(self.config.top_tokens, scores.shape[1]), dim=1).values
         real = torch.isfinite(top)
-        if not real[:, 0].all():
-            raise ValueError("every study needs at least one token score")
-        return torch.where(real, top, torch.zeros_like(top)).sum(1) / real.sum(1)
+        return torch.where(real, top, torch.zeros_like(top)).sum(1) / real.sum(1).clamp(min=1)
 
     def on_batch(self, study_embedding: Tensor, token_outputs: Tensor, batch: StudyBatch) -> HeadOutput:
         """The outputs for a packed batch of studies.

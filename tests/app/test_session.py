@@ -19,7 +19,7 @@ from helpers.privacy import SECRETS, write_identified_study
 from prima.explain import heatmap
 from prima.io import load_study
 from prima.predict import predict
-from prima.preprocess import preprocess_series
+from prima.preprocess import grid_anchor, preprocess_series
 
 @pytest.fixture(scope="module")
 def identified_study(tmp_path_factory, mni_template):
@@ -40,7 +40,9 @@ def test_display_volumes_are_on_the_token_grid(normal_session, lite_release):
     study = load_study(normal_session_source())
     for series, volume, tokens in zip(study.series, normal_session.volumes, normal_session.prediction.tokens.series):
         assert volume.shape == tuple(tokens.shape) and volume.dtype == np.uint8
-        np.testing.assert_allclose(preprocess_series(series, lite_release.config.preprocess).affine, tokens.affine)
+        head_centre = grid_anchor(study.series, lite_release.config.preprocess)
+        np.testing.assert_allclose(preprocess_series(series, lite_release.config.preprocess, head_centre).affine,
+                                   tokens.affine)
 
 
 def test_explanations_are_computed_once(normal_session, lite_release):

@@ -74,8 +74,10 @@ def test_token_pooling_arguments_are_checked():
         plain(torch.randn(1, 64), torch.zeros(1, 1, 3, 6))
     with pytest.raises(ValueError, match="not token scores"):
         plain.series_scores(torch.zeros(1, 2, TOKEN_DIM), torch.ones(1, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="at least one token"):
-        pooling(torch.randn(1, 64), torch.full((1, 1, 3, 6), -torch.inf))
+    with torch.no_grad():  # no token at all (every series left out): no evidence either way
+        assert torch.equal(pooling.eval()(torch.randn(1, 64), torch.full((1, 1, 3, 6), -torch.inf)).diagnosis_logits,
+                           torch.zeros(1, 5))
+        assert torch.equal(pooling(torch.randn(1, 64), torch.zeros(1, 0, 3, 6)).abnormal_logits, torch.zeros(1))
     with pytest.raises(ValueError, match="diagnosis_pool"):
         HeadsConfig(diagnosis_pool="registers")
     with pytest.raises(ValueError, match="top_tokens"):
