@@ -6,9 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +18,8 @@ from prima.cli import main
 from prima.manifest import load_entry_study, read_manifest
 from prima.predict import predict
 from training.volume_tokenizer.mni_manifest import build_mni_manifest
+from helpers.torchrun import run_torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 BROKEN = "broken"  # the study whose series file does not exist
 MODEL_ARGS = ["--device", "cpu", "--precision", "fp32"]
 
@@ -136,12 +133,8 @@ def test_embeddings_parts_merge_in_manifest_order(tmp_path):
 
 def test_torchrun_two_processes_equal_one(batch, manifest, random_release_path, tmp_path):
     out = tmp_path / "preds.jsonl"
-    # --standalone: torchrun binds its rendezvous to a free local port.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "prima.cli", "predict-batch", str(manifest), "--out", str(out), "--weights",
-               str(random_release_path), "--workers", "0", "--embedding", *MODEL_ARGS]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(["-m", "prima.cli", "predict-batch", str(manifest), "--out", str(out), "--weights",
+                           str(random_release_path), "--workers", "0", "--embedding", *MODEL_ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 processes" in result.stdout and f"[rank 1] study {BROKEN} failed" in result.stderr
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

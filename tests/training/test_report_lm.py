@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,7 @@ from training.report_lm import (
     report_corpus,
     train,
 )
+from helpers.torchrun import run_torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 LITE_TEXT = get_model_config("prima-lite").text
@@ -140,11 +138,7 @@ def test_two_processes_give_the_losses_of_one(tiny_dataset: Path, tmp_path: Path
     args = ["--manifest", str(tiny_dataset), "--steps", "3", "--batch-size", "4", "--warmup", "8", "--log-every",
             "1", "--eval-every", "3", "--precision", "fp32", "--device", "cpu", "--threads", "1"]
     train(parse_args([*args, "--out", str(tmp_path / "one")]))
-    # --standalone: torchrun binds its rendezvous to a free local port.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "training.report_lm", *args, "--out", str(tmp_path / "two")]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_torchrun(["-m", "training.report_lm", *args, "--out", str(tmp_path / "two")])
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]

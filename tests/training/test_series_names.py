@@ -4,9 +4,6 @@ distinct names and gives the same losses on two processes as on one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ from training.series_names import (
     parse_args,
     train,
 )
+from helpers.torchrun import run_torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,9 +166,8 @@ def test_two_processes_give_the_losses_of_one(tiny_dataset: Path, tiny_token_cac
     flags = ["--manifest", settings.manifest, "--token-cache", settings.token_cache, "--out", str(tmp_path / "two"),
              "--steps", "3", "--batch-size", "4", "--max-tokens", "16", "--lr", "1e-4", "--warmup", "20",
              "--eval-every", "3", "--log-every", "1", "--precision", "fp32", "--device", "cpu", "--threads", "1"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "training.series_names", *flags], cwd=REPO, check=True, timeout=120,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    result = run_torchrun(["-m", "training.series_names", *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
     one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=1e-5)

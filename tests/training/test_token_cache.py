@@ -4,9 +4,6 @@ cache keyed by what built it, sharded across torchrun processes."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from prima.release import load_release, load_volume_tokenizer, save_release, sav
 from prima.tokens import tokenize_study
 from training.token_cache import INDEX_FILE, TokenCache, TokenCacheConfig, build_token_cache
 from training.volume_tokenizer.mni_manifest import build_mni_manifest
+from helpers.torchrun import run_torchrun
 
 SMALL = VolumeTokenizerConfig(channels=8, res_layers=1, codebook_size=64)
 
@@ -80,10 +78,7 @@ def test_two_torchrun_processes_write_the_same_tokens(tmp_path, weights):
     manifest = build_mni_manifest(tmp_path / "mni", subjects=2, seed=3, series_per_subject=1)
     args = ["--manifest", str(manifest), "--volume-tokenizer", str(weights), "--device", "cpu", "--threads", "1",
             "--splits", "train", "val", "test"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", "-m", "training.token_cache", *args, "--out", str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=240, env=env)
+    done = run_torchrun(["-m", "training.token_cache", *args, "--out", str(tmp_path / "two")], timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     single = build_token_cache(TokenCacheConfig(manifest=str(manifest), out=str(tmp_path / "one"),
                                                 volume_tokenizer=str(weights), device="cpu",
