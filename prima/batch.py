@@ -44,7 +44,7 @@ from prima.distributed import DistributedContext, distributed
 from prima.errors import ManifestError, ReleaseError
 from prima.manifest import StudyEntry, load_entry_study, read_manifest
 from prima.precision import autocast_dtype
-from prima.predict import Prediction, get_release, predict_tokens, ready_release, series_vectors, study_embedding
+from prima.predict import Prediction, get_release, predict_tokens, ready_release, series_outputs, study_embedding
 from prima.preprocess import grid_anchor
 from prima.release import Release
 from prima.tokens import FilteredPatches, StudyTokens, encode_filtered, filter_patches, read_by_model, series_patches
@@ -357,7 +357,7 @@ def embed_manifest(manifest: str | Path, out: str | Path, weights: Release | str
             if tokens is None:
                 embeddings.failed[prepared.study_id] = prepared.error
                 continue
-            vectors, _ = series_vectors(release, tokens, dtype)
+            vectors = series_outputs(release, tokens, dtype).vectors
             embedding = study_embedding(release, vectors[None], tokens.description, dtype)[0]
             embeddings.rows[prepared.study_id] = embedding.cpu().numpy()
         embeddings.write(part_path(out, context))

@@ -37,7 +37,7 @@ from prima.models.heads import HeadOutput
 from prima.models.name_encoder import encode_names
 from prima.patching import DEFAULT_PATCH_SIZE, unpatchify
 from prima.precision import autocast, autocast_dtype
-from prima.predict import (Progress, encode_series, get_release, head_outputs, ready_release, series_vectors,
+from prima.predict import (Progress, get_release, head_outputs, padded_series_outputs, ready_release, series_outputs,
                            study_embedding)
 from prima.release import Release
 from prima.spaces import on_gpu
@@ -228,7 +228,7 @@ def masked_outputs(
     model = release.model
     device = model.logit_scale.device
     features = series.features.to(device)
-    others, other_scores = series_vectors(release, tokens, dtype)  # the explained series' row is replaced below
+    others, other_scores = series_outputs(release, tokens, dtype)  # the explained series' row is replaced below
     name_ids, name_mask = encode_names([series.name], model.config.vision.sequence.series_name.max_length)
     name_ids, name_mask = name_ids.to(device), name_mask.to(device)
     counts = masks.sum(1)
@@ -243,8 +243,8 @@ def masked_outputs(
         gather = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :length]
         token_mask = torch.arange(length, device=device)[None] < keep.sum(1, keepdim=True)
         batch = features[gather] * token_mask[..., None]
-        vectors, scores = encode_series(release, batch, token_mask, name_ids.expand(len(rows), -1),
-                                        name_mask.expand(len(rows), -1), dtype)
+        vectors, scores = padded_series_outputs(release, batch, token_mask, name_ids.expand(len(rows), -1),
+                                                name_mask.expand(len(rows), -1), dtype)
         study = others[None].repeat(len(rows), 1, 1)
         study[:, series_index] = vectors
         study_scores = None
@@ -402,7 +402,7 @@ def series_contribution(
     tokens = _study_tokens(study, release, report, precision)
     dtype = autocast_dtype(release.model.logit_scale.device, precision)
     report(0.5, "dropping each series in turn")
-    vectors, scores = series_vectors(release, tokens, dtype)
+    vectors, scores = series_outputs(release, tokens, dtype)
     count = len(vectors)
     others = ~torch.eye(count, dtype=torch.bool, device=vectors.device)
 
@@ -476,7 +476,7 @@ def zero_shot(
     dtype = autocast_dtype(target, precision)
     if isinstance(study_or_embedding, (StudyTokens, Study, str, Path)):
         tokens = _study_tokens(study_or_embedding, release, lambda fraction, stage: None, precision)
-        embedding = study_embedding(release, series_vectors(release, tokens, dtype)[0][None], tokens.description, dtype)
+        embedding = study_embedding(release, series_outputs(release, tokens, dtype).vectors[None], tokens.description, dtype)
     else:
         embedding = torch.as_tensor(np.asarray(study_or_embedding, dtype=np.float32), device=target)[None]
         if embedding.shape != (1, model.visual.study_dim):

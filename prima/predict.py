@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -177,31 +177,34 @@ def _label_scores(keys: Sequence[str], names: Sequence[str], logits: Tensor, thr
             for key, name, logit, threshold in zip(keys, names, logits.tolist(), thresholds.tolist())]
 
 
-def encode_series(release: Release, tokens: Tensor, token_mask: Tensor, name_ids: Tensor, name_mask: Tensor,
-                  dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
-    """The sequence ViT on padded series, and what the heads need of their tokens.
+class SeriesOutputs(NamedTuple):
+    """What the model computes once per series, and LIME and the series-drop analysis reuse."""
+
+    vectors: Tensor  # (S, series_dim) float32 series vectors
+    token_scores: Tensor | None  # (S, top_tokens, 1 + diagnoses) float32 with token-pooling heads, else None
+
+
+def padded_series_outputs(release: Release, tokens: Tensor, token_mask: Tensor, name_ids: Tensor,
+                          name_mask: Tensor, dtype: torch.dtype | None) -> SeriesOutputs:
+    """The sequence ViT on padded series, and with token-pooling heads their top token scores
+    (``TaskHeads.series_scores``).
 
     Args:
         release: the release (its model, and its heads when they pool tokens).
         tokens, token_mask, name_ids, name_mask: as ``PrimaVisual.encode_series``, on the model's device.
         dtype: autocast dtype, None for fp32.
-
-    Returns:
-        (S, series_dim) float32 series vectors, and with token-pooling heads their (S, top_tokens, 1 + diagnoses)
-        float32 token scores (``TaskHeads.series_scores``), else None.
     """
     model, heads = release.model, release.heads
     with torch.no_grad(), autocast(model.logit_scale.device, dtype):
         vectors, token_outputs = model.visual.encode_series_with_tokens(tokens, token_mask, name_ids, name_mask)
         scores = heads.series_scores(token_outputs, token_mask) if heads is not None and heads.pools_tokens else None
-    return vectors.float(), None if scores is None else scores.float()
+    return SeriesOutputs(vectors.float(), None if scores is None else scores.float())
 
 
-def series_vectors(release: Release, tokens: StudyTokens, dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
-    """``encode_series`` of every series of a study, one padded batch: (S, series_dim) vectors and the (S,
-    top_tokens, outputs) token scores of token-pooling heads (else None)."""
+def series_outputs(release: Release, tokens: StudyTokens, dtype: torch.dtype | None) -> SeriesOutputs:
+    """``padded_series_outputs`` of every series of a study, one padded batch."""
     batch = release.model.pack([[(series.features, series.name) for series in tokens.series]], [tokens.description])
-    return encode_series(release, batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask, dtype)
+    return padded_series_outputs(release, batch.tokens, batch.token_mask, batch.name_ids, batch.name_mask, dtype)
 
 
 def study_embedding(release: Release, vectors: Tensor, description: str | None, dtype: torch.dtype | None) -> Tensor:
@@ -242,7 +245,7 @@ def predict_tokens(tokens: StudyTokens, release: Release, *, precision: str = "a
     target = release.model.logit_scale.device
     dtype = autocast_dtype(target, precision)
     started = time.perf_counter()
-    vectors, scores = series_vectors(release, tokens, dtype)
+    vectors, scores = series_outputs(release, tokens, dtype)
     heads, embedding = head_outputs(release, vectors[None], None if scores is None else scores[None],
                                     tokens.description, dtype)
     elapsed = time.perf_counter() - started

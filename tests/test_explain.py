@@ -25,7 +25,7 @@ from prima.io import load_study
 from prima.models.clip import zero_shot_prompt
 from prima.models.heads import HeadOutput
 from prima.patching import patch_extent
-from prima.predict import predict_tokens, series_vectors, study_embedding
+from prima.predict import predict_tokens, series_outputs, study_embedding
 from prima.preprocess import preprocess_series
 from prima.tokens import StudyTokens, series_patches, tokenize_study
 
@@ -165,7 +165,7 @@ def test_batched_equals_masked_padding_equals_each_sample_alone(tokens, random_r
     with torch.no_grad():
         vectors = model.visual.encode_series(batch.tokens, torch.from_numpy(masks).bool(), batch.name_ids,
                                              batch.name_mask)
-        study = series_vectors(random_release, tokens, None)[0][None].repeat(len(masks), 1, 1)
+        study = series_outputs(random_release, tokens, None).vectors[None].repeat(len(masks), 1, 1)
         study[:, index] = vectors
         heads = random_release.heads(study_embedding(random_release, study, tokens.description, None))
 

@@ -13,7 +13,7 @@ import torch
 from prima.errors import NoUsableSeriesError, ReleaseError
 from prima.io import load_study
 from prima.labels import default_label_space
-from prima.predict import LabelScore, get_release, predict, priority_score, series_vectors
+from prima.predict import LabelScore, get_release, predict, priority_score, series_outputs
 from prima.release import load_release, save_release
 from prima.tokens import tokenize_study
 
@@ -86,7 +86,7 @@ def test_split_path_equals_the_full_forward(study, random_release, prediction):
     with torch.no_grad():
         embedding, vectors = model.visual(batch)
         logits = random_release.heads(embedding).diagnosis_logits[0]
-    torch.testing.assert_close(vectors, series_vectors(random_release, tokens, None)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vectors, series_outputs(random_release, tokens, None).vectors, rtol=1e-5, atol=1e-5)
     got = torch.tensor([d.logit for d in prediction.diagnoses])
     torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
 

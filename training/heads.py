@@ -71,18 +71,8 @@ class HeadsTrainConfig:
     seed: int = 0  # seeds initialisation, batches and the augmented views
 
 
-def task_scores(heads: TaskHeads, embeddings: torch.Tensor, diagnoses: np.ndarray, referrals: np.ndarray,
+def task_scores(output: HeadOutput, diagnoses: np.ndarray, referrals: np.ndarray,
                 tiers: np.ndarray) -> dict[str, float]:
-    """Validation score of each task: mean AUROC over scorable labels (priority: one-vs-rest per tier)."""
-    heads.eval()
-    with torch.no_grad():
-        scores = task_scores_of(heads(embeddings), diagnoses, referrals, tiers)
-    heads.train()
-    return scores
-
-
-def task_scores_of(output: HeadOutput, diagnoses: np.ndarray, referrals: np.ndarray,
-                   tiers: np.ndarray) -> dict[str, float]:
     """Mean AUROC of each task over its scorable labels (priority: one-vs-rest per tier)."""
     scores = {}
     for task, logits, targets in (("diagnosis", output.diagnosis_logits, diagnoses),
@@ -179,7 +169,10 @@ def train(config: HeadsTrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        scores = task_scores(heads, val_x, val_d, val_r, val_t)
+        heads.eval()
+        with torch.no_grad():
+            scores = task_scores(heads(val_x), val_d, val_r, val_t)
+        heads.train()
         history.append({"epoch": epoch + 1, "loss": float(loss.detach()),
                         **{f"val_{k}_auroc": v for k, v in scores.items()}})
         for task in TASKS:
@@ -192,12 +185,22 @@ def train(config: HeadsTrainConfig) -> Path:
     heads.eval()
     with torch.no_grad():
         choose_thresholds(heads, heads(val_x), val_d, val_r, config.threshold_rule)
-    save_file(module_state(heads), path, metadata={"format": "pt"})
-    summary = {"best": {task: {"val_auroc": best[task][0], "epoch": best[task][1]} for task in TASKS},
-               "train_studies": len(train_studies), "val_studies": len(val_studies), "history": history,
-               "seconds": time.perf_counter() - started, "commit": git_commit(), "config": config_dict(config)}
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    return path
+    return save_heads(heads, config, {task: best[task][:2] for task in TASKS}, len(train_studies),
+                      len(val_studies), history, started)
+
+
+def save_heads(heads: TaskHeads, config: HeadsTrainConfig, best: dict[str, tuple[float, int | None]],
+               train_count: int, val_count: int, history: list[dict], started: float) -> Path:
+    """Write ``heads.safetensors`` and the run summary (each task's best validation AUROC and its epoch,
+    None for heads trained with the hViT); returns the weights' path."""
+    out = Path(config.out)
+    save_file(module_state(heads), out / HEADS_FILE, metadata={"format": "pt"})
+    summary = {"best": {task: {"val_auroc": score, "epoch": epoch} for task, (score, epoch) in best.items()},
+               "trained_with_the_hvit": config.trained, "train_studies": train_count, "val_studies": val_count,
+               "history": history, "seconds": time.perf_counter() - started, "commit": git_commit(),
+               "config": config_dict(config)}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return out / HEADS_FILE
 
 
 def thresholds_only(config: HeadsTrainConfig, settings: PrimaConfig, model, val_studies, train_count: int,
@@ -209,15 +212,9 @@ def thresholds_only(config: HeadsTrainConfig, settings: PrimaConfig, model, val_
                            batch_size=config.embed_batch_size, dtype=dtype).heads
     val_d, val_r, val_t = label_targets([s.entry for s in val_studies], settings.label_space)
     choose_thresholds(heads, output, val_d, val_r, config.threshold_rule)
-    path = Path(config.out) / HEADS_FILE
-    save_file(module_state(heads), path, metadata={"format": "pt"})
-    scores = task_scores_of(output, val_d, val_r, val_t)
-    summary = {"best": {task: {"val_auroc": scores[task], "epoch": None} for task in TASKS},
-               "trained_with_the_hvit": config.trained, "train_studies": train_count, "val_studies": len(val_studies),
-               "history": [], "seconds": time.perf_counter() - started, "commit": git_commit(),
-               "config": config_dict(config)}
-    (Path(config.out) / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    return path
+    scores = task_scores(output, val_d, val_r, val_t)
+    return save_heads(heads, config, {task: (scores[task], None) for task in TASKS}, train_count, len(val_studies),
+                      [], started)
 
 
 def load_heads(path: str | Path, settings: PrimaConfig) -> TaskHeads:

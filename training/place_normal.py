@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from prima.config import LATENT_DIM, PLANES
 from prima.factory import get_model_config
-from prima.models.place_normal import PLACE_STRIDE, PlaceNormalModel
+from prima.models.place_normal import PlaceNormalModel, place_keys
 from prima.release import PLACE_NORMAL_FILE, save_place_normal
 from training.runtime import config_dict, git_commit, parse_stage_args, print_on_main
 from training.study_data import token_studies
@@ -48,15 +48,18 @@ class PlaceNormalFitConfig:
     seed: int = 0  # seeds k-means
 
 
-def series_kind_means(studies, config) -> np.ndarray:
-    """(S, 256) mean latent of every series of ``studies`` over the tokens the config's filter keeps."""
+def series_kind_means(studies, config) -> tuple[np.ndarray, list[int]]:
+    """(S, 256) mean latent of every series of ``studies`` over the tokens the config's filter keeps, and the
+    number of series of each study."""
     tokenizer = config.volume_tokenizer
-    means = []
+    means, counts = [], []
     for study in tqdm(studies, desc="series kinds", unit="study", leave=False):
-        for series in study.tokens().series:
+        series_list = study.tokens().series
+        counts.append(len(series_list))
+        for series in series_list:
             kept = series.refilter(tokenizer.min_foreground_fraction, tokenizer.min_tokens)
             means.append(kept.latents.mean(0).numpy())
-    return np.array(means, dtype=np.float64)
+    return np.array(means, dtype=np.float64), counts
 
 
 def fit(config: PlaceNormalFitConfig) -> Path:
@@ -80,24 +83,22 @@ def fit(config: PlaceNormalFitConfig) -> Path:
     studies = token_studies(config.manifest, cache, ["train"])
     if not any(not study.abnormal for study in studies):
         raise ValueError(f"{config.manifest}: no normal training study has cached tokens in {config.token_cache}")
-    means = series_kind_means(studies, settings)
+    means, series_counts = series_kind_means(studies, settings)
     if len(means) < config.kinds:
         raise ValueError(f"{len(means)} training series cannot make {config.kinds} kinds")
     centre, scale = means.mean(0), means.std(0) + 1e-6
     kmeans = KMeans(config.kinds, n_init=10, random_state=config.seed).fit((means - centre) / scale)
 
-    first: dict[int, np.ndarray] = {}  # per (kind, plane): sums over patch indices, grown as indices appear
-    second: dict[int, np.ndarray] = {}
-    count: dict[int, np.ndarray] = {}
-    row = 0
-    for study in tqdm(studies, desc="normal places", unit="study", leave=False):
-        series_list = study.tokens().series
+    # sums over patch indices per (kind, plane), grown as indices appear
+    first: dict[tuple[int, int], np.ndarray] = {}
+    second: dict[tuple[int, int], np.ndarray] = {}
+    count: dict[tuple[int, int], np.ndarray] = {}
+    starts = np.cumsum([0, *series_counts])  # each study's first row in ``means``
+    for index, study in enumerate(tqdm(studies, desc="normal places", unit="study", leave=False)):
         if study.abnormal:
-            row += len(series_list)
             continue
-        for series in series_list:
-            group = int(kmeans.labels_[row]) * len(PLANES) + PLANES.index(series.plane)
-            row += 1
+        for row, series in enumerate(study.tokens().series, start=starts[index]):
+            group = (int(kmeans.labels_[row]), PLANES.index(series.plane))
             size = int(series.patch_indices.max()) + 1
             if group not in count or len(count[group]) < size:
                 for table, width in ((first, (LATENT_DIM,)), (second, (LATENT_DIM,)), (count, ())):
@@ -110,13 +111,13 @@ def fit(config: PlaceNormalFitConfig) -> Path:
             np.add.at(second[group], series.patch_indices, latents ** 2)
             np.add.at(count[group], series.patch_indices, 1)
     keys, means_out, spreads = [], [], []
-    for group in sorted(count):
-        usable = np.flatnonzero(count[group] >= config.min_count)
-        n = count[group][usable, None]
-        mean = first[group][usable] / n
-        keys.append(group * PLACE_STRIDE + usable)
+    for kind, plane in sorted(count):  # keys come out sorted: kind, then plane, then patch index
+        usable = np.flatnonzero(count[kind, plane] >= config.min_count)
+        n = count[kind, plane][usable, None]
+        mean = first[kind, plane][usable] / n
+        keys.append(place_keys(torch.tensor(kind), plane, torch.from_numpy(usable)).numpy())
         means_out.append(mean)
-        spreads.append(np.sqrt(np.maximum(second[group][usable] / n - mean ** 2, 0.0)))
+        spreads.append(np.sqrt(np.maximum(second[kind, plane][usable] / n - mean ** 2, 0.0)))
     keys = np.concatenate(keys)
     if not len(keys):
         raise ValueError(f"no place holds {config.min_count} tokens of the normal training studies: nothing to model")
@@ -126,7 +127,6 @@ def fit(config: PlaceNormalFitConfig) -> Path:
     model.kind_centre.copy_(torch.from_numpy(centre))
     model.kind_scale.copy_(torch.from_numpy(scale))
     model.centroids.copy_(torch.from_numpy(kmeans.cluster_centers_))
-    # keys are sorted: groups ascending, patch indices ascending within each
     model.set_places(torch.from_numpy(keys), torch.from_numpy(np.concatenate(means_out)), torch.from_numpy(spread))
     save_place_normal(model, path)
     summary = {"places": len(keys), "kinds": config.kinds, "train_series": len(means),

@@ -227,7 +227,11 @@ class TokenCache:
 def token_reader(config: PrimaConfig, place_normal: str | None) -> Callable[[StudyTokens], StudyTokens] | None:
     """How a model config reads cached tokens (``TokenCache``'s ``read``): as they are, or against the
     place-normal model saved at ``place_normal`` (``training.place_normal``), which a config reading place
-    deviations requires."""
+    deviations requires.
+
+    Deviations are computed again on every read rather than kept: 3.6 ms a study (1,750 tokens, one thread),
+    about 4% of a training step of 16 studies, where keeping them would hold every training token's 256
+    values in memory (1.3 GB for 716 studies)."""
     wants = config.vision.token_values == "place_deviation"
     if wants != (place_normal is not None):
         raise ValueError(f"model {config.name!r} reads token {config.vision.token_values}s: "
