@@ -93,6 +93,8 @@ def study_summary(session: StudySession) -> str:
             f"loaded")
     if prediction.skipped:
         text += f", {len(prediction.skipped)} skipped"
+    if prediction.abnormal is not None:
+        text += f" · abnormal: **{prediction.abnormal:.0%}**"
     return (text + f" · top finding: **{prediction.differential[0].name}** · positives: {positives} · "
             f"{prediction.timings_s.get('total', 0):.1f} s")
 

@@ -116,6 +116,8 @@ def _prediction_lines(prediction: Prediction, top: int) -> list[str]:
     if prediction.skipped:
         lines += ["", f"Skipped ({len(prediction.skipped)}):"]
         lines += [f"  {s['name']}: {s['reason']}" for s in prediction.skipped]
+    if prediction.abnormal is not None:
+        lines += ["", f"Abnormal: {prediction.abnormal:.3f} (probability of any abnormality)"]
     positives = prediction.positives
     shown = prediction.differential[: max(top, len(positives))]
     lines += ["", f"Differential: top {len(shown)} of {len(prediction.diagnoses)}, {len(positives)} positive (*)"]

@@ -115,6 +115,8 @@ class Prediction:
     model: dict  # {"name", "revision"}
     timings_s: dict[str, float]  # seconds per stage: load, tokens, model, total
     embedding: list[float] | None = None  # the study embedding (return_embedding=True)
+    # probability that the study shows any abnormality (token-pooling heads' own output); None without one
+    abnormal: float | None = None
     explanations: list[dict] = field(default_factory=list)  # LIME results added by prima.explain
     # What the model read (never in the JSON): prima.explain reuses it instead of tokenizing again.
     tokens: StudyTokens | None = field(default=None, repr=False, compare=False)
@@ -264,6 +266,7 @@ def predict_tokens(tokens: StudyTokens, release: Release, *, precision: str = "a
         model={"name": release.config.name, "revision": release.revision},
         timings_s={"model": round(elapsed, 4)},
         embedding=embedding[0].cpu().tolist() if return_embedding else None,
+        abnormal=None if heads.abnormal_logits is None else float(heads.abnormal_logits[0].float().sigmoid()),
         tokens=tokens,
     )
 

@@ -87,6 +87,15 @@ def test_predict_prints_the_table_and_writes_the_json(random_release_path, tmp_p
     assert "embedding" not in doc and "100%" in captured.err  # the progress bar ran to the end on stderr
 
 
+def test_predict_prints_the_abnormal_probability_of_token_pooling_heads(pooling_release, tmp_path, capsys):
+    out = tmp_path / "pred.json"
+    assert main(["predict", str(EXAMPLE), "--weights", str(pooling_release.path), "--out", str(out), "--device",
+                 "cpu", "--precision", "fp32"]) == 0
+    abnormal = json.loads(out.read_text())["abnormal"]
+    assert 0 < abnormal < 1
+    assert f"Abnormal: {abnormal:.3f} (probability of any abnormality)" in capsys.readouterr().out.splitlines()
+
+
 def test_predict_takes_the_weights_from_the_environment(random_release_path, monkeypatch, capsys):
     monkeypatch.setenv("PRIMA_WEIGHTS", str(random_release_path))
     assert main(["predict", str(EXAMPLE), "--top", "0", "--device", "cpu"]) == 0

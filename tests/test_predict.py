@@ -33,7 +33,8 @@ def prediction(study, random_release):
 def test_prediction_json_schema(prediction, random_release, study):
     doc = json.loads(prediction.to_json())
     assert set(doc) == {"study", "series", "skipped", "diagnoses", "priority", "referrals", "model", "timings_s",
-                        "embedding", "differential"}
+                        "embedding", "abnormal", "differential"}
+    assert doc["abnormal"] is None  # heads on the study embedding have no abnormal output
     space = random_release.config.label_space
     assert [d["key"] for d in doc["diagnoses"]] == list(space.diagnosis_keys)
     assert [r["key"] for r in doc["referrals"]] == list(space.referral_keys)
@@ -140,3 +141,4 @@ def test_a_token_pooling_release_reads_deviations_and_pools_the_whole_batch_forw
     torch.testing.assert_close(got, expected.diagnosis_logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor([r.logit for r in prediction.referrals]), expected.referral_logits[0],
                                rtol=1e-5, atol=1e-5)
+    assert prediction.abnormal == pytest.approx(float(expected.abnormal_logits[0].sigmoid()), abs=1e-5)

@@ -44,6 +44,7 @@ from training.ladder import abnormal_auroc, embedding_probe, token_lesion_probe
 from training.lesion_masks import lesion_mask_on_grid, token_lesion_overlap
 from training.metadata_baseline import metadata_baseline
 from training.metrics import (
+    auroc,
     calibration,
     equal_opportunity,
     lime_top_k_hit,
@@ -111,7 +112,8 @@ def prediction_arrays(predictions: list[Prediction]) -> dict[str, np.ndarray]:
             "probability": np.array([[d.prob for d in p.diagnoses] for p in predictions]),
             "positive": np.array([[d.positive for d in p.diagnoses] for p in predictions], dtype=bool),
             "referral": np.array([[r.logit for r in p.referrals] for p in predictions]),
-            "priority": np.array([[p.priority.probs[t] for t in p.priority.probs] for p in predictions])}
+            "priority": np.array([[p.priority.probs[t] for t in p.priority.probs] for p in predictions]),
+            "abnormal": np.array([np.nan if p.abnormal is None else p.abnormal for p in predictions])}
 
 
 def localise(entries: list[StudyEntry], tokens_list: list[StudyTokens], release: Release, *, num_samples: int,
@@ -185,6 +187,8 @@ def ladder(entries: list[StudyEntry], tokens_list: list[StudyTokens], outputs: d
     return {"token_lesion_probe": token_lesion_probe(latents, overlaps, owners, seed=seed),
             "embedding_probe": embedding_probe(embeddings, diagnoses, space.diagnosis_keys, seed=seed),
             "abnormal_auroc": abnormal_auroc(diagnoses, outputs["probability"]),
+            "abnormal_output_auroc": (None if np.isnan(outputs["abnormal"]).any()
+                                      else auroc(diagnoses.any(axis=1).astype(int), outputs["abnormal"])),
             "priority_conflicts": priority_conflicts(outputs["positive"], outputs["priority"], space)}
 
 
@@ -343,6 +347,8 @@ def ladder_rows(ladder: dict | None) -> list[dict]:
                    "with enough positives)", "value": probe["diagnosis_mean_auroc"]},
         {"metric": "Ladder 3, signal used: heads, normal vs abnormal AUROC (largest diagnosis probability)",
          "value": ladder["abnormal_auroc"]},
+        *([{"metric": "Ladder 3, signal used: heads, normal vs abnormal AUROC (abnormal probability)",
+            "value": ladder["abnormal_output_auroc"]}] if ladder.get("abnormal_output_auroc") is not None else []),
         {"metric": f"Conflicting outputs: urgent positive with the lowest priority "
                    f"({conflicts['conflicts']} of {conflicts['studies_with_urgent_positive']} studies)",
          "value": conflicts["rate"]},

@@ -8,10 +8,17 @@ embeddings: diagnoses and referrals with positive-weighted BCE (``p_i = neg_i / 
 with cross-entropy. After every epoch each task is scored on validation (mean AUROC over labels; priority:
 mean one-vs-rest AUROC over tiers) and the best epoch of each task is kept (paper). Operating thresholds
 are then chosen per label on validation (``training.metrics.choose_threshold``, Youden's J by default).
+
+Before the thresholds, with ``calibrate`` (the default), the heads' logits are calibrated and the calibration
+folded into their weights (``prima.models.heads.LogitCalibration``): diagnosis and referral logits lose the
+``log pos_weight`` offset the positive-weighted BCE trains into them (weights of the training labels, as the
+training used), then every output (diagnoses, referrals, priority, the abnormal logit) gets one temperature
+that minimises its validation NLL. Without it the probabilities a release shows were far too high (the
+positive weights are up to 1000 for rare labels: expected calibration error 0.44 on the shipped test split).
 Writes ``<out>/heads.safetensors`` (thresholds included) and ``<out>/heads.json``.
 
 Heads trained with the hViT (``training.clip`` with ``task_weight``; token-pooling heads can only be trained
-so) are given as ``trained``: they are kept as they are and only their thresholds are chosen on validation.
+so) are given as ``trained``: they are kept as they are; only their calibration and thresholds are chosen.
 """
 
 from __future__ import annotations
@@ -24,17 +31,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
+from scipy.optimize import minimize_scalar
 from tqdm import tqdm
 
 from prima.config import PrimaConfig
 from prima.factory import create_heads, get_model_config
 from prima.losses import positive_weights, priority_ce, weighted_bce
-from prima.models.heads import HeadOutput, TaskHeads
+from prima.models.heads import HeadOutput, LogitCalibration, TaskHeads
 from prima.precision import autocast_dtype
 from prima.release import load_weights, module_state
 from training.clip import load_clip
-from training.metrics import auroc, choose_threshold
+from training.metrics import auroc, calibration, choose_threshold
 from training.runtime import config_dict, git_commit, parse_stage_args, print_on_main, seed_everything
 from training.study_data import AugmentConfig, label_targets, study_embeddings, study_outputs, token_studies
 from training.token_cache import TokenCache, token_reader
@@ -64,6 +73,7 @@ class HeadsTrainConfig:
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 1e-2  # AdamW weight decay
     threshold_rule: str = "youden"  # how operating thresholds are chosen on validation: youden or f1
+    calibrate: bool = True  # fold the positive weighting's offset and a validation temperature into each output
     embed_batch_size: int = 16  # studies per forward when embedding
     precision: str = "auto"  # precision of the frozen hViT forward (prima.precision)
     device: str = "cpu"  # cpu or cuda (the heads train in seconds; one process)
@@ -93,6 +103,65 @@ def choose_thresholds(heads: TaskHeads, output: HeadOutput, diagnoses: np.ndarra
     heads.referral_thresholds.copy_(torch.tensor(
         [choose_threshold(referrals[:, c], output.referral_logits[:, c].numpy(), rule=rule)
          for c in range(referrals.shape[1])]))
+
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # searched for the temperature with the least validation NLL
+
+
+def fit_calibrations(output: HeadOutput, train_labels: tuple[np.ndarray, np.ndarray],
+                     val_labels: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, LogitCalibration]:
+    """Each output's ``LogitCalibration`` (module docstring) from the heads' validation ``output``.
+
+    Args:
+        output: the heads' outputs on the validation studies.
+        train_labels: (N, diagnoses) and (N, referrals) 0/1 training labels, whose positive weights the
+            training used.
+        val_labels: the validation studies' diagnoses, referrals and (M,) tier indices.
+    """
+    val_d, val_r, val_t = (torch.from_numpy(a) for a in val_labels)
+    binary = {"diagnosis": (output.diagnosis_logits, val_d, train_labels[0]),
+              "referral": (output.referral_logits, val_r, train_labels[1])}
+    if output.abnormal_logits is not None:  # trained with plain BCE: no offset
+        binary["abnormal"] = (output.abnormal_logits, val_d.amax(1), None)
+    fitted = {}
+    for name, (logits, targets, train) in binary.items():
+        shift = torch.zeros(()) if train is None else torch.log(positive_weights(torch.from_numpy(train)))
+        logits, targets = logits.double(), targets.double()
+
+        def nll(temperature: float) -> float:
+            calibrated = LogitCalibration(shift, temperature).apply(logits)
+            return float(F.binary_cross_entropy_with_logits(calibrated, targets))
+        fitted[name] = LogitCalibration(shift.float(), _best_temperature(nll))
+    priority = output.priority_logits.double()
+    fitted["priority"] = LogitCalibration(torch.zeros(()), _best_temperature(
+        lambda temperature: float(F.cross_entropy(priority / temperature, val_t))))
+    return fitted
+
+
+def _best_temperature(nll) -> float:
+    return float(minimize_scalar(nll, bounds=TEMPERATURE_BOUNDS, method="bounded").x)
+
+
+def calibrate(heads: TaskHeads, output: HeadOutput, train_labels: tuple[np.ndarray, np.ndarray],
+              val_labels: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[HeadOutput, dict]:
+    """Fit the calibrations (``fit_calibrations``), fold them into ``heads``; returns the validation output
+    calibrated and a summary (each output's temperature, validation ECE before and after)."""
+    fitted = fit_calibrations(output, train_labels, val_labels)
+    for name, fit in fitted.items():
+        heads.calibrate(name, fit)
+    calibrated = HeadOutput(*(None if logits is None else fitted[name].apply(logits) for name, logits in (
+        ("diagnosis", output.diagnosis_logits), ("referral", output.referral_logits),
+        ("priority", output.priority_logits), ("abnormal", output.abnormal_logits))))
+    val_d, val_r, _ = val_labels
+    summary = {name: {"temperature": fit.temperature} for name, fit in fitted.items()}
+    for name, before, after, targets in (
+            ("diagnosis", output.diagnosis_logits, calibrated.diagnosis_logits, val_d),
+            ("referral", output.referral_logits, calibrated.referral_logits, val_r),
+            ("abnormal", output.abnormal_logits, calibrated.abnormal_logits, val_d.max(1))):
+        if before is not None:
+            summary[name] |= {"val_ece_before": calibration(targets, torch.sigmoid(before).numpy())["ece"],
+                              "val_ece_after": calibration(targets, torch.sigmoid(after).numpy())["ece"]}
+    return calibrated, summary
 
 
 def embed(model, studies, config: HeadsTrainConfig, views: int) -> tuple[torch.Tensor, list[int]]:
@@ -142,7 +211,7 @@ def train(config: HeadsTrainConfig) -> Path:
         raise ValueError(f"need cached train and val studies, got {len(train_studies)} and {len(val_studies)}")
     model = load_clip(config.clip, config.model).to(config.device)
     if config.trained is not None:
-        return thresholds_only(config, settings, model, val_studies, len(train_studies), started)
+        return thresholds_only(config, settings, model, train_studies, val_studies, started)
     train_x, owners = embed(model, train_studies, config, config.train_views)
     val_x, _ = embed(model, val_studies, config, 1)
     train_d, train_r, train_t = (a[owners] for a in label_targets([s.entry for s in train_studies], space))
@@ -184,37 +253,48 @@ def train(config: HeadsTrainConfig) -> Path:
 
     heads.eval()
     with torch.no_grad():
-        choose_thresholds(heads, heads(val_x), val_d, val_r, config.threshold_rule)
+        output = heads(val_x)
+    calibration_summary = None
+    if config.calibrate:
+        labels = label_targets([s.entry for s in train_studies], space)
+        output, calibration_summary = calibrate(heads, output, labels[:2], (val_d, val_r, val_t))
+    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule)
     return save_heads(heads, config, {task: best[task][:2] for task in TASKS}, len(train_studies),
-                      len(val_studies), history, started)
+                      len(val_studies), history, calibration_summary, started)
 
 
 def save_heads(heads: TaskHeads, config: HeadsTrainConfig, best: dict[str, tuple[float, int | None]],
-               train_count: int, val_count: int, history: list[dict], started: float) -> Path:
+               train_count: int, val_count: int, history: list[dict], calibration_summary: dict | None,
+               started: float) -> Path:
     """Write ``heads.safetensors`` and the run summary (each task's best validation AUROC and its epoch,
-    None for heads trained with the hViT); returns the weights' path."""
+    None for heads trained with the hViT; the calibration's summary); returns the weights' path."""
     out = Path(config.out)
     save_file(module_state(heads), out / HEADS_FILE, metadata={"format": "pt"})
     summary = {"best": {task: {"val_auroc": score, "epoch": epoch} for task, (score, epoch) in best.items()},
-               "trained_with_the_hvit": config.trained, "train_studies": train_count, "val_studies": val_count,
-               "history": history, "seconds": time.perf_counter() - started, "commit": git_commit(),
+               "trained_with_the_hvit": config.trained, "calibration": calibration_summary, "train_studies": train_count,
+               "val_studies": val_count, "history": history, "seconds": time.perf_counter() - started, "commit": git_commit(),
                "config": config_dict(config)}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return out / HEADS_FILE
 
 
-def thresholds_only(config: HeadsTrainConfig, settings: PrimaConfig, model, val_studies, train_count: int,
+def thresholds_only(config: HeadsTrainConfig, settings: PrimaConfig, model, train_studies, val_studies,
                     started: float) -> Path:
-    """Heads trained with the hViT (``config.trained``): their thresholds chosen on validation, nothing trained."""
+    """Heads trained with the hViT (``config.trained``): their calibration and thresholds chosen on validation,
+    nothing trained."""
     heads = load_heads(config.trained, settings).to(config.device)
     dtype = autocast_dtype(torch.device(config.device), config.precision)
     output = study_outputs(model, [s.tokens() for s in val_studies], settings, heads=heads,
                            batch_size=config.embed_batch_size, dtype=dtype).heads
     val_d, val_r, val_t = label_targets([s.entry for s in val_studies], settings.label_space)
-    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule)
     scores = task_scores(output, val_d, val_r, val_t)
-    return save_heads(heads, config, {task: (scores[task], None) for task in TASKS}, train_count, len(val_studies),
-                      [], started)
+    calibration_summary = None
+    if config.calibrate:
+        labels = label_targets([s.entry for s in train_studies], settings.label_space)
+        output, calibration_summary = calibrate(heads, output, labels[:2], (val_d, val_r, val_t))
+    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule)
+    return save_heads(heads, config, {task: (scores[task], None) for task in TASKS}, len(train_studies),
+                      len(val_studies), [], calibration_summary, started)
 
 
 def load_heads(path: str | Path, settings: PrimaConfig) -> TaskHeads:

@@ -6,6 +6,9 @@ With ``diagnosis_pool="tokens"`` the diagnoses are read from the tokens instead:
 token output of the sequence ViT for an abnormal logit and each diagnosis, and a study's logit is the mean of
 its ``top_tokens`` largest scores over all its series. A few lesion tokens can then decide a study, which
 registers pooled over hundreds of tokens did not learn to do (docs/training.md).
+
+``calibrate`` folds a logit calibration (``LogitCalibration``, fitted by ``training.heads``) into an output's
+last linear layer and its thresholds, so a release's probabilities are calibrated with no step at inference.
 """
 
 from __future__ import annotations
@@ -29,6 +32,28 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequentia
         nn.Dropout(dropout),
         nn.Linear(hidden, out_dim),
     )
+
+
+@dataclass(frozen=True)
+class LogitCalibration:
+    """``(logit - shift) / temperature`` per output: ``shift`` undoes the offset a positive-weighted BCE
+    trains into a logit (its optimum sits ``log pos_weight`` above the true log-odds), ``temperature`` > 0
+    rescales over- or under-confident logits. Neither changes the order of one output's scores, so AUROC is
+    unchanged and a threshold maps to the same decisions."""
+
+    shift: Tensor  # (n_outputs,) or 0-d, in logit units
+    temperature: float  # > 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def apply(self, logits: Tensor) -> Tensor:
+        """(..., n_outputs) logits -> calibrated logits."""
+        return (logits - self.shift.to(logits)) / self.temperature
+
+
+CALIBRATED_OUTPUTS = ("diagnosis", "referral", "priority", "abnormal")
 
 
 @dataclass
@@ -81,6 +106,27 @@ class TaskHeads(nn.Module):
         if len(values) != n:
             raise ValueError(f"{len(values)} {what} thresholds for {n} outputs")
         return torch.tensor(values, dtype=torch.float32)
+
+    @torch.no_grad()
+    def calibrate(self, output: str, calibration: LogitCalibration) -> None:
+        """Fold ``calibration`` into ``output``'s logits (one of ``CALIBRATED_OUTPUTS``; ``abnormal`` with token
+        pooling only) and its thresholds: the last linear layer's weight is divided by the temperature and its
+        bias calibrated. With token pooling the study logit is a mean of its largest token scores, which moves
+        with every token score alike, so calibrating the token scores calibrates the study logit."""
+        if output not in CALIBRATED_OUTPUTS:
+            raise ValueError(f"unknown output {output!r}; valid: {CALIBRATED_OUTPUTS}")
+        if output == "abnormal" and not self.pools_tokens:
+            raise ValueError("these heads have no abnormal logit (diagnosis_pool 'embedding')")
+        if self.pools_tokens and output in ("diagnosis", "abnormal"):
+            rows = slice(1, None) if output == "diagnosis" else slice(0, 1)
+            layer = self.token_scorer
+        else:
+            rows, layer = slice(None), getattr(self, output)[-1]
+        layer.weight[rows] /= calibration.temperature
+        layer.bias[rows] = calibration.apply(layer.bias[rows])
+        if output in ("diagnosis", "referral"):
+            thresholds = getattr(self, f"{output}_thresholds")
+            thresholds.copy_(calibration.apply(thresholds))
 
     def series_scores(self, token_outputs: Tensor, token_mask: Tensor) -> Tensor:
         """The ``top_tokens`` largest token scores of each series and output, all a study's pooling needs.

@@ -82,3 +82,51 @@ def test_token_pooling_arguments_are_checked():
         HeadsConfig(diagnosis_pool="registers")
     with pytest.raises(ValueError, match="top_tokens"):
         HeadsConfig(top_tokens=0)
+
+
+@pytest.mark.parametrize("pool", ["embedding", "tokens"])
+def test_calibration_folded_into_the_heads_equals_calibrating_their_outputs(pool):
+    from prima.config import TOKEN_DIM
+    from prima.models.heads import LogitCalibration
+
+    torch.manual_seed(0)
+    heads = TaskHeads(64, HeadsConfig(hidden=16, dropout=0.0, diagnosis_pool=pool, top_tokens=3), 5, 4, 3,
+                      diagnosis_thresholds=[0.1, -0.2, 0.3, 0.0, 1.0], referral_thresholds=[0.5] * 4).eval()
+    embedding, token_outputs = torch.randn(6, 64), torch.randn(12, 7, TOKEN_DIM)  # 6 studies of 2 series
+
+    def outputs():
+        if pool == "embedding":
+            return heads(embedding)
+        return heads(embedding, heads.series_scores(token_outputs, torch.ones(12, 7, dtype=torch.bool)).reshape(
+            6, 2, 3, 6))
+
+    before = outputs()
+    calibrations = {"diagnosis": LogitCalibration(torch.tensor([1.0, 2.0, 0.0, -1.0, 6.9]), 0.8),
+                    "referral": LogitCalibration(torch.tensor([0.5, 0.0, 3.0, 1.0]), 1.7),
+                    "priority": LogitCalibration(torch.zeros(()), 2.5)}
+    if pool == "tokens":
+        calibrations["abnormal"] = LogitCalibration(torch.zeros(()), 5.0)
+    thresholds = heads.diagnosis_thresholds.clone(), heads.referral_thresholds.clone()
+    for output, calibration in calibrations.items():
+        heads.calibrate(output, calibration)
+    after = outputs()
+    for name, calibration in calibrations.items():
+        expected = calibration.apply(getattr(before, f"{name}_logits"))
+        torch.testing.assert_close(getattr(after, f"{name}_logits"), expected, rtol=1e-5, atol=1e-5)
+    # a threshold moves with its logit: every decision stays as it was
+    for name, old in zip(("diagnosis", "referral"), thresholds):
+        torch.testing.assert_close(getattr(heads, f"{name}_thresholds"), calibrations[name].apply(old))
+        assert torch.equal(getattr(after, f"{name}_logits") > getattr(heads, f"{name}_thresholds"),
+                           getattr(before, f"{name}_logits") > old)
+
+
+def test_calibration_arguments_are_checked():
+    from prima.models.heads import LogitCalibration
+
+    with pytest.raises(ValueError, match="temperature"):
+        LogitCalibration(torch.zeros(()), 0.0)
+    heads = TaskHeads(8, HeadsConfig(hidden=4), 5, 4, 3)
+    with pytest.raises(ValueError, match="unknown output"):
+        heads.calibrate("diagnoses", LogitCalibration(torch.zeros(()), 1.0))
+    with pytest.raises(ValueError, match="no abnormal logit"):
+        heads.calibrate("abnormal", LogitCalibration(torch.zeros(()), 1.0))

@@ -3,6 +3,7 @@ arguments are refused; training.study_data's sampling and augmentations are pure
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -241,18 +242,32 @@ def test_heads_train_jointly_on_place_deviations_and_resume(tiny_dataset, tiny_h
     assert logged[0]["task"] > 0 and logged[0]["loss"] == pytest.approx(logged[0]["task"], rel=1e-4)
     assert "val_abnormal_auroc" in logged[1]
 
-    # the heads stage keeps heads trained with the hViT and only chooses their thresholds on validation
+    # the heads stage keeps heads trained with the hViT: it only chooses their thresholds on validation, and their
+    # calibration, which rescales the last layers by the temperatures in the summary
     from training.heads import HeadsTrainConfig, train as train_heads
 
     config = HeadsTrainConfig(manifest=str(tiny_dataset), token_cache=str(tiny_head_token_cache), clip=str(whole),
                               out=str(tmp_path / "heads"), trained=str(whole.parent / "heads.safetensors"),
-                              place_normal=str(place_normal), model="prima-lite-head")
-    chosen = load_heads(train_heads(config), get_model_config("prima-lite-head"))
+                              place_normal=str(place_normal), model="prima-lite-head", calibrate=False)
+    kept = load_heads(train_heads(config), get_model_config("prima-lite-head"))
     for key, value in heads.state_dict().items():
         if not key.endswith("thresholds"):
-            assert torch.equal(chosen.state_dict()[key], value)
-    chosen_summary = json.loads((tmp_path / "heads" / "heads.json").read_text())
+            assert torch.equal(kept.state_dict()[key], value)
+    config = dataclasses.replace(config, out=str(tmp_path / "calibrated"), calibrate=True)
+    calibrated = load_heads(train_heads(config), get_model_config("prima-lite-head")).state_dict()
+    chosen_summary = json.loads((tmp_path / "calibrated" / "heads.json").read_text())
     assert chosen_summary["trained_with_the_hvit"] == config.trained and chosen_summary["history"] == []
+    temperatures = {name: fit["temperature"] for name, fit in chosen_summary["calibration"].items()}
+    assert set(temperatures) == {"diagnosis", "referral", "priority", "abnormal"}
+    scorer = heads.state_dict()["token_scorer.weight"]
+    torch.testing.assert_close(calibrated["token_scorer.weight"][0], scorer[0] / temperatures["abnormal"])
+    torch.testing.assert_close(calibrated["token_scorer.weight"][1:], scorer[1:] / temperatures["diagnosis"])
+    last = {"referral": "referral.6.weight", "priority": "priority.6.weight"}
+    for name, key in last.items():
+        torch.testing.assert_close(calibrated[key], heads.state_dict()[key] / temperatures[name])
+    for key, value in heads.state_dict().items():
+        if not key.startswith(("token_scorer", "referral.6", "priority.6")) and not key.endswith("thresholds"):
+            assert torch.equal(calibrated[key], value)
     with pytest.raises(ValueError, match="give them as trained"):
         train_heads(HeadsTrainConfig(manifest=str(tiny_dataset), token_cache=str(tiny_head_token_cache),
                                      clip=str(whole), out=str(tmp_path / "again"), place_normal=str(place_normal),
