@@ -7,7 +7,8 @@ The trained CLIP model embeds every train and validation study once (train studi
 embeddings: diagnoses and referrals with positive-weighted BCE (``p_i = neg_i / pos_i``, paper), priority
 with cross-entropy. After every epoch each task is scored on validation (mean AUROC over labels; priority:
 mean one-vs-rest AUROC over tiers) and the best epoch of each task is kept (paper). Operating thresholds
-are then chosen per label on validation (``training.metrics.choose_threshold``, Youden's J by default).
+are then chosen per label on validation (``training.metrics.choose_threshold``, Youden's J by default); a label
+with fewer than ``threshold_min_positives`` validation positives keeps logit 0 (calibrated probability 0.5).
 
 Before the thresholds, with ``calibrate`` (the default), the heads' logits are calibrated and the calibration
 folded into their weights (``prima.models.heads.LogitCalibration``): diagnosis and referral logits lose the
@@ -73,6 +74,7 @@ class HeadsTrainConfig:
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 1e-2  # AdamW weight decay
     threshold_rule: str = "youden"  # how operating thresholds are chosen on validation: youden or f1
+    threshold_min_positives: int = 5  # fewer validation positives: the label keeps logit 0 (calibrated p 0.5)
     calibrate: bool = True  # fold the positive weighting's offset and a validation temperature into each output
     embed_batch_size: int = 16  # studies per forward when embedding
     precision: str = "auto"  # precision of the frozen hViT forward (prima.precision)
@@ -95,14 +97,13 @@ def task_scores(output: HeadOutput, diagnoses: np.ndarray, referrals: np.ndarray
 
 
 def choose_thresholds(heads: TaskHeads, output: HeadOutput, diagnoses: np.ndarray, referrals: np.ndarray,
-                      rule: str) -> None:
+                      rule: str, min_positives: int) -> None:
     """Set the heads' operating thresholds from their validation outputs (``choose_threshold`` per label)."""
-    heads.diagnosis_thresholds.copy_(torch.tensor(
-        [choose_threshold(diagnoses[:, c], output.diagnosis_logits[:, c].numpy(), rule=rule)
-         for c in range(diagnoses.shape[1])]))
-    heads.referral_thresholds.copy_(torch.tensor(
-        [choose_threshold(referrals[:, c], output.referral_logits[:, c].numpy(), rule=rule)
-         for c in range(referrals.shape[1])]))
+    for name, logits, labels in (("diagnosis", output.diagnosis_logits, diagnoses),
+                                 ("referral", output.referral_logits, referrals)):
+        getattr(heads, f"{name}_thresholds").copy_(torch.tensor(
+            [choose_threshold(labels[:, c], logits[:, c].numpy(), rule=rule, min_positives=min_positives)
+             for c in range(labels.shape[1])]))
 
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # searched for the temperature with the least validation NLL
@@ -258,7 +259,7 @@ def train(config: HeadsTrainConfig) -> Path:
     if config.calibrate:
         labels = label_targets([s.entry for s in train_studies], space)
         output, calibration_summary = calibrate(heads, output, labels[:2], (val_d, val_r, val_t))
-    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule)
+    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule, config.threshold_min_positives)
     return save_heads(heads, config, {task: best[task][:2] for task in TASKS}, len(train_studies),
                       len(val_studies), history, calibration_summary, started)
 
@@ -292,7 +293,7 @@ def thresholds_only(config: HeadsTrainConfig, settings: PrimaConfig, model, trai
     if config.calibrate:
         labels = label_targets([s.entry for s in train_studies], settings.label_space)
         output, calibration_summary = calibrate(heads, output, labels[:2], (val_d, val_r, val_t))
-    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule)
+    choose_thresholds(heads, output, val_d, val_r, config.threshold_rule, config.threshold_min_positives)
     return save_heads(heads, config, {task: (scores[task], None) for task in TASKS}, len(train_studies),
                       len(val_studies), [], calibration_summary, started)
 

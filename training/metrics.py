@@ -377,7 +377,7 @@ def reliability_diagram(calibration_result: dict, path: Path | str, title: str =
     return out
 
 
-def choose_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str = "youden") -> float:
+def choose_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str = "youden", min_positives: int = 1) -> float:
     """The operating threshold, on validation data, in the scores' units: predict positive when score >= it.
 
     Rules, over every distinct score as a candidate threshold:
@@ -388,16 +388,20 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, rule: str = "youden
     A tie goes to the largest threshold (the fewest positive calls). The threshold returned is the midpoint
     between the chosen score and the next lower distinct score, so it is not exactly a score and classifies
     the validation studies as the chosen score does; when the chosen score is the lowest, it is
-    ``BELOW_LOWEST_SCORE`` below it. The caller passes logits: when the labels hold one class only, no rule
-    is defined and the answer is ``FALLBACK_LOGIT_THRESHOLD`` (logit 0, probability 0.5).
+    ``BELOW_LOWEST_SCORE`` below it. The caller passes logits: when the labels hold one class only, or fewer
+    than ``min_positives`` positives (a rule fitted to one or two positives is noise: it places the threshold
+    just under them and calls much of the population positive), the answer is ``FALLBACK_LOGIT_THRESHOLD``
+    (logit 0: probability 0.5, "more likely than not" for calibrated logits).
 
     Raises:
-        ValueError: an unknown rule, bad labels or scores (as :func:`auroc`).
+        ValueError: an unknown rule, ``min_positives`` < 1, bad labels or scores (as :func:`auroc`).
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown rule {rule!r}; valid: {THRESHOLD_RULES}")
+    if min_positives < 1:
+        raise ValueError(f"min_positives must be >= 1, got {min_positives}")
     y, s = _binary_inputs(y_true, scores)
-    if not _both_classes(y):
+    if not _both_classes(y) or y.sum() < min_positives:
         return FALLBACK_LOGIT_THRESHOLD
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     # the first point (threshold +inf, nothing positive) is not a threshold one can use

@@ -201,8 +201,13 @@ def test_choose_threshold_hand_example():
     # every score ranked the wrong way: J < 0 everywhere but at the lowest score (all positive), 1 below it
     assert choose_threshold(np.array([1, 0]), np.array([0.0, 1.0])) == -1.0
     assert choose_threshold(np.zeros(3), np.array([1.0, 2.0, 3.0])) == 0.0  # one class: the logit fallback
+    # Y holds 3 positives: the rule needs at least min_positives of them, else the logit fallback
+    assert choose_threshold(Y, S, min_positives=3) == pytest.approx(0.6)
+    assert choose_threshold(Y, S, min_positives=4) == 0.0
     with pytest.raises(ValueError, match="unknown rule"):
         choose_threshold(Y, S, rule="accuracy")
+    with pytest.raises(ValueError, match="min_positives"):
+        choose_threshold(Y, S, min_positives=0)
 
 
 def test_lime_hit_is_about_the_top_tokens_that_cover_the_mask():
