@@ -28,6 +28,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def fit_calibrations(output: HeadOutput, train_labels: tuple[np.ndarray, np.ndar
     return fitted
 
 
-def _best_temperature(nll) -> float:
+def _best_temperature(nll: Callable[[float], float]) -> float:
     return float(minimize_scalar(nll, bounds=TEMPERATURE_BOUNDS, method="bounded").x)
 
 
