@@ -476,7 +476,8 @@ def zero_shot(
     dtype = autocast_dtype(target, precision)
     if isinstance(study_or_embedding, (StudyTokens, Study, str, Path)):
         tokens = _study_tokens(study_or_embedding, release, lambda fraction, stage: None, precision)
-        embedding = study_embedding(release, series_outputs(release, tokens, dtype).vectors[None], tokens.description, dtype)
+        vectors = series_outputs(release, tokens, dtype).vectors
+        embedding = study_embedding(release, vectors[None], tokens.description, dtype)
     else:
         embedding = torch.as_tensor(np.asarray(study_or_embedding, dtype=np.float32), device=target)[None]
         if embedding.shape != (1, model.visual.study_dim):

@@ -273,9 +273,9 @@ def save_heads(heads: TaskHeads, config: HeadsTrainConfig, best: dict[str, tuple
     out = Path(config.out)
     save_file(module_state(heads), out / HEADS_FILE, metadata={"format": "pt"})
     summary = {"best": {task: {"val_auroc": score, "epoch": epoch} for task, (score, epoch) in best.items()},
-               "trained_with_the_hvit": config.trained, "calibration": calibration_summary, "train_studies": train_count,
-               "val_studies": val_count, "history": history, "seconds": time.perf_counter() - started, "commit": git_commit(),
-               "config": config_dict(config)}
+               "trained_with_the_hvit": config.trained, "calibration": calibration_summary,
+               "train_studies": train_count, "val_studies": val_count, "history": history,
+               "seconds": time.perf_counter() - started, "commit": git_commit(), "config": config_dict(config)}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return out / HEADS_FILE
 
