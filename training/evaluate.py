@@ -44,7 +44,6 @@ from training.ladder import abnormal_auroc, embedding_probe, token_lesion_probe
 from training.lesion_masks import lesion_mask_on_grid, token_lesion_overlap
 from training.metadata_baseline import metadata_baseline
 from training.metrics import (
-    auroc,
     calibration,
     equal_opportunity,
     lime_top_k_hit,
@@ -188,7 +187,7 @@ def ladder(entries: list[StudyEntry], tokens_list: list[StudyTokens], outputs: d
             "embedding_probe": embedding_probe(embeddings, diagnoses, space.diagnosis_keys, seed=seed),
             "abnormal_auroc": abnormal_auroc(diagnoses, outputs["probability"]),
             "abnormal_output_auroc": (None if np.isnan(outputs["abnormal"]).any()
-                                      else auroc(diagnoses.any(axis=1).astype(int), outputs["abnormal"])),
+                                      else abnormal_auroc(diagnoses, outputs["abnormal"][:, None])),
             "priority_conflicts": priority_conflicts(outputs["positive"], outputs["priority"], space)}
 
 

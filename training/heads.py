@@ -257,9 +257,8 @@ def train(config: HeadsTrainConfig) -> Path:
     with torch.no_grad():
         output = heads(val_x)
     calibration_summary = None
-    if config.calibrate:
-        labels = label_targets([s.entry for s in train_studies], space)
-        output, calibration_summary = calibrate(heads, output, labels[:2], (val_d, val_r, val_t))
+    if config.calibrate:  # each study repeats train_views times: the positive weights the training used
+        output, calibration_summary = calibrate(heads, output, (train_d, train_r), (val_d, val_r, val_t))
     choose_thresholds(heads, output, val_d, val_r, config.threshold_rule, config.threshold_min_positives)
     return save_heads(heads, config, {task: best[task][:2] for task in TASKS}, len(train_studies),
                       len(val_studies), history, calibration_summary, started)

@@ -110,5 +110,6 @@ def embedding_probe(embeddings: np.ndarray, diagnoses: np.ndarray, keys: Sequenc
 
 
 def abnormal_auroc(diagnoses: np.ndarray, probabilities: np.ndarray) -> float | None:
-    """Rung 3's normal vs abnormal figure: the largest diagnosis probability of a study as its score."""
+    """Rung 3's normal vs abnormal figure: the largest of a study's (N, C) probabilities as its score (its
+    diagnosis probabilities, or its one abnormal probability as (N, 1))."""
     return auroc(np.asarray(diagnoses).any(axis=1).astype(int), np.asarray(probabilities).max(axis=1))
