@@ -48,6 +48,7 @@ from training.metrics import (
     equal_opportunity,
     lime_top_k_hit,
     markdown_table,
+    mean_interval_text,
     per_label_auroc,
     per_label_calibration,
     priority_correlation,
@@ -238,11 +239,14 @@ def tokens_identity(release: Release, precision: str) -> str:
 def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "test", out: str | Path | None = None,
              n_boot: int = 1000, lime_samples: int = 500, lime_max: int = 150, device: str = "auto",
              precision: str = "auto", seed: int = 0, progress: bool = True,
-             token_memo: dict[tuple[str, str], StudyTokens] | None = None) -> dict:
+             token_memo: dict[tuple[str, str], StudyTokens] | None = None,
+             baseline_manifest: str | Path | None = None) -> dict:
     """Evaluate ``release_path`` on the ``split`` studies of ``manifest``; returns the eval.json content.
 
     ``token_memo`` keeps each study's tokens under ``(tokens_identity, study_id)`` across calls, so releases
-    that share a volume tokenizer and config (the data-scaling points) tokenize the test studies once."""
+    that share a volume tokenizer and config (the data-scaling points) tokenize the test studies once.
+    ``baseline_manifest``: the manifest whose train split fits the metadata-only baseline, for a test-only set
+    (default: ``manifest``'s own train split)."""
     started = time.perf_counter()
     release = ready_release(release_path, device)
     identity = tokens_identity(release, precision) if token_memo is not None else ""
@@ -277,7 +281,9 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
     prompts = text_features(release, [zero_shot_prompt(d.name) for d in space.diagnoses], dtype)
     result = {"split": split, "studies": len(entries), "skipped": skipped,
               **score(entries, outputs, prediction_arrays(unk), images, reports, prompts, space,
-                      baseline_on(all_entries, split), n_boot=n_boot, seed=seed)}
+                      baseline_on(all_entries if baseline_manifest is None else [
+                          *(e for e in read_manifest(baseline_manifest) if e.split == "train"),
+                          *(e for e in all_entries if e.split != "train")], split), n_boot=n_boot, seed=seed)}
     result["ladder"] = ladder(entries, tokens_list, outputs, embeddings, release, seed=seed)
     result["lime_localisation"] = localise(entries, tokens_list, release, num_samples=lime_samples,
                                            max_explanations=lime_max, seed=seed, precision=precision)
@@ -285,6 +291,7 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
     result["provenance"] = {
         "release": str(release_path), "model": release.config.name, "commit": git_commit(ignore=(release.path,)),
         "manifest": str(manifest), "manifest_sha256": file_digest(manifest),
+        "baseline_manifest": None if baseline_manifest is None else str(baseline_manifest),
         "model_sha256": file_digest(Path(release.path) / "model.safetensors"), "device": str(
             release.model.logit_scale.device), "precision": str(dtype or torch.float32), "seed": seed, "n_boot": n_boot,
         "machine": machine_description(release.model.logit_scale.device),
@@ -304,6 +311,11 @@ def _evaluated_studies(split: str) -> str:
     return "every study of the manifest" if split == ALL_SPLITS else f"the {split} split"
 
 
+def _interval(scores: dict) -> str:
+    interval = mean_interval_text(scores)
+    return f"; {interval}" if interval else ""
+
+
 def summary_rows(result: dict) -> list[dict]:
     """The headline figures, one row each (the model card's evaluation table)."""
     lime = result["lime_localisation"]
@@ -311,14 +323,15 @@ def summary_rows(result: dict) -> list[dict]:
     disparity = result["tpr_disparity"]
     positives = "positives" if result["split"] == ALL_SPLITS else f"{result['split']} positives"
     return [
-        {"metric": f"Diagnosis mean AUROC ({scored} of 52 labels have {positives} and negatives)",
-         "value": result["diagnosis"]["mean_auroc"]},
+        {"metric": f"Diagnosis mean AUROC ({scored} of 52 labels have {positives} and negatives"
+                   f"{_interval(result['diagnosis'])})", "value": result["diagnosis"]["mean_auroc"]},
         {"metric": "Diagnosis mean AUROC, series names and description `unk`",
          "value": result["diagnosis_unk_names"]["mean_auroc"]},
         {"metric": "Metadata-only baseline mean AUROC (same split)",
          "value": result["metadata_baseline"]["mean_auroc"]},
         {"metric": "Lowest diagnosis AUROC", "value": result["diagnosis"]["min_auroc"]},
-        {"metric": "Referral mean AUROC (11)", "value": result["referral"]["mean_auroc"]},
+        {"metric": f"Referral mean AUROC (11{_interval(result['referral'])})",
+         "value": result["referral"]["mean_auroc"]},
         {"metric": "Priority: Spearman correlation of the priority score with the tier",
          "value": result["priority"]["spearman"]},
         *({"metric": f"Retrieval top-{k} (groups of 100), study -> report",
@@ -388,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("release", help="release folder or hf://owner/repo")
     parser.add_argument("manifest", type=Path, help="manifest.jsonl (its train split fits the metadata baseline)")
+    parser.add_argument("--baseline-manifest", type=Path, default=None,
+                        help="fit the metadata baseline on this manifest's train split instead (a test-only set)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test; all: every study)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <release>/evaluation)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC CIs")
@@ -399,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = evaluate(args.release, args.manifest, split=args.split, out=args.out, n_boot=args.n_boot,
                       lime_samples=args.lime_samples, lime_max=args.lime_max, device=args.device,
-                      precision=args.precision, seed=args.seed)
+                      precision=args.precision, seed=args.seed, baseline_manifest=args.baseline_manifest)
     for row in summary_rows(result):
         print(f"{row['metric']}: {_fmt(row['value'])}", file=sys.stderr)
     return 0

@@ -132,6 +132,17 @@ def bootstrap_auroc_ci(
     return float(low), float(high)
 
 
+def _mean_interval(resampled: np.ndarray, alpha: float = 0.05) -> tuple[float, float] | None:
+    """Percentile interval of the mean over labels of (L, n_boot) resampled AUROCs (NaN: one class there)."""
+    counted = ~np.isnan(resampled)
+    kept = counted.any(axis=0)
+    if not kept.any():
+        return None
+    means = np.where(counted, resampled, 0.0).sum(axis=0)[kept] / counted.sum(axis=0)[kept]
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 def per_label_auroc(
     labels: np.ndarray, scores: np.ndarray, keys: Sequence[str], n_boot: int = 1000, seed: int = 0
 ) -> dict:
@@ -145,9 +156,11 @@ def per_label_auroc(
         seed: bootstrap seed (the same resamples for every label).
 
     Returns:
-        ``{"per_label": {key: {"auroc", "ci_low", "ci_high", "positives"}}, "mean_auroc", "n_labels_scored",
-        "min_auroc", "min_label"}``: a label without a positive or without a negative has auroc None and is
-        left out of the mean and the minimum (both None when no label is scored).
+        ``{"per_label": {key: {"auroc", "ci_low", "ci_high", "positives"}}, "mean_auroc", "mean_ci_low",
+        "mean_ci_high", "n_labels_scored", "min_auroc", "min_label"}``: a label without a positive or without a
+        negative has auroc None and is left out of the mean and the minimum (both None when no label is
+        scored). The mean's interval resamples the studies once for every label together (a resample's mean
+        over the scored labels that have both classes in it), so it holds the labels' correlation.
 
     Raises:
         ValueError: shapes that disagree with each other or with ``keys``, a negative n_boot.
@@ -159,16 +172,25 @@ def per_label_auroc(
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     per_label: dict[str, dict] = {}
+    # The resamples bootstrap_auroc_ci draws for every label with this seed, so the mean's interval and the
+    # labels' intervals come from the same resampled studies.
+    resamples = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y))) if n_boot else None
+    resampled: list[np.ndarray] = []
     for c, key in enumerate(keys):
         value = auroc(y[:, c], s[:, c])
         ci = bootstrap_auroc_ci(y[:, c], s[:, c], n_boot, seed=seed) if n_boot and value is not None else None
         per_label[key] = {"auroc": value, "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
                           "positives": int(y[:, c].sum())}
+        if resamples is not None and value is not None:
+            resampled.append(_resampled_aurocs(y[:, c], s[:, c], resamples))
     scored = {key: row["auroc"] for key, row in per_label.items() if row["auroc"] is not None}
     min_label = min(scored, key=scored.__getitem__) if scored else None
+    mean_ci = _mean_interval(np.array(resampled)) if resampled else None
     return {
         "per_label": per_label,
         "mean_auroc": float(np.mean(list(scored.values()))) if scored else None,
+        "mean_ci_low": mean_ci[0] if mean_ci else None,
+        "mean_ci_high": mean_ci[1] if mean_ci else None,
         "n_labels_scored": len(scored),
         "min_auroc": scored[min_label] if min_label is not None else None,
         "min_label": min_label,
@@ -547,6 +569,12 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value).replace("|", "\\|")
+
+
+def mean_interval_text(scores: dict) -> str:
+    """"95% CI low–high" of a ``per_label_auroc`` mean; empty without one (no bootstrap, an older result)."""
+    low, high = scores.get("mean_ci_low"), scores.get("mean_ci_high")
+    return "" if low is None or high is None else f"95% CI {low:.3f}–{high:.3f}"
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

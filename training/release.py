@@ -14,8 +14,9 @@ interrupted one continues from its checkpoint):
     heads            training.heads            (diagnoses, referrals, priority; thresholds; only thresholds
                                                for heads trained in the clip stage)
     release          prima.release.save_release, then training.evaluate on the test split, then the model card
-    optional         a shifted test set, a localisation test set (focal lesions, for LIME) and the
-                     data-scaling curve (config sections ``shifted``, ``localisation``, ``scaling``)
+    optional         a shifted test set, a localisation test set (focal lesions, for LIME), a stratified test
+                     set the card is read on (>= 5 positives a label) and the data-scaling curve (config
+                     sections ``shifted``, ``localisation``, ``test_set``, ``scaling``)
 
 ``--push-to-hub OWNER/REPO`` uploads the folder with ``huggingface_hub``. Stage times go to
 ``<work>/stages.json`` and the model card.
@@ -45,7 +46,7 @@ from training import clip as clip_stage
 from training import heads as heads_stage
 from training import place_normal as place_normal_stage
 from training import report_lm, series_names
-from training.evaluate import EVAL_JSON, EVAL_MARKDOWN, FOCAL_DIAGNOSES, RELIABILITY_PNG, evaluate
+from training.evaluate import ALL_SPLITS, EVAL_JSON, EVAL_MARKDOWN, FOCAL_DIAGNOSES, RELIABILITY_PNG, evaluate
 from training.model_card import model_card
 from training.runtime import (
     cache_key,
@@ -88,6 +89,7 @@ class ReleaseConfig:
     evaluate: dict = field(default_factory=dict)  # training.evaluate options: n_boot, lime_samples, lime_max
     shifted: dict = field(default_factory=dict)  # {n, shift, seed}: a test set drawn outside the training ranges
     localisation: dict = field(default_factory=dict)  # {n, seed, balance}: a test set of focal lesions for LIME
+    test_set: dict = field(default_factory=dict)  # {n, seed}: a stratified test-only set the card is read on
     scaling: dict = field(default_factory=dict)  # {fractions: [0.125, ...], steps: same | proportional}: the curve
 
 
@@ -103,6 +105,7 @@ def check_release_config(doc: dict) -> ReleaseConfig:
     known = {"data": _SYNTH_OPTIONS, "evaluate": EVALUATE_OPTIONS,
              "shifted": ("n", "shift", "seed", "spacing", "max_series", "stratify"), "scaling": ("fractions", "steps"),
              "localisation": ("n", "seed", "balance", "spacing", "max_series", "stratify"),
+             "test_set": ("n", "seed", "spacing", "max_series"),
              "volume_tokenizer": ("weights", *(f.name for f in dataclasses.fields(
                  volume_tokenizer_stage.VolumeTokenizerTrainConfig))),
              "token_cache": [f.name for f in dataclasses.fields(TokenCacheConfig)],
@@ -258,10 +261,10 @@ def build(config: ReleaseConfig, command: str) -> Path:
                                                              encoding="utf-8")
         (out / "README.md").write_text(card_from_files(out, with_scaling=with_scaling), encoding="utf-8")
 
-    def test_only_evaluation(name: str, settings: dict, **overrides: Any) -> dict:
-        """The whole evaluation (``--split all``) of a test-only synthetic set written to ``<work>/<name>``."""
+    def test_only_evaluation(name: str, settings: dict, split: str = ALL_SPLITS, **overrides: Any) -> dict:
+        """The whole evaluation of a test-only synthetic set written to ``<work>/<name>``."""
         test_manifest = synthesise_once(work / name, settings)
-        return evaluate_once(out, test_manifest, out / EVALUATION_FOLDER / name, split="all",
+        return evaluate_once(out, test_manifest, out / EVALUATION_FOLDER / name, split=split,
                              device=config.device, seed=config.seed, **{**options, **overrides})
 
     if config.shifted:
@@ -273,6 +276,14 @@ def build(config: ReleaseConfig, command: str) -> Path:
         timer.run("localisation test set", lambda: test_only_evaluation("localisation", {
             "seed": config.seed + 2, "protocol_blind": "all", "balance": 1.0, "primary": list(FOCAL_DIAGNOSES),
             **config.localisation}))
+    if config.test_set:
+        # The data's test split has about one positive a label; this set is drawn as the data are (another seed,
+        # every study in test, stratified) with >= 5 of each, and the card's figures are read on it. The metadata
+        # baseline fits on the data's training split.
+        drawn_as_data = {k: config.data[k] for k in ("spacing", "max_series", "balance") if k in config.data}
+        timer.run("test set", lambda: test_only_evaluation("test_set", {
+            "seed": config.seed + 3, "protocol_blind": "all", "stratify": True, "split_fractions": [0.0, 0.0, 1.0],
+            **drawn_as_data, **config.test_set}, split="test", lime_max=0, baseline_manifest=str(manifest)))
     write_card(with_scaling=False)  # the release is usable now; the scaling curve takes as long again
     if config.scaling.get("fractions"):
         proportional = config.scaling.get("steps", "same") == "proportional"
@@ -387,12 +398,16 @@ def card_from_files(folder: Path, with_scaling: bool = True) -> str:
     if provenance is None:
         raise FileNotFoundError(f"{evaluation / PROVENANCE_JSON} is missing: {folder} is not a built release")
     sections = provenance["config"]
-    return model_card(get_model_config(sections["model"]), read(evaluation / EVAL_JSON), provenance,
-                      (evaluation / EVAL_MARKDOWN).read_text(encoding="utf-8"),
-                      f"{EVALUATION_FOLDER}/{RELIABILITY_PNG}",
+    test_split = read(evaluation / EVAL_JSON)
+    test_set = read(evaluation / "test_set" / EVAL_JSON, sections.get("test_set"))  # older releases have none
+    read_on = "test_set/" if test_set is not None else ""
+    return model_card(get_model_config(sections["model"]), test_set or test_split, provenance,
+                      (evaluation / f"{read_on}{EVAL_MARKDOWN}").read_text(encoding="utf-8"),
+                      f"{EVALUATION_FOLDER}/{read_on}{RELIABILITY_PNG}",
                       read(evaluation / SCALING_JSON, with_scaling and sections["scaling"].get("fractions")),
                       read(evaluation / "shifted" / EVAL_JSON, sections["shifted"]),
-                      read(evaluation / "localisation" / EVAL_JSON, sections["localisation"]))
+                      read(evaluation / "localisation" / EVAL_JSON, sections["localisation"]),
+                      test_split if test_set is not None else None)
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:

@@ -92,10 +92,26 @@ def test_per_label_auroc_scores_defined_labels_and_reports_the_others():
     assert result["mean_auroc"] == pytest.approx((8 / 9 + 1) / 2)
     assert result["n_labels_scored"] == 2
     assert (result["min_label"], result["min_auroc"]) == ("hand", pytest.approx(8 / 9))
+    # the perfect label is 1 in every resample, so the mean's interval is the hand label's, halved and moved
+    assert result["mean_ci_low"] == pytest.approx((hand["ci_low"] + 1) / 2)
+    assert result["mean_ci_high"] == pytest.approx((hand["ci_high"] + 1) / 2)
     no_ci = per_label_auroc(labels, scores, ["hand", "empty", "perfect"], n_boot=0)
     assert no_ci["per_label"]["hand"]["ci_low"] is None and no_ci["mean_auroc"] == result["mean_auroc"]
+    assert no_ci["mean_ci_low"] is None and no_ci["mean_ci_high"] is None
     with pytest.raises(ValueError, match="disagree"):
         per_label_auroc(labels, scores, ["hand", "empty"])
+
+
+def test_the_mean_aurocs_interval_narrows_with_more_studies():
+    rng = np.random.default_rng(0)
+
+    def width(n: int) -> float:
+        labels = (rng.random((n, 4)) < 0.3).astype(int)
+        result = per_label_auroc(labels, labels + rng.normal(0, 1.0, (n, 4)), list("abcd"), n_boot=300)
+        assert result["mean_ci_low"] < result["mean_auroc"] < result["mean_ci_high"]
+        return result["mean_ci_high"] - result["mean_ci_low"]
+
+    assert width(400) < 0.6 * width(40)
 
 
 def test_retrieval_identical_features_find_every_partner():

@@ -39,6 +39,7 @@ def tiny_release_config(manifest: Path, tmp_path: Path) -> ReleaseConfig:
         evaluate={"n_boot": 20, "lime_samples": 16, "lime_max": 2, "precision": "fp32"},
         shifted={"n": 2, "spacing": 6.0, "max_series": 3},
         localisation={"n": 2, "spacing": 6.0, "max_series": 3, "stratify": True},
+        test_set={"n": 3, "spacing": 6.0, "max_series": 3},
         scaling={"fractions": [0.5], "steps": "proportional"},
     )
 
@@ -49,7 +50,7 @@ def test_the_lite_recipe_releases_a_model_that_reads_place_deviations_and_pools_
     evaluation reads the studies through it."""
     config = dataclasses.replace(
         tiny_release_config(tiny_dataset, tmp_path), model="prima-lite-head",
-        place_normal={"kinds": 2, "min_count": 2}, shifted={}, localisation={}, scaling={},
+        place_normal={"kinds": 2, "min_count": 2}, shifted={}, localisation={}, test_set={}, scaling={},
         clip={"steps": 3, "batch_size": 4, "warmup": 1, "max_tokens": 32, "eval_every": 3, "log_every": 1,
               "precision": "fp32", "task_weight": 1.0})
     folder = build(config, "python -m training.release --config tiny-head.yaml")
@@ -69,12 +70,12 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     folder = build(tiny_release_config(tiny_dataset, tmp_path), "python -m training.release --config tiny.yaml")
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert list(stages) == ["data", "token cache", "report LM", "series names", "clip", "heads", "assemble",
-                            "evaluate", "shifted test set", "localisation test set", "scaling"]
+                            "evaluate", "shifted test set", "localisation test set", "test set", "scaling"]
     shifted = json.loads((folder / "evaluation" / "shifted" / "eval.json").read_text())
     assert shifted["split"] == "all" and shifted["studies"] == 2
     shifted_md = (folder / "evaluation" / "shifted" / "eval.md").read_text()
     assert shifted_md.startswith("## Evaluation on every study of the manifest (2 studies)")
-    assert "labels have positives and negatives)" in shifted_md
+    assert "labels have positives and negatives; 95% CI " in shifted_md
     assert json.loads((tmp_path / "work" / "shifted" / "synth_config.json").read_text())["shift"] == 1.0
     localisation = json.loads((folder / "evaluation" / "localisation" / "eval.json").read_text())
     assert localisation["studies"] == 2 and localisation["lime_localisation"]["candidates"] >= 2
@@ -82,6 +83,13 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert json.loads((tmp_path / "work" / "localisation" / "synth_config.json").read_text())["stratify"] is True
     assert all(any(entry.labels[key] for key in focal) for entry in read_manifest(
         tmp_path / "work" / "localisation" / "manifest.jsonl"))
+    # the stratified test set: drawn as the data are, every study in test, the baseline fitted on the data's train
+    test_set = json.loads((folder / "evaluation" / "test_set" / "eval.json").read_text())
+    assert test_set["split"] == "test" and test_set["studies"] == 3
+    assert test_set["metadata_baseline"]["n_train"] == 8 and test_set["lime_localisation"]["explanations"] == 0
+    drawn = json.loads((tmp_path / "work" / "test_set" / "synth_config.json").read_text())
+    assert drawn["split_fractions"] == [0.0, 0.0, 1.0] and drawn["stratify"] is True and drawn["seed"] == 3
+    assert {e.split for e in read_manifest(tmp_path / "work" / "test_set" / "manifest.jsonl")} == {"test"}
     curve = json.loads((folder / "evaluation" / "scaling.json").read_text())
     assert [p["fraction"] for p in curve] == [0.5, 1.0]
     assert curve[0]["train_studies"] < curve[1]["train_studies"] == 8
@@ -97,13 +105,17 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert len(release.config.diagnosis_thresholds) == 52 and len(release.config.referral_thresholds) == 11
     evaluation = json.loads((folder / "evaluation" / "eval.json").read_text())
     assert evaluation["studies"] == 2 and evaluation["split"] == "test"
-    assert "labels have test positives and negatives)" in (folder / "evaluation" / "eval.md").read_text()
+    assert "labels have test positives and negatives; 95% CI " in (folder / "evaluation" / "eval.md").read_text()
     assert "| Mean probability / positive rate | Brier |" in (folder / "evaluation" / "eval.md").read_text()
     assert evaluation["provenance"]["machine"]["cpu_capability"] == machine_description()["cpu_capability"]
     assert evaluation["provenance"]["precision"] == "torch.float32"  # the config's fp32, named
     card = (folder / "README.md").read_text()
     assert "not for clinical use" in card and "## Targets" in card and "Localisation test set (2" in card
-    assert (folder / "evaluation" / "eval.md").read_text().strip() in card and "Built on: " in card
+    # the card is read on the test set, the data's own test split named beside it
+    assert (folder / "evaluation" / "test_set" / "eval.md").read_text().strip() in card and "Built on: " in card
+    assert "Every figure below is read on the **test set**: 3 test-only studies" in card
+    assert "The data's own test split (2 studies" in card and "| test set (test-only) | 3 |" in card
+    assert "evaluation/test_set/reliability.png" in card
     assert (folder / "evaluation" / "reliability.png").stat().st_size > 1000
     # the card is what the card code renders from the files the build left (how a shipped card is rewritten)
     assert card_from_files(folder) == card and "| Release build time, every stage (minutes) | <= 120 |" in card

@@ -122,18 +122,18 @@ def split_table(split_fractions: Sequence[float] | None = None) -> tuple[tuple[s
     """``(("train", f), ("val", f), ("test", f))`` from three fractions (None: ``SPLIT_FRACTIONS``).
 
     A larger test fraction is how a data set of modest size gets enough positives of every label in its test
-    split (with ``stratify``, about 52 x 5 abnormal test studies for 5 positives a label).
+    split (with ``stratify``, about 52 x 5 abnormal test studies for 5 positives a label); ``(0, 0, 1)`` makes
+    a test-only set.
 
     Raises:
-        ValueError: not three fractions, a negative one, no training studies, or a sum other than 1.
+        ValueError: not three fractions, a negative one, or a sum other than 1.
     """
     if split_fractions is None:
         return SPLIT_FRACTIONS
     fractions = [float(f) for f in split_fractions]
-    if len(fractions) != len(SPLIT_FRACTIONS) or min(fractions) < 0 or fractions[0] <= 0 \
-            or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be three non-negative numbers (train, val, test) summing to 1 "
-                         f"with train > 0, got {split_fractions}")
+    if len(fractions) != len(SPLIT_FRACTIONS) or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be three non-negative numbers (train, val, test) summing to 1, "
+                         f"got {split_fractions}")
     return tuple((name, fraction) for (name, _), fraction in zip(SPLIT_FRACTIONS, fractions))
 
 
