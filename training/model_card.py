@@ -82,17 +82,25 @@ def build_rows(provenance: dict) -> list[str]:
 def scaling_rows(curve: list[dict] | None) -> list[str]:
     if not curve:
         return ["No data-scaling curve was run for this release (`scaling.fractions` in the release config)."]
-    return ["Mean test diagnosis AUROC when CLIP and the heads are trained on a fraction of the training "
-            "patients (same test split):", "",
-            "| Fraction | Training studies | CLIP steps | Mean AUROC | Labels scored | `unk` names |",
-            "|---|---|---|---|---|---|",
+    scored = curve[-1].get("studies_scored")  # absent from curves made before the test set
+    where = f"the same {scored} test studies" if scored else "the same test split"
+    return [f"Mean diagnosis AUROC when CLIP and the heads are trained on a fraction of the training patients "
+            f"({where}; normal vs abnormal read as in the ladder):", "",
+            "| Fraction | Training studies | CLIP steps | Mean AUROC | 95% CI | Labels scored | `unk` names | "
+            "Normal vs abnormal |",
+            "|---|---|---|---|---|---|---|---|",
             *(f"| {p['fraction']:g} | {p['train_studies']} | {p['clip_steps']} | {_fmt(p['mean_auroc'])} | "
-              f"{p['labels_scored']} | {_fmt(p['unk_mean_auroc'])} |" for p in curve), "",
+              f"{_bounds(p.get('mean_ci_low'), p.get('mean_ci_high'))} | {p['labels_scored']} | "
+              f"{_fmt(p['unk_mean_auroc'])} | {_fmt(p.get('abnormal_auroc'))} |" for p in curve), "",
             "![Data scaling](evaluation/scaling.png)"]
 
 
 def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def _bounds(low: float | None, high: float | None) -> str:
+    return "—" if low is None or high is None else f"{low:.3f}–{high:.3f}"
 
 
 def localisation_rows(result: dict, localisation: dict | None) -> list[str]:
@@ -158,8 +166,7 @@ def test_split_rows(test_split: dict | None, test_set: dict) -> list[str]:
             f"data are (another seed, protocol-blind, stratified: at least {fewest} positives of every label). The "
             f"data's own test split ({test_split['studies']} studies, at least {split_fewest} positive a label) "
             f"gives diagnosis mean AUROC {_fmt(diagnosis['mean_auroc'])}{_interval(diagnosis)}, referral mean "
-            f"AUROC {_fmt(test_split['referral']['mean_auroc'])}, normal vs abnormal {_fmt(abnormal)}; the "
-            "data-scaling curve is read on that split.", ""]
+            f"AUROC {_fmt(test_split['referral']['mean_auroc'])}, normal vs abnormal {_fmt(abnormal)}.", ""]
 
 
 def _interval(scores: dict) -> str:

@@ -276,21 +276,28 @@ def build(config: ReleaseConfig, command: str) -> Path:
         timer.run("localisation test set", lambda: test_only_evaluation("localisation", {
             "seed": config.seed + 2, "protocol_blind": "all", "balance": 1.0, "primary": list(FOCAL_DIAGNOSES),
             **config.localisation}))
+    # Where the scaling points are scored: the data's test split, or the test set. Each has its own token memo, as
+    # the two sets number their studies alike.
+    scored_on, scored_tokens, scored_options, full_result = manifest, test_tokens, {}, result
     if config.test_set:
         # The data's test split has about one positive a label; this set is drawn as the data are (another seed,
         # every study in test, stratified) with >= 5 of each, and the card's figures are read on it. The metadata
         # baseline fits on the data's training split.
         drawn_as_data = {k: config.data[k] for k in ("spacing", "max_series", "balance") if k in config.data}
-        timer.run("test set", lambda: test_only_evaluation("test_set", {
+        scored_tokens, scored_options = {}, {"baseline_manifest": str(manifest)}
+        full_result = timer.run("test set", lambda: test_only_evaluation("test_set", {
             "seed": config.seed + 3, "protocol_blind": "all", "stratify": True, "split_fractions": [0.0, 0.0, 1.0],
-            **drawn_as_data, **config.test_set}, split="test", lime_max=0, baseline_manifest=str(manifest)))
+            **drawn_as_data, **config.test_set}, split="test", lime_max=0, token_memo=scored_tokens,
+            **scored_options))
+        scored_on = work / "test_set" / "manifest.jsonl"
     write_card(with_scaling=False)  # the release is usable now; the scaling curve takes as long again
     if config.scaling.get("fractions"):
         proportional = config.scaling.get("steps", "same") == "proportional"
 
         def point(fraction: float) -> dict:
-            """CLIP and heads again on a fraction of the training patients, scored on test: with the same
-            number of CLIP steps, or (``steps: proportional``) the same number of epochs."""
+            """CLIP and heads again on a fraction of the training patients, scored where the card is read (the
+            test set, else the test split): with the same number of CLIP steps, or (``steps: proportional``) the
+            same number of epochs."""
             folder = work / "scaling" / f"{fraction:g}"
             subset = subset_manifest(manifest, fraction, config.seed, folder / "manifest.jsonl")
             steps = max(1, round(fraction * clip_config.steps)) if proportional else clip_config.steps
@@ -299,12 +306,12 @@ def build(config: ReleaseConfig, command: str) -> Path:
                 warmup=min(clip_config.warmup, max(1, steps // 5)), eval_every=max(1, steps)))
             heads_weights = heads_stage.train(dataclasses.replace(heads_config, manifest=str(subset), clip=str(
                 clip_weights), out=str(folder / "heads"), **trained_heads(clip_weights)))
-            scored = evaluate_once(assemble(folder / "release", clip_weights, heads_weights), manifest,
+            scored = evaluate_once(assemble(folder / "release", clip_weights, heads_weights), scored_on,
                                    folder / "evaluation", device=config.device, seed=config.seed,
-                                   token_memo=test_tokens, **{**options, "n_boot": 0, "lime_max": 0})
+                                   token_memo=scored_tokens, **{**options, "lime_max": 0, **scored_options})
             return {**scaling_point(fraction, subset, scored), "clip_steps": steps}
 
-        full = {**scaling_point(1.0, manifest, result), "clip_steps": clip_config.steps}
+        full = {**scaling_point(1.0, manifest, full_result), "clip_steps": clip_config.steps}
         curve = timer.run("scaling", lambda: [*(point(f) for f in sorted(config.scaling["fractions"]) if f < 1), full])
         write_scaling(curve, out / EVALUATION_FOLDER)
         write_card(with_scaling=True)
@@ -340,9 +347,15 @@ def subset_manifest(manifest: Path, fraction: float, seed: int, path: Path) -> P
 
 
 def scaling_point(fraction: float, manifest: Path, result: dict) -> dict:
+    """A point of the curve: the training studies of ``manifest`` and the figures of the evaluation ``result``."""
+    ladder = result.get("ladder") or {}
     return {"fraction": fraction, "train_studies": sum(e.split == "train" for e in read_manifest(manifest)),
-            "mean_auroc": result["diagnosis"]["mean_auroc"], "labels_scored": result["diagnosis"]["n_labels_scored"],
-            "unk_mean_auroc": result["diagnosis_unk_names"]["mean_auroc"]}
+            "scored_on": result["provenance"]["manifest"], "studies_scored": result["studies"],
+            "mean_auroc": result["diagnosis"]["mean_auroc"], "mean_ci_low": result["diagnosis"].get("mean_ci_low"),
+            "mean_ci_high": result["diagnosis"].get("mean_ci_high"),
+            "labels_scored": result["diagnosis"]["n_labels_scored"],
+            "unk_mean_auroc": result["diagnosis_unk_names"]["mean_auroc"],
+            "abnormal_auroc": ladder.get("abnormal_output_auroc") or ladder.get("abnormal_auroc")}
 
 
 def write_scaling(curve: list[dict], folder: Path) -> None:

@@ -94,6 +94,10 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert [p["fraction"] for p in curve] == [0.5, 1.0]
     assert curve[0]["train_studies"] < curve[1]["train_studies"] == 8
     assert [p["clip_steps"] for p in curve] == [2, 3]  # proportional: the same epochs
+    # scored where the card is read: the test set (the full point is its evaluation)
+    assert all(p["scored_on"] == str(tmp_path / "work" / "test_set" / "manifest.jsonl") for p in curve)
+    assert [p["studies_scored"] for p in curve] == [3, 3] and curve[1]["mean_auroc"] == test_set["diagnosis"][
+        "mean_auroc"]
     release = load_release(folder)
     assert release.heads is not None and release.volume_tokenizer is not None
     entry = read_manifest(tiny_dataset, ["test"])[0]
@@ -115,7 +119,7 @@ def test_every_stage_feeds_the_next_and_the_release_predicts(tiny_dataset, tmp_p
     assert (folder / "evaluation" / "test_set" / "eval.md").read_text().strip() in card and "Built on: " in card
     assert "Every figure below is read on the **test set**: 3 test-only studies" in card
     assert "The data's own test split (2 studies" in card and "| test set (test-only) | 3 |" in card
-    assert "evaluation/test_set/reliability.png" in card
+    assert "evaluation/test_set/reliability.png" in card and "(the same 3 test studies;" in card
     assert (folder / "evaluation" / "reliability.png").stat().st_size > 1000
     # the card is what the card code renders from the files the build left (how a shipped card is rewritten)
     assert card_from_files(folder) == card and "| Release build time, every stage (minutes) | <= 120 |" in card
