@@ -225,14 +225,20 @@ def score(entries: list[StudyEntry], outputs: dict[str, np.ndarray], unk_outputs
     }
 
 
+# Release config fields that only turn outputs into decisions: releases that differ in them alone (the points of
+# the data-scaling curve) read the same tokens.
+DECISION_FIELDS = ("diagnosis_thresholds", "referral_thresholds")
+
+
 def tokens_identity(release: Release, precision: str) -> str:
     """What a study's tokens depend on besides its images: the volume tokenizer's weights, the release
-    config (preprocessing, filter threshold), the place-normal model the deviations are read against and
-    the precision."""
+    config but its operating thresholds (preprocessing, filter threshold), the place-normal model the
+    deviations are read against and the precision."""
     folder = Path(release.path)
     normal = folder / PLACE_NORMAL_FILE
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     return cache_key(volume_tokenizer=weights_digest(folder / "volume_tokenizer.safetensors"),
-                     config=(folder / "config.json").read_text(encoding="utf-8"), precision=precision,
+                     config={k: v for k, v in config.items() if k not in DECISION_FIELDS}, precision=precision,
                      place_normal=weights_digest(normal) if normal.exists() else None)
 
 

@@ -4,6 +4,7 @@ variant, the ladder and the conflicting-outputs count."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -89,6 +90,27 @@ def test_a_token_memo_tokenizes_each_study_once_and_changes_no_figure(tiny_datas
     plain = evaluation.evaluate(random_release_path, tiny_dataset, out=tmp_path / "c", **options)
     for result in (second, plain):
         assert result["diagnosis"] == first["diagnosis"] and result["retrieval"] == first["retrieval"]
+
+
+def test_releases_that_differ_only_in_their_thresholds_share_their_tokens(random_release_path, tmp_path):
+    """The data-scaling points differ in weights and thresholds, not in what tokenizes: their memo is one."""
+    import shutil
+
+    from prima import load_release
+    from training.evaluate import tokens_identity
+
+    def variant(name: str, change) -> str:
+        folder = shutil.copytree(random_release_path, tmp_path / name)
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        return tokens_identity(load_release(folder), "fp32")
+
+    same = tokens_identity(load_release(random_release_path), "fp32")
+    assert variant("thresholds", lambda c: c.update(diagnosis_thresholds=[0.5] * 52, referral_thresholds=[0.1] * 11)) \
+        == same
+    assert variant("preprocess", lambda c: c["preprocess"].update(min_slice_spacing_mm=6.0)) != same
+    assert tokens_identity(load_release(random_release_path), "bf16") != same
 
 
 def test_priority_conflicts_count_urgent_positives_read_as_least_urgent():
