@@ -145,9 +145,14 @@ def test_split_fractions_move_the_boundaries_and_give_the_test_split_its_positiv
     test = Counter(k for i, k in enumerate(primaries) if k is not None and study_split(0, i, fractions) == "test")
     assert set(test) == set(KEYS) and min(test.values()) >= 5
     assert plan_study(0, 3, spacing=6.0, split_fractions=fractions).split == study_split(0, 3, fractions)
-    for bad in ((0.5, 0.5), (0.0, 0.5, 0.5), (0.8, 0.3, -0.1), (0.7, 0.1, 0.1)):
+    for bad in ((0.5, 0.5), (0.8, 0.3, -0.1), (0.7, 0.1, 0.1)):
         with pytest.raises(ValueError, match="split fractions"):
             split_table(bad)
+    # a test-only set: every study in test, and stratified, 460 studies make every label the primary of >= 5
+    test_only = (0.0, 0.0, 1.0)
+    assert {study_split(3, i, test_only) for i in range(200)} == {"test"}
+    dealt = Counter(k for k in stratified_primaries(3, 460, balance=1.0, split_fractions=test_only) if k is not None)
+    assert set(dealt) == set(KEYS) and min(dealt.values()) >= 5
 
 
 def test_protocol_choice_follows_the_findings():
