@@ -46,9 +46,9 @@ from training.metadata_baseline import metadata_baseline
 from training.metrics import (
     calibration,
     equal_opportunity,
+    interval_text,
     lime_top_k_hit,
     markdown_table,
-    mean_interval_text,
     per_label_auroc,
     per_label_calibration,
     priority_correlation,
@@ -192,12 +192,14 @@ def ladder(entries: list[StudyEntry], tokens_list: list[StudyTokens], outputs: d
             "priority_conflicts": priority_conflicts(outputs["positive"], outputs["priority"], space)}
 
 
-def baseline_on(entries: list[StudyEntry], split: str) -> dict:
-    """The metadata-only baseline fitted on the manifest's train split and scored on ``split``; empty when the
-    manifest has no train split to fit on (e.g. a test-only shifted set) or every study is scored."""
-    if split == ALL_SPLITS or split == "train" or not any(e.split == "train" for e in entries):
+def baseline_on(entries: list[StudyEntry], split: str, train: list[StudyEntry] | None = None) -> dict:
+    """The metadata-only baseline fitted on the train split of ``train`` (default: of ``entries``) and scored on
+    the ``split`` studies of ``entries``; empty when there is no train split to fit on (e.g. a test-only shifted
+    set) or every study is scored."""
+    fit_on = [e for e in (entries if train is None else train) if e.split == "train"]
+    if split == ALL_SPLITS or split == "train" or not fit_on:
         return {"mean_auroc": None, "per_label": {}, "n_train": 0}
-    return metadata_baseline(entries, split=split)
+    return metadata_baseline([*fit_on, *(e for e in entries if e.split == split)], split=split)
 
 
 def score(entries: list[StudyEntry], outputs: dict[str, np.ndarray], unk_outputs: dict[str, np.ndarray],
@@ -287,9 +289,8 @@ def evaluate(release_path: str | Path, manifest: str | Path, *, split: str = "te
     prompts = text_features(release, [zero_shot_prompt(d.name) for d in space.diagnoses], dtype)
     result = {"split": split, "studies": len(entries), "skipped": skipped,
               **score(entries, outputs, prediction_arrays(unk), images, reports, prompts, space,
-                      baseline_on(all_entries if baseline_manifest is None else [
-                          *(e for e in read_manifest(baseline_manifest) if e.split == "train"),
-                          *(e for e in all_entries if e.split != "train")], split), n_boot=n_boot, seed=seed)}
+                      baseline_on(all_entries, split, None if baseline_manifest is None else read_manifest(
+                          baseline_manifest)), n_boot=n_boot, seed=seed)}
     result["ladder"] = ladder(entries, tokens_list, outputs, embeddings, release, seed=seed)
     result["lime_localisation"] = localise(entries, tokens_list, release, num_samples=lime_samples,
                                            max_explanations=lime_max, seed=seed, precision=precision)
@@ -318,8 +319,8 @@ def _evaluated_studies(split: str) -> str:
 
 
 def _interval(scores: dict) -> str:
-    interval = mean_interval_text(scores)
-    return f"; {interval}" if interval else ""
+    interval = interval_text(scores.get("mean_ci_low"), scores.get("mean_ci_high"))
+    return f"; 95% CI {interval}" if interval else ""
 
 
 def summary_rows(result: dict) -> list[dict]:

@@ -113,3 +113,10 @@ def abnormal_auroc(diagnoses: np.ndarray, probabilities: np.ndarray) -> float | 
     """Rung 3's normal vs abnormal figure: the largest of a study's (N, C) probabilities as its score (its
     diagnosis probabilities, or its one abnormal probability as (N, 1))."""
     return auroc(np.asarray(diagnoses).any(axis=1).astype(int), np.asarray(probabilities).max(axis=1))
+
+
+def normal_vs_abnormal(ladder: dict) -> float | None:
+    """An evaluation's ladder's normal-vs-abnormal read: the abnormal output's where the heads have one, else the
+    largest diagnosis probability's."""
+    read = ladder.get("abnormal_output_auroc")
+    return ladder.get("abnormal_auroc") if read is None else read

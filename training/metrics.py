@@ -123,8 +123,16 @@ def bootstrap_auroc_ci(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if not _both_classes(y):
         return None
-    resamples = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
-    values = _resampled_aurocs(y, s, resamples)
+    return _percentile_interval(_resampled_aurocs(y, s, _resamples(len(y), n_boot, seed)), alpha)
+
+
+def _resamples(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) study indices drawn with replacement; one seed gives every label the same resamples."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _percentile_interval(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float] | None:
+    """Percentile interval of resampled values, NaN (a resample with one class) left out; None if all are."""
     values = values[~np.isnan(values)]
     if not len(values):
         return None
@@ -132,15 +140,11 @@ def bootstrap_auroc_ci(
     return float(low), float(high)
 
 
-def _mean_interval(resampled: np.ndarray, alpha: float = 0.05) -> tuple[float, float] | None:
-    """Percentile interval of the mean over labels of (L, n_boot) resampled AUROCs (NaN: one class there)."""
+def _mean_over_labels(resampled: np.ndarray) -> np.ndarray:
+    """Each resample's mean of (L, n_boot) resampled AUROCs over the labels defined in it (NaN if none)."""
     counted = ~np.isnan(resampled)
-    kept = counted.any(axis=0)
-    if not kept.any():
-        return None
-    means = np.where(counted, resampled, 0.0).sum(axis=0)[kept] / counted.sum(axis=0)[kept]
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counted, resampled, 0.0).sum(axis=0) / counted.sum(axis=0)
 
 
 def per_label_auroc(
@@ -172,20 +176,20 @@ def per_label_auroc(
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     per_label: dict[str, dict] = {}
-    # The resamples bootstrap_auroc_ci draws for every label with this seed, so the mean's interval and the
-    # labels' intervals come from the same resampled studies.
-    resamples = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y))) if n_boot else None
+    # The resamples bootstrap_auroc_ci draws with this seed, shared by every label's interval and the mean's.
+    resamples = _resamples(len(y), n_boot, seed) if n_boot else None
     resampled: list[np.ndarray] = []
     for c, key in enumerate(keys):
         value = auroc(y[:, c], s[:, c])
-        ci = bootstrap_auroc_ci(y[:, c], s[:, c], n_boot, seed=seed) if n_boot and value is not None else None
-        per_label[key] = {"auroc": value, "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
-                          "positives": int(y[:, c].sum())}
+        ci = None
         if resamples is not None and value is not None:
             resampled.append(_resampled_aurocs(y[:, c], s[:, c], resamples))
+            ci = _percentile_interval(resampled[-1])
+        per_label[key] = {"auroc": value, "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
+                          "positives": int(y[:, c].sum())}
     scored = {key: row["auroc"] for key, row in per_label.items() if row["auroc"] is not None}
     min_label = min(scored, key=scored.__getitem__) if scored else None
-    mean_ci = _mean_interval(np.array(resampled)) if resampled else None
+    mean_ci = _percentile_interval(_mean_over_labels(np.array(resampled))) if resampled else None
     return {
         "per_label": per_label,
         "mean_auroc": float(np.mean(list(scored.values()))) if scored else None,
@@ -571,10 +575,9 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
-def mean_interval_text(scores: dict) -> str:
-    """"95% CI low–high" of a ``per_label_auroc`` mean; empty without one (no bootstrap, an older result)."""
-    low, high = scores.get("mean_ci_low"), scores.get("mean_ci_high")
-    return "" if low is None or high is None else f"95% CI {low:.3f}–{high:.3f}"
+def interval_text(low: float | None, high: float | None) -> str | None:
+    """"low–high" of an interval, None without one (no bootstrap, or a result made before it existed)."""
+    return None if low is None or high is None else f"{low:.3f}–{high:.3f}"
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from prima.config import PrimaConfig
-from training.metrics import mean_interval_text
+from training.ladder import normal_vs_abnormal
+from training.metrics import interval_text
 
 # The issue's targets for the lite release, beside which the card states each measured figure.
 TARGETS = (
@@ -90,17 +91,13 @@ def scaling_rows(curve: list[dict] | None) -> list[str]:
             "Normal vs abnormal |",
             "|---|---|---|---|---|---|---|---|",
             *(f"| {p['fraction']:g} | {p['train_studies']} | {p['clip_steps']} | {_fmt(p['mean_auroc'])} | "
-              f"{_bounds(p.get('mean_ci_low'), p.get('mean_ci_high'))} | {p['labels_scored']} | "
+              f"{interval_text(p.get('mean_ci_low'), p.get('mean_ci_high')) or '—'} | {p['labels_scored']} | "
               f"{_fmt(p['unk_mean_auroc'])} | {_fmt(p.get('abnormal_auroc'))} |" for p in curve), "",
             "![Data scaling](evaluation/scaling.png)"]
 
 
 def _fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}"
-
-
-def _bounds(low: float | None, high: float | None) -> str:
-    return "—" if low is None or high is None else f"{low:.3f}–{high:.3f}"
 
 
 def localisation_rows(result: dict, localisation: dict | None) -> list[str]:
@@ -158,20 +155,28 @@ def test_split_rows(test_split: dict | None, test_set: dict) -> list[str]:
     has a test set, ``test_split`` is that split's evaluation; None: the figures are the split's own)."""
     if test_split is None:
         return []
-    fewest = min(row["positives"] for row in test_set["diagnosis"]["per_label"].values())
-    split_fewest = min(row["positives"] for row in test_split["diagnosis"]["per_label"].values())
-    diagnosis, ladder = test_split["diagnosis"], test_split.get("ladder") or {}
-    abnormal = ladder.get("abnormal_output_auroc") or ladder.get("abnormal_auroc")
+    diagnosis = test_split["diagnosis"]
+    abnormal = normal_vs_abnormal(test_split.get("ladder") or {})
     return [f"Every figure below is read on the **test set**: {test_set['studies']} test-only studies drawn as the "
-            f"data are (another seed, protocol-blind, stratified: at least {fewest} positives of every label). The "
-            f"data's own test split ({test_split['studies']} studies, at least {split_fewest} positive a label) "
+            f"data are (another seed, protocol-blind, stratified: at least {_positives(test_set)[0]} positives of "
+            f"every label). The data's own test split ({test_split['studies']} studies, at least "
+            f"{_positives(test_split)[0]} positive a label) "
             f"gives diagnosis mean AUROC {_fmt(diagnosis['mean_auroc'])}{_interval(diagnosis)}, referral mean "
             f"AUROC {_fmt(test_split['referral']['mean_auroc'])}, normal vs abnormal {_fmt(abnormal)}.", ""]
 
 
 def _interval(scores: dict) -> str:
-    interval = mean_interval_text(scores)
-    return f" ({interval})" if interval else ""
+    interval = interval_text(scores.get("mean_ci_low"), scores.get("mean_ci_high"))
+    return f" (95% CI {interval})" if interval else ""
+
+
+def _positives(result: dict) -> list[int]:
+    """The diagnoses' positive counts of an evaluation, fewest first."""
+    return sorted(row["positives"] for row in result["diagnosis"]["per_label"].values())
+
+
+def _split_row(name: str, studies: int, positives: list[int]) -> str:
+    return f"| {name} | {studies} | {positives[0]} | {positives[len(positives) // 2]} |"
 
 
 def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_markdown: str,
@@ -185,13 +190,10 @@ def model_card(config: PrimaConfig, result: dict, provenance: dict, evaluation_m
     split_rows = []
     for split in ("train", "val", "test"):
         if split in counts:
-            positives = sorted(v for k, v in counts[split].items() if k != "studies")
-            split_rows.append(f"| {split} | {counts[split]['studies']} | {positives[0]} | "
-                              f"{positives[len(positives) // 2]} |")
+            split_rows.append(_split_row(split, counts[split]["studies"],
+                                         sorted(v for k, v in counts[split].items() if k != "studies")))
     if test_split is not None:
-        positives = sorted(row["positives"] for row in result["diagnosis"]["per_label"].values())
-        split_rows.append(f"| test set (test-only) | {result['studies']} | {positives[0]} | "
-                          f"{positives[len(positives) // 2]} |")
+        split_rows.append(_split_row("test set (test-only)", result["studies"], _positives(result)))
     return "\n".join([
         "---",
         "license: mit",

@@ -47,6 +47,7 @@ from training import heads as heads_stage
 from training import place_normal as place_normal_stage
 from training import report_lm, series_names
 from training.evaluate import ALL_SPLITS, EVAL_JSON, EVAL_MARKDOWN, FOCAL_DIAGNOSES, RELIABILITY_PNG, evaluate
+from training.ladder import normal_vs_abnormal
 from training.model_card import model_card
 from training.runtime import (
     cache_key,
@@ -348,14 +349,13 @@ def subset_manifest(manifest: Path, fraction: float, seed: int, path: Path) -> P
 
 def scaling_point(fraction: float, manifest: Path, result: dict) -> dict:
     """A point of the curve: the training studies of ``manifest`` and the figures of the evaluation ``result``."""
-    ladder = result.get("ladder") or {}
     return {"fraction": fraction, "train_studies": sum(e.split == "train" for e in read_manifest(manifest)),
             "scored_on": result["provenance"]["manifest"], "studies_scored": result["studies"],
             "mean_auroc": result["diagnosis"]["mean_auroc"], "mean_ci_low": result["diagnosis"].get("mean_ci_low"),
             "mean_ci_high": result["diagnosis"].get("mean_ci_high"),
             "labels_scored": result["diagnosis"]["n_labels_scored"],
             "unk_mean_auroc": result["diagnosis_unk_names"]["mean_auroc"],
-            "abnormal_auroc": ladder.get("abnormal_output_auroc") or ladder.get("abnormal_auroc")}
+            "abnormal_auroc": normal_vs_abnormal(result.get("ladder") or {})}
 
 
 def write_scaling(curve: list[dict], folder: Path) -> None:
