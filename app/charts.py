@@ -32,6 +32,17 @@ def _sigmoid(logit: float) -> float:
     return 0.5 * (1.0 + math.tanh(0.5 * logit))
 
 
+def probability_text(probability: float) -> str:
+    """A bar's label: the probability in percent, "<1%" below one percent."""
+    return "<1%" if probability < 0.01 else f"{probability:.0%}"
+
+
+# The probabilities are calibrated (docs/training.md, "Task heads"), so they read on a plain 0-1 axis; the
+# shipped thresholds are >= 0.05, so a positive bar is at least a twentieth of the axis, and every bar is
+# labelled with its probability (the right margin leaves room for a label at 100%).
+PROBABILITY_AXIS = dict(type="linear", range=[0.0, 1.0], tickformat=".0%", title="probability")
+
+
 def category_colours(keys: list[str]) -> dict[str, str]:
     palette = qualitative.Safe + qualitative.Vivid
     names = sorted({category(key) for key in keys})
@@ -40,7 +51,7 @@ def category_colours(keys: list[str]) -> dict[str, str]:
 
 def diagnosis_chart(prediction: Prediction, show_all: bool = False) -> go.Figure:
     """Diagnoses ranked by how far they exceed their operating threshold (``Prediction.differential``):
-    a bar per label at its probability (log axis: the heads are far from 0.5 for most labels), the
+    a bar per label at its probability (``PROBABILITY_AXIS``, the probability written at the bar's end), the
     threshold marked, positives solid and outlined, colour by category."""
     ranked = prediction.differential if show_all else prediction.differential[:TOP_DIAGNOSES]
     ranked = ranked[::-1]  # plotly draws the first bar at the bottom
@@ -50,6 +61,7 @@ def diagnosis_chart(prediction: Prediction, show_all: bool = False) -> go.Figure
         rows = [d for d in ranked if category(d.key) == name]
         figure.add_trace(go.Bar(
             x=[d.prob for d in rows], y=[d.name for d in rows], orientation="h", name=name,
+            text=[probability_text(d.prob) for d in rows], textposition="outside", cliponaxis=False,
             marker=dict(color=colours[name], opacity=[1.0 if d.positive else 0.45 for d in rows],
                         line=dict(color="black", width=[2 if d.positive else 0 for d in rows])),
             customdata=[[d.key, _sigmoid(d.threshold), "positive" if d.positive else "negative"] for d in rows],
@@ -58,11 +70,11 @@ def diagnosis_chart(prediction: Prediction, show_all: bool = False) -> go.Figure
         x=[_sigmoid(d.threshold) for d in ranked], y=[d.name for d in ranked], mode="markers", name="threshold",
         marker=dict(symbol="line-ns-open", size=16, color="black", line=dict(width=2)),
         hovertemplate="threshold %{x:.3g}<extra></extra>"))
-    figure.update_layout(barmode="overlay", height=max(320, 26 * len(ranked) + 110), margin=dict(l=10, r=10, t=40, b=40),
+    figure.update_layout(barmode="overlay", height=max(320, 26 * len(ranked) + 110), margin=dict(l=10, r=40, t=40, b=70),
                          title=dict(text="Diagnoses (solid, outlined: above the operating threshold)", font=dict(size=13)),
-                         xaxis=dict(type="log", title="probability (log scale)"),
+                         xaxis=PROBABILITY_AXIS,
                          yaxis=dict(categoryorder="array", categoryarray=[d.name for d in ranked]),
-                         legend=dict(orientation="h", y=-0.12))
+                         legend=dict(orientation="h", yanchor="top", y=-0.2))
     return figure
 
 
@@ -91,13 +103,14 @@ def referral_chart(prediction: Prediction) -> go.Figure:
     rows: list[LabelScore] = sorted(prediction.referrals, key=lambda r: r.logit - r.threshold)
     figure = go.Figure(go.Bar(
         x=[r.prob for r in rows], y=[r.name for r in rows], orientation="h", name="referral",
+        text=[probability_text(r.prob) for r in rows], textposition="outside", cliponaxis=False,
         marker=dict(color=["#1565c0" if r.positive else "#90a4ae" for r in rows]),
         hovertemplate="%{y}: p=%{x:.3g}<extra></extra>"))
     figure.add_trace(go.Scatter(x=[_sigmoid(r.threshold) for r in rows], y=[r.name for r in rows], mode="markers",
                                 name="threshold", marker=dict(symbol="line-ns-open", size=14, color="black")))
-    figure.update_layout(height=max(260, 24 * len(rows) + 90), margin=dict(l=10, r=10, t=40, b=30), showlegend=False,
+    figure.update_layout(height=max(260, 24 * len(rows) + 90), margin=dict(l=10, r=40, t=40, b=30), showlegend=False,
                          title=dict(text="Referrals (solid: recommended)", font=dict(size=13)),
-                         xaxis=dict(type="log", title="probability (log scale)"))
+                         xaxis=PROBABILITY_AXIS)
     return figure
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from prima import load_release
 from prima.predict import predict
@@ -28,6 +29,14 @@ def test_shipped_release_loads_and_predicts_an_example():
     assert release.heads is not None and release.volume_tokenizer is not None
     prediction = predict(EXAMPLE, release, device="cpu")
     assert len(prediction.diagnoses) == 52 and len(prediction.referrals) == 11
+
+
+def test_a_positive_finding_shows_on_the_apps_plain_probability_axis():
+    """The app's charts read probabilities on a 0-1 axis (app.charts.PROBABILITY_AXIS): a positive bar is at least
+    as long as its threshold, so no threshold may sit below a twentieth of the axis."""
+    heads = load_release(SHIPPED).heads
+    assert float(torch.sigmoid(heads.diagnosis_thresholds).min()) >= 0.05
+    assert float(torch.sigmoid(heads.referral_thresholds).min()) >= 0.05
 
 
 def test_model_card_carries_the_shipped_evaluation_and_how_it_was_made():

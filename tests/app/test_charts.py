@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from app.charts import (TOP_DIAGNOSES, category, change_chart, contribution_chart, diagnosis_chart, priority_badge,
-                        referral_chart, zero_shot_markdown)
+                        probability_text, referral_chart, zero_shot_markdown)
 from prima.explain import ZeroShot
 from prima.labels import default_label_space
 from prima.predict import priority_score
@@ -35,6 +35,20 @@ def test_positives_are_solid_and_outlined(normal_session):
         if trace.type == "bar":
             for name, opacity, width in zip(trace.y, trace.marker.opacity, trace.marker.line.width):
                 assert (opacity == 1.0 and width == 2) == (name in positive)
+
+
+def test_probabilities_read_on_a_plain_axis_with_their_values(normal_session):
+    prediction = normal_session.prediction
+    for figure, scores in ((diagnosis_chart(prediction, show_all=True), prediction.diagnoses),
+                           (referral_chart(prediction), prediction.referrals)):
+        assert figure.layout.xaxis.type == "linear" and tuple(figure.layout.xaxis.range) == (0.0, 1.0)
+        written = {name: text for trace in figure.data if trace.type == "bar" for name, text in zip(trace.y, trace.text)}
+        assert written == {score.name: probability_text(score.prob) for score in scores}
+
+
+def test_probability_text():
+    assert [probability_text(p) for p in (0.0, 0.004, 0.056, 0.5, 0.996, 1.0)] == ["<1%", "<1%", "6%", "50%", "100%",
+                                                                                   "100%"]
 
 
 def test_category_comes_from_the_key():
