@@ -194,7 +194,7 @@ def test_clip_overfits_a_few_dozen_studies(overfit_set, tmp_path):
     train_report_tokenizer(reports, 400).save(tokenizer_path)
     # every training study in every step, as inference sees it (no augmentation, every token)
     config = ClipTrainConfig(manifest=str(manifest), token_cache=str(cache), report_tokenizer=str(tokenizer_path),
-                             out=str(tmp_path / "clip"), steps=80, batch_size=len(studies), lr=1e-3,
+                             out=str(tmp_path / "clip"), steps=120, batch_size=len(studies), lr=1e-3,
                              text_lr_scale=1.0, warmup=10, token_dropout=0.0, series_dropout=0.0, unk_name=0.0,
                              unk_description=0.0, filter_range=(0.05, 0.05), max_tokens=None,
                              shuffle_report_items=False, abnormal_upsample=1.0, eval_every=1000, log_every=20,
