@@ -36,8 +36,9 @@ dcmtk:
 run: $(VENV)/.installed
 	GRADIO_SERVER_NAME=$(HOST) GRADIO_SERVER_PORT=$(PORT) $(PY) app.py
 
+# --durations: the slowest tests end every run's log, so the suite's cost is visible on each machine CI uses.
 test: $(VENV)/.installed-test chromium dcmtk
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(VENV)/.installed-test chromium dcmtk
 	$(PY) -m pytest -q -m slow

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from prima.manifest import KNOWN_SPLITS
 from training.synth.study import DEFAULT_PROTOCOL_BLIND, PROTOCOL_BLIND_SPLITS
 from training.synth.writers import FORMATS, available_cores, label_count_summary, label_counts, write_dataset
 
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-fractions", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"), default=None,
                         help="fractions of the train, val and test splits (default 0.8 0.1 0.1); with --stratify, "
                              "a test split of >= 260 abnormal studies has >= 5 positives of every label")
+    parser.add_argument("--only-split", choices=KNOWN_SPLITS, default=None,
+                        help="write only this split's studies of the --n-study data set, each as the whole set "
+                             "would have it (e.g. training studies drawn again to read a model on them)")
+    parser.add_argument("--first", type=int, default=None, metavar="N",
+                        help="write only the first N of the studies chosen (in study order)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = parser.parse_args(argv)
     start = time.perf_counter()
@@ -56,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                                  max_series=a.max_series, protocol_blind=a.protocol_blind,
                                  metadata_only=a.metadata_only, progress=not a.no_progress, balance=a.balance,
                                  shift=a.shift, primary=a.primary, stratify=a.stratify,
-                                 split_fractions=a.split_fractions)
+                                 split_fractions=a.split_fractions, only_split=a.only_split, first=a.first)
     except ValueError as error:
         parser.error(str(error))
     elapsed = time.perf_counter() - start
-    print(f"{a.n} studies in {elapsed:.1f} s ({60.0 * a.n / elapsed:.1f} studies/min) -> {manifest}", file=sys.stderr)
+    written = len(manifest.read_text(encoding="utf-8").splitlines())
+    print(f"{written} studies in {elapsed:.1f} s ({60.0 * written / elapsed:.1f} studies/min) -> {manifest}",
+          file=sys.stderr)
     for line in label_count_summary(label_counts(manifest)):
         print(line, file=sys.stderr)
     return 0

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from prima.io import write_dicom_series
 from prima.labels import default_label_space
-from prima.manifest import LesionMask, SeriesEntry, StudyEntry, manifest_line, read_manifest
+from prima.manifest import KNOWN_SPLITS, LesionMask, SeriesEntry, StudyEntry, manifest_line, read_manifest
 from training.synth.pathology import check_primary, primary_weights
 from training.synth.shift import check_shift
 from training.synth.study import (
@@ -272,7 +272,8 @@ def write_dataset(
     n: int, out: str | Path, *, seed: int = 0, fmt: str = "nifti", workers: int | None = None, spacing: float = 1.5,
     max_series: int = 8, protocol_blind: str = DEFAULT_PROTOCOL_BLIND, metadata_only: bool = False,
     progress: bool = True, balance: float = 0.0, shift: float = 0.0, primary: Sequence[str] | None = None,
-    stratify: bool = False, split_fractions: Sequence[float] | None = None,
+    stratify: bool = False, split_fractions: Sequence[float] | None = None, only_split: str | None = None,
+    first: int | None = None,
 ) -> Path:
     """Generate ``n`` studies under ``out`` with ``workers`` spawned processes; returns the manifest path.
 
@@ -311,10 +312,14 @@ def write_dataset(
 
     Raises:
         ValueError: a bad ``n``, ``workers``, ``fmt``, ``protocol_blind``, ``balance``, ``shift``, ``primary`` or
-            ``split_fractions``.
+            ``split_fractions``, ``only_split`` or ``first``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if only_split is not None and only_split not in KNOWN_SPLITS:
+        raise ValueError(f"only_split must be one of {KNOWN_SPLITS}, got {only_split!r}")
+    if first is not None and first < 1:
+        raise ValueError(f"first must be >= 1, got {first}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if fmt not in FORMATS:
@@ -326,7 +331,10 @@ def write_dataset(
     check_primary(primary)
     primary = None if primary is None else list(primary)
     split_fractions = None if split_fractions is None else [fraction for _, fraction in split_table(split_fractions)]
-    workers = min(available_cores() if workers is None else workers, n)
+    chosen = [i for i in range(n) if only_split is None or study_split(seed, i, split_fractions) == only_split][:first]
+    if not chosen:
+        raise ValueError(f"the {n}-study data set has no {only_split} study")
+    workers = min(available_cores() if workers is None else workers, len(chosen))
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     config = {"n": n, "seed": seed, "format": fmt, "spacing": spacing, "max_series": max_series,
@@ -337,13 +345,17 @@ def write_dataset(
         config["stratify"] = True
     if split_fractions is not None:
         config["split_fractions"] = split_fractions
+    if only_split is not None:
+        config["only_split"] = only_split
+    if first is not None:
+        config["first"] = first
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n")
     manifest = root / "manifest.jsonl"
     primary_keys = (stratified_primaries(seed, n, balance=balance, primary=primary, split_fractions=split_fractions)
                     if stratify else [None] * n)
     args = [(seed, i, str(root), fmt, spacing, max_series, protocol_blind, metadata_only, balance, shift, primary,
-             primary_keys[i], split_fractions) for i in range(n)]
-    with manifest.open("w", encoding="utf-8") as f, tqdm(total=n, unit="study", disable=not progress) as bar:
+             primary_keys[i], split_fractions) for i in chosen]
+    with manifest.open("w", encoding="utf-8") as f, tqdm(total=len(args), unit="study", disable=not progress) as bar:
         if workers == 1:
             with threadpool_limits(1):  # as in the workers, so every worker count gives the same bytes
                 for a in args:
@@ -355,8 +367,8 @@ def write_dataset(
             # Bounded look-ahead keeps memory flat; results are written in study order.
             pending = {}
             next_submit = 0
-            for index in range(n):
-                while next_submit < n and next_submit < index + 2 * workers:
+            for index in range(len(args)):
+                while next_submit < len(args) and next_submit < index + 2 * workers:
                     pending[next_submit] = pool.submit(write_one, *args[next_submit])
                     next_submit += 1
                 f.write(manifest_line(pending.pop(index).result(), root))

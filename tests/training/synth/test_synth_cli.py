@@ -106,3 +106,40 @@ def test_bad_arguments_exit_with_usage_error(tmp_path, bad):
     with pytest.raises(SystemExit) as error:
         main([*bad, "--out", str(tmp_path)])
     assert error.value.code == 2
+
+
+def test_one_split_drawn_alone_is_that_split_of_the_whole_set(tmp_path):
+    args = ["--n", "30", "--seed", "5", "--spacing", "6", "--metadata-only", "--balance", "1", "--stratify",
+            "--no-progress", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "val"), "--only-split", "val"]) == 0
+    assert main([*args, "--out", str(tmp_path / "train3"), "--only-split", "train", "--first", "3"]) == 0
+    whole = (tmp_path / "whole" / "manifest.jsonl").read_text().splitlines()
+    split_of = [json.loads(line)["split"] for line in whole]
+    val = (tmp_path / "val" / "manifest.jsonl").read_text().splitlines()
+    assert val and val == [line for line, split in zip(whole, split_of) if split == "val"]
+    train3 = (tmp_path / "train3" / "manifest.jsonl").read_text().splitlines()
+    assert train3 == [line for line, split in zip(whole, split_of) if split == "train"][:3]
+    config = json.loads((tmp_path / "train3" / "synth_config.json").read_text())
+    assert config["only_split"] == "train" and config["first"] == 3
+
+
+def test_one_split_drawn_alone_writes_the_same_images(tmp_path):
+    # seed 4 with these fractions: study 0 is a training study, study 1 the first test study
+    args = ["--n", "2", "--seed", "4", "--spacing", "6", "--split-fractions", "0.5", "0", "0.5", "--no-progress",
+            "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "test"), "--only-split", "test", "--first", "1"]) == 0
+    [record] = [json.loads(line) for line in (tmp_path / "test" / "manifest.jsonl").read_text().splitlines()]
+    assert record["split"] == "test" and record["study_id"] == "S0000001"
+    for series in record["series"]:
+        path = Path(series["path"])
+        assert (tmp_path / "test" / path).read_bytes() == (tmp_path / "whole" / path).read_bytes()
+
+
+@pytest.mark.parametrize("bad", [["--only-split", "val", "--n", "1"], ["--first", "0"], ["--only-split", "dev"]])
+def test_bad_split_choices_are_usage_errors(tmp_path, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--n", "4", "--metadata-only", "--no-progress", "--out", str(tmp_path), *bad])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "manifest.jsonl").exists()
