@@ -165,12 +165,12 @@ def test_label_targets_derive_priority_and_referrals(tiny_dataset):
 
 @pytest.fixture(scope="module")
 def overfit_set(tmp_path_factory) -> tuple[Path, Path]:
-    """Two dozen small synthetic studies, all abnormal (distinct reports to retrieve), and their token cache:
+    """Sixteen small synthetic studies, all abnormal (distinct reports to retrieve), and their token cache:
     (manifest, cache folder)."""
     from training.synth.writers import write_dataset
     from training.token_cache import TokenCacheConfig, build_token_cache
 
-    manifest = write_dataset(24, tmp_path_factory.mktemp("overfit_synth"), seed=5, workers=1, spacing=6.0,
+    manifest = write_dataset(16, tmp_path_factory.mktemp("overfit_synth"), seed=5, workers=1, spacing=6.0,
                              max_series=2, progress=False, balance=1.0,
                              primary=list(default_label_space().diagnosis_keys))
     cache = build_token_cache(TokenCacheConfig(
@@ -180,23 +180,26 @@ def overfit_set(tmp_path_factory) -> tuple[Path, Path]:
     return manifest, cache
 
 
-def test_clip_overfits_a_few_dozen_studies(overfit_set, tmp_path):
+def test_clip_overfits_a_dozen_studies(overfit_set, tmp_path):
     """Gradients reach both towers and the loss is right: CLIP memorises its training studies' reports
-    (retrieval top-1 >= 0.9 among them), and both towers' weights moved."""
+    (retrieval top-1 >= 0.9 among them, every token read as inference reads them), and both towers' weights
+    moved."""
     from prima.models.text import ReportTokenizer
     from training.clip import initial_model, validate
 
     manifest, cache = overfit_set
     studies = token_studies(str(manifest), TokenCache(cache), ["train"])
     reports = [s.entry.report for s in studies]
-    assert len(studies) >= 16 and len(set(reports)) == len(reports)
+    assert len(studies) >= 12 and len(set(reports)) == len(reports)
     tokenizer_path = tmp_path / "report_tokenizer.json"
     train_report_tokenizer(reports, 400).save(tokenizer_path)
-    # every training study in every step, as inference sees it (no augmentation, every token)
+    # every training study in every step, without augmentation; 96 of a series' 95-420 tokens a step (as the
+    # recipe samples 256) and torch's attention kernel keep the run near a minute on a 2-core CPU: every token
+    # with the math kernel took 9 minutes there
     config = ClipTrainConfig(manifest=str(manifest), token_cache=str(cache), report_tokenizer=str(tokenizer_path),
                              out=str(tmp_path / "clip"), steps=120, batch_size=len(studies), lr=1e-3,
                              text_lr_scale=1.0, warmup=10, token_dropout=0.0, series_dropout=0.0, unk_name=0.0,
-                             unk_description=0.0, filter_range=(0.05, 0.05), max_tokens=None,
+                             unk_description=0.0, filter_range=(0.05, 0.05), max_tokens=96, attention="torch",
                              shuffle_report_items=False, abnormal_upsample=1.0, eval_every=1000, log_every=20,
                              precision="fp32", device="cpu")
     start = initial_model(config)
