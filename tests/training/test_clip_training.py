@@ -194,8 +194,8 @@ def test_clip_overfits_a_dozen_studies(overfit_set, tmp_path):
     tokenizer_path = tmp_path / "report_tokenizer.json"
     train_report_tokenizer(reports, 400).save(tokenizer_path)
     # every training study in every step, without augmentation; 96 of a series' 95-420 tokens a step (as the
-    # recipe samples 256) and torch's attention kernel keep the run near a minute on a 2-core CPU: every token
-    # with the math kernel took 9 minutes there
+    # release samples 128) and torch's attention kernel keep the run near a minute on a 2-core CPU: every token
+    # with the math kernel took 9 minutes there (docs/training.md)
     config = ClipTrainConfig(manifest=str(manifest), token_cache=str(cache), report_tokenizer=str(tokenizer_path),
                              out=str(tmp_path / "clip"), steps=120, batch_size=len(studies), lr=1e-3,
                              text_lr_scale=1.0, warmup=10, token_dropout=0.0, series_dropout=0.0, unk_name=0.0,
